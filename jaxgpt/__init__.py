@@ -1,0 +1,39 @@
+"""jaxgpt: the GPT of "Build a Large Language Model From Scratch" (chapter 4) in JAX/Flax."""
+
+from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
+from jaxgpt.generation import generate_text_simple
+from jaxgpt.model import (
+    GELU,
+    FeedForward,
+    GPTModel,
+    LayerNorm,
+    MultiHeadAttention,
+    TransformerBlock,
+    count_params,
+    init_params,
+    param_shapes,
+    size_mb,
+)
+from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GELU",
+    "GPT_CONFIG_124M",
+    "PRESETS",
+    "FeedForward",
+    "GPTConfig",
+    "GPTModel",
+    "LayerNorm",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "count_params",
+    "generate_text_simple",
+    "get_tokenizer",
+    "init_params",
+    "param_shapes",
+    "size_mb",
+    "text_to_token_ids",
+    "token_ids_to_text",
+]
