@@ -40,6 +40,27 @@ def _cmd_info(args) -> int:
     return 0
 
 
+# --- model source (shared by generate and other commands) ----------------------------------------
+
+
+def _add_model_args(p) -> None:
+    """Flags that say which weights to use."""
+    p.add_argument("--preset", choices=PRESETS, default="gpt2-small",
+                   help="architecture of the random weights (ignored with a checkpoint)")
+    p.add_argument("--seed", type=int, default=123, help="seed of the random weights")
+
+
+def _load_model(args):
+    """`(cfg, params, description)` for the weights the flags name."""
+    from jaxgpt.model import init_params
+
+    cfg = GPTConfig.from_preset(args.preset)
+    params = init_params(cfg, args.seed)
+    desc = (f"{args.preset} with RANDOM weights (seed {args.seed}): the text is noise until a "
+            f"checkpoint is given")
+    return cfg, params, desc
+
+
 # --- generate ----------------------------------------------------------------------------------
 
 
@@ -47,8 +68,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (greedy)")
     p.add_argument("--prompt", default="Hello, I am", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--preset", choices=PRESETS, default="gpt2-small")
-    p.add_argument("--seed", type=int, default=123, help="seed of the random weights")
+    _add_model_args(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -56,7 +76,6 @@ def _cmd_generate(args) -> int:
     import jax
 
     from jaxgpt.generation import generate_text_simple
-    from jaxgpt.model import init_params
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     if args.max_new_tokens < 0:
@@ -65,14 +84,16 @@ def _cmd_generate(args) -> int:
         raise SystemExit("jaxgpt generate: --prompt is empty; give at least one character")
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
-    cfg = GPTConfig.from_preset(args.preset)
-    _log(f"jaxgpt: {args.preset} with RANDOM weights (seed {args.seed}); the text is noise until "
-         f"a checkpoint is given. Backend: {jax.default_backend()}")
     t0 = time.perf_counter()
-    params = init_params(cfg, args.seed)
+    cfg, params, desc = _load_model(args)
+    _log(f"jaxgpt: {desc}. Backend: {jax.default_backend()}")
+    if idx.shape[1] > cfg.context_length:
+        _log(f"jaxgpt: the prompt has {idx.shape[1]} tokens; the model sees the last "
+             f"{cfg.context_length}")
     out = generate_text_simple(params, cfg, idx, args.max_new_tokens)
     text = token_ids_to_text(jax.device_get(out)[0], tokenizer)
-    _log(f"jaxgpt: {args.max_new_tokens} tokens in {time.perf_counter() - t0:.2f}s (init + compile + run)")
+    _log(f"jaxgpt: {args.max_new_tokens} tokens in {time.perf_counter() - t0:.2f}s "
+         f"(load + compile + run)")
     print(text)
     return 0
 
