@@ -1,0 +1,192 @@
+"""Each module against the seeds' PyTorch module with the same weights (fp32, 1e-5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import torch_reference
+from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.model import (
+    GELU,
+    FeedForward,
+    GPTModel,
+    LayerNorm,
+    MultiHeadAttention,
+    TransformerBlock,
+    count_params,
+    init_params,
+    param_shapes,
+    size_mb,
+)
+from jaxgpt.weights import from_torch_state_dict
+
+torch = pytest.importorskip("torch")
+ch04 = pytest.importorskip("llms_from_scratch.ch04")
+ch03 = pytest.importorskip("llms_from_scratch.ch03")
+
+ATOL = 1e-5
+
+
+def _linear(module):
+    """A torch nn.Linear as a Flax Dense params dict."""
+    out = {"kernel": module.weight.detach().numpy().T}
+    if module.bias is not None:
+        out["bias"] = module.bias.detach().numpy()
+    return out
+
+
+def _norm(module):
+    return {"scale": module.scale.detach().numpy(), "shift": module.shift.detach().numpy()}
+
+
+def _x(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _close(got, want, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), atol=atol, rtol=0)
+
+
+def test_layernorm_matches_seeds(rng):
+    ref = ch04.LayerNorm(32)
+    with torch.no_grad():
+        ref.scale.copy_(torch.randn(32))
+        ref.shift.copy_(torch.randn(32))
+    x = _x(rng, 2, 5, 32) * 3 + 1
+    got = LayerNorm(32).apply({"params": _norm(ref)}, x)
+    _close(got, ref(torch.from_numpy(x)))
+
+
+def test_gelu_matches_seeds(rng):
+    x = _x(rng, 4, 64) * 4
+    _close(GELU().apply({}, x), ch04.GELU()(torch.from_numpy(x)))
+
+
+def test_feedforward_matches_seeds(rng, tiny_dict):
+    torch.manual_seed(0)
+    ref = ch04.FeedForward(tiny_dict)
+    params = {"layers_0": _linear(ref.layers[0]), "layers_2": _linear(ref.layers[2])}
+    x = _x(rng, 2, 7, 32)
+    _close(FeedForward(GPTConfig(**tiny_dict)).apply({"params": params}, x), ref(torch.from_numpy(x)))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_multihead_attention_matches_seeds(rng, qkv_bias):
+    torch.manual_seed(0)
+    ref = ch03.MultiHeadAttention(32, 32, context_length=16, dropout=0.0, num_heads=4,
+                                  qkv_bias=qkv_bias).eval()
+    params = {n: _linear(getattr(ref, n)) for n in ("W_query", "W_key", "W_value", "out_proj")}
+    x = _x(rng, 3, 9, 32)
+    mha = MultiHeadAttention(32, 32, context_length=16, dropout=0.0, num_heads=4, qkv_bias=qkv_bias)
+    _close(mha.apply({"params": params}, x), ref(torch.from_numpy(x)))
+
+
+def test_attention_is_causal(rng):
+    mha = MultiHeadAttention(32, 32, context_length=16, dropout=0.0, num_heads=4)
+    x = _x(rng, 1, 8, 32)
+    params = mha.init(jax.random.PRNGKey(0), x)
+    y = np.asarray(x).copy()
+    y[:, 5:] = 100.0  # change the future only
+    a, b = mha.apply(params, x), mha.apply(params, y)
+    np.testing.assert_array_equal(np.asarray(a)[:, :5], np.asarray(b)[:, :5])
+    assert not np.allclose(np.asarray(a)[:, 5:], np.asarray(b)[:, 5:])
+
+
+def test_transformer_block_matches_seeds(rng, tiny_dict):
+    torch.manual_seed(0)
+    ref = ch04.TransformerBlock(tiny_dict).eval()
+    att = {n: _linear(getattr(ref.att, n)) for n in ("W_query", "W_key", "W_value", "out_proj")}
+    params = {
+        "att": att,
+        "ff": {"layers_0": _linear(ref.ff.layers[0]), "layers_2": _linear(ref.ff.layers[2])},
+        "norm1": _norm(ref.norm1),
+        "norm2": _norm(ref.norm2),
+    }
+    x = _x(rng, 2, 11, 32)
+    got = TransformerBlock(GPTConfig(**tiny_dict)).apply({"params": params}, x)
+    _close(got, ref(torch.from_numpy(x)))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_full_model_logits_match_seeds_tiny(rng, tiny_dict, qkv_bias):
+    tiny_dict["qkv_bias"] = qkv_bias
+    ref = torch_reference(tiny_dict, seed=1)
+    cfg = GPTConfig(**tiny_dict)
+    params = from_torch_state_dict(ref.state_dict(), cfg)
+    ids = rng.integers(0, cfg.vocab_size, size=(3, cfg.context_length))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids))
+    _close(GPTModel(cfg).apply({"params": params}, ids), want)
+
+
+@pytest.mark.slow
+def test_full_model_logits_match_seeds_124m(rng):
+    ref = torch_reference(GPT_CONFIG_124M, seed=123)
+    cfg = GPTConfig(**GPT_CONFIG_124M)
+    params = from_torch_state_dict(ref.state_dict(), cfg)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, 64))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids))
+    got = GPTModel(cfg).apply({"params": params}, ids)
+    _close(got, want)
+
+
+def test_dropout_is_off_by_default_and_seeded_when_on(rng, tiny_dict):
+    cfg = GPTConfig(**{**tiny_dict, "drop_rate": 0.5})
+    params = init_params(cfg, 0)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, 8))
+    model = GPTModel(cfg)
+    eval_a = model.apply({"params": params}, ids)
+    eval_b = model.apply({"params": params}, ids, deterministic=True)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = lambda seed: model.apply(  # noqa: E731
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+    )
+    np.testing.assert_array_equal(train(1), train(1))
+    assert not np.allclose(train(1), train(2))
+    assert not np.allclose(train(1), eval_a)
+
+
+def test_tied_head_uses_token_embedding(rng, tiny_dict):
+    cfg = GPTConfig(**{**tiny_dict, "tie_embeddings": True})
+    params = init_params(cfg, 0)
+    assert "out_head" not in params
+    ids = rng.integers(0, cfg.vocab_size, size=(1, 4))
+    model = GPTModel(cfg)
+    hidden = model.apply({"params": params}, ids, method=GPTModel.hidden)
+    normed = LayerNorm(cfg.emb_dim).apply({"params": params["final_norm"]}, hidden)
+    want = normed @ params["tok_emb"]["embedding"].T
+    np.testing.assert_allclose(model.apply({"params": params}, ids), want, atol=1e-5)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(rng, tiny_cfg):
+    params = init_params(tiny_cfg, 0)
+    ids = rng.integers(0, tiny_cfg.vocab_size, size=(1, 6))
+    logits = GPTModel(tiny_cfg, dtype=jnp.bfloat16).apply({"params": params}, ids)
+    assert logits.dtype == jnp.float32
+    ref = GPTModel(tiny_cfg).apply({"params": params}, ids)
+    np.testing.assert_allclose(logits, ref, atol=5e-2)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def test_parameter_counts_of_the_124m_config():
+    cfg = GPTConfig(**GPT_CONFIG_124M)
+    shapes = param_shapes(cfg)
+    assert count_params(shapes) == 163_009_536
+    assert round(size_mb(shapes), 2) == 621.83
+    assert count_params(param_shapes(cfg.replace(tie_embeddings=True))) == 124_412_160
+
+
+def test_parameter_count_equals_the_torch_reference(tiny_dict):
+    ref = torch_reference(tiny_dict)
+    n_torch = sum(p.numel() for p in ref.parameters())
+    assert count_params(init_params(GPTConfig(**tiny_dict))) == n_torch
+
+
+def test_init_is_seeded(tiny_cfg):
+    a, b, c = init_params(tiny_cfg, 3), init_params(tiny_cfg, 3), init_params(tiny_cfg, 4)
+    leaves = lambda p: jax.tree_util.tree_leaves(p)  # noqa: E731
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert not np.array_equal(a["tok_emb"]["embedding"], c["tok_emb"]["embedding"])
+
