@@ -1,0 +1,112 @@
+"""Orbax checkpoints: bit-identical round trip, config kept, atomic save, clear errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint
+from jaxgpt.model import param_shapes
+
+
+def random_params(cfg, seed=0):
+    """Random params without a jit compile (every leaf distinct, non-zero)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jax.numpy.asarray(rng.standard_normal(s.shape), dtype=s.dtype), param_shapes(cfg)
+    )
+
+
+def assert_bit_identical(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_restore_is_bit_identical_and_keeps_config(tmp_path, tiny_cfg, tie):
+    cfg = tiny_cfg.replace(tie_embeddings=tie, drop_rate=0.25)
+    params = random_params(cfg)
+    out = checkpoint.save(tmp_path / "ckpt", params, cfg, metadata={"step": 12})
+    assert out == (tmp_path / "ckpt").absolute()
+    assert checkpoint.is_checkpoint(out)
+    assert checkpoint.load_config(out) == cfg
+    assert checkpoint.load_metadata(out)["step"] == 12
+    cfg2, params2 = checkpoint.restore(out)
+    assert cfg2 == cfg
+    assert_bit_identical(params2, params)
+    assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left
+
+
+def test_extra_state_round_trip(tmp_path, tiny_cfg):
+    params = random_params(tiny_cfg)
+    extra = {"step": np.int32(7), "mu": random_params(tiny_cfg, seed=1)}
+    checkpoint.save(tmp_path / "ckpt", params, tiny_cfg, extra=extra)
+    back = checkpoint.restore_extra(tmp_path / "ckpt", extra)
+    assert int(back["step"]) == 7
+    assert_bit_identical(back["mu"], extra["mu"])
+    checkpoint.save(tmp_path / "bare", params, tiny_cfg)
+    with pytest.raises(ValueError, match="without extra state"):
+        checkpoint.restore_extra(tmp_path / "bare", extra)
+
+
+def test_save_refuses_an_existing_path_unless_overwrite(tmp_path, tiny_cfg):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="ckpt"):
+        checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    assert (tmp_path / "ckpt" / "mine.txt").read_text() == "keep"
+    params = random_params(tiny_cfg, seed=3)
+    checkpoint.save(tmp_path / "ckpt", params, tiny_cfg, overwrite=True)
+    assert not (tmp_path / "ckpt" / "mine.txt").exists()
+    assert_bit_identical(checkpoint.restore(tmp_path / "ckpt")[1], params)
+
+
+def test_interrupted_save_leaves_no_half_written_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    old = random_params(tiny_cfg, seed=0)
+    checkpoint.save(tmp_path / "ckpt", old, tiny_cfg)
+    real_save = ocp.StandardCheckpointer.save
+
+    def crash_after_writing(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)  # the params are (being) written ...
+        raise KeyboardInterrupt  # ... and then the process is stopped
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", crash_after_writing)
+    new = random_params(tiny_cfg, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "fresh", new, tiny_cfg)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "ckpt", new, tiny_cfg, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.undo()
+    assert_bit_identical(checkpoint.restore(tmp_path / "ckpt")[1], old)
+
+
+def test_a_directory_without_the_marker_is_not_a_checkpoint(tmp_path, tiny_cfg):
+    checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    (tmp_path / "ckpt" / "jaxgpt.json").unlink()  # as if the save died before the last write
+    assert not checkpoint.is_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="not a jaxgpt checkpoint"):
+        checkpoint.restore(tmp_path / "ckpt")
+
+
+def test_restore_errors_name_the_path(tmp_path, tiny_cfg):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        checkpoint.restore(tmp_path / "nowhere")
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, random_params(tiny_cfg), tiny_cfg)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"params.*do not fit .*config\.json"):
+        checkpoint.restore(path)
+    (path / "config.json").write_text(json.dumps({**config, "n_embd": 3}))
+    with pytest.raises(ValueError, match=r"config\.json: not a valid jaxgpt config.*n_embd"):
+        checkpoint.restore(path)
+    (path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config\.json: not a valid jaxgpt config"):
+        checkpoint.load_config(path)
