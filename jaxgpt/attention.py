@@ -1,0 +1,142 @@
+"""The seeds' chapter-3 attention building blocks in Flax linen, named as in `llms_from_scratch.ch03`.
+
+`SelfAttention_v2` (no mask), `CausalAttention` (one head, causal mask, dropout on the
+attention weights) and `MultiHeadAttentionWrapper` (a stack of `CausalAttention` heads whose
+outputs are concatenated). The GPT model uses the fused `jaxgpt.model.MultiHeadAttention`;
+these are here to compare against. `from_torch_state_dict` loads the weights of the PyTorch
+versions (`W_query.weight` -> `W_query/kernel`, transposed; `heads.0.` -> `heads_0/`).
+
+Shapes: B batch, T tokens, D_in input width, D_out output width per head, H heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _linear(features: int, use_bias: bool, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, name=name)
+
+
+def _attend(queries, keys, values, mask=None):
+    """softmax(Q K^T / sqrt(d_k)) V, with masked scores set to -inf as in the seeds."""
+    scores = queries @ jnp.swapaxes(keys, -1, -2)  # [..., T, T]
+    if mask is not None:
+        scores = jnp.where(mask, -jnp.inf, scores)
+    weights = jax.nn.softmax(scores / math.sqrt(keys.shape[-1]), axis=-1)
+    return weights, values
+
+
+class SelfAttention_v2(nn.Module):
+    """Scaled dot-product self-attention over all tokens (no mask, no dropout).
+
+    Call with `x` `[T, D_in]` (as the seeds) or `[B, T, D_in]`; returns `[..., T, D_out]`.
+    """
+
+    d_in: int
+    d_out: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        keys = _linear(self.d_out, self.qkv_bias, "W_key")(x)  # [..., T, D_out]
+        queries = _linear(self.d_out, self.qkv_bias, "W_query")(x)
+        values = _linear(self.d_out, self.qkv_bias, "W_value")(x)
+        weights, values = _attend(queries, keys, values)  # [..., T, T]
+        return weights @ values
+
+
+SelfAttention = SelfAttention_v2
+
+
+class CausalAttention(nn.Module):
+    """One causal attention head with dropout on the attention weights.
+
+    Call with `x` `[B, T, D_in]` (T <= context_length); returns `[B, T, D_out]`. Dropout is
+    active when `deterministic=False` and a `dropout` rng is given.
+    """
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        t = x.shape[-2]
+        if t > self.context_length:
+            raise ValueError(f"{t} tokens exceed context_length {self.context_length}")
+        keys = _linear(self.d_out, self.qkv_bias, "W_key")(x)  # [B, T, D_out]
+        queries = _linear(self.d_out, self.qkv_bias, "W_query")(x)
+        values = _linear(self.d_out, self.qkv_bias, "W_value")(x)
+        future = jnp.triu(jnp.ones((t, t), dtype=bool), k=1)  # True above the diagonal
+        weights, values = _attend(queries, keys, values, future)  # [B, T, T]
+        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        return weights @ values
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """`num_heads` independent `CausalAttention` heads, outputs concatenated on the last axis.
+
+    Call with `x` `[B, T, D_in]`; returns `[B, T, H * D_out]`.
+    """
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    num_heads: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        heads = [
+            CausalAttention(
+                self.d_in,
+                self.d_out,
+                self.context_length,
+                self.dropout,
+                self.qkv_bias,
+                name=f"heads_{i}",
+            )
+            for i in range(self.num_heads)
+        ]
+        return jnp.concatenate([head(x, deterministic) for head in heads], axis=-1)
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
+    """Flax params from the state_dict of a seeds' ch03 module (any of the three above).
+
+    `nn.Linear` weights `[out, in]` become kernels `[in, out]`; the `mask` buffers are dropped.
+    """
+    params: dict = {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        if parts[-1] == "mask":
+            continue
+        if parts[-1] not in ("weight", "bias"):
+            raise ValueError(f"unexpected state_dict key {key!r}: expected *.weight or *.bias")
+        array = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else tensor
+        array = np.asarray(array, dtype=np.float32)
+        path, i = [], 0
+        while i < len(parts) - 1:  # "heads.0.W_query" -> ["heads_0", "W_query"]
+            if i + 1 < len(parts) - 1 and parts[i + 1].isdigit():
+                path.append(f"{parts[i]}_{parts[i + 1]}")
+                i += 2
+            else:
+                path.append(parts[i])
+                i += 1
+        leaf = "kernel" if parts[-1] == "weight" else "bias"
+        node = params
+        for name in path:
+            node = node.setdefault(name, {})
+        node[leaf] = jnp.asarray(array.T if leaf == "kernel" else array)
+    return params

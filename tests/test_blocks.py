@@ -1,0 +1,160 @@
+"""The seeds' chapter 2-4 building blocks: attention variants against ch03 with the same
+weights, SimpleTokenizerV2, and the shortcut-gradient script against PyTorch."""
+
+import itertools
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.attention import (
+    CausalAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttention,
+    SelfAttention_v2,
+    from_torch_state_dict,
+)
+from jaxgpt.simple_tokenizer import SimpleTokenizerV2, build_vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torch_out(module, x):
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        return module.eval()(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_self_attention_v2_matches_torch(qkv_bias, rng):
+    torch = pytest.importorskip("torch")
+    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch.manual_seed(0)
+    ref = ch03.SelfAttention_v2(3, 2, qkv_bias=qkv_bias)
+    x = rng.normal(size=(6, 3)).astype(np.float32)  # the book's [6 tokens, 3 dims]
+    params = from_torch_state_dict(ref.state_dict())
+    got = SelfAttention_v2(3, 2, qkv_bias).apply({"params": params}, jnp.asarray(x))
+    np.testing.assert_allclose(got, _torch_out(ref, x), atol=1e-6)
+    assert SelfAttention is SelfAttention_v2
+
+
+def test_causal_attention_matches_torch_and_ignores_the_future(rng):
+    torch = pytest.importorskip("torch")
+    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch.manual_seed(1)
+    ref = ch03.CausalAttention(4, 5, context_length=8, dropout=0.5, qkv_bias=True)
+    x = rng.normal(size=(2, 6, 4)).astype(np.float32)
+    module = CausalAttention(4, 5, context_length=8, dropout=0.5, qkv_bias=True)
+    params = from_torch_state_dict(ref.state_dict())
+    got = module.apply({"params": params}, jnp.asarray(x))  # deterministic: dropout off
+    np.testing.assert_allclose(got, _torch_out(ref, x), atol=1e-6)
+    x2 = x.copy()
+    x2[:, 4:] += 10.0  # change the last two tokens: earlier outputs must not move
+    got2 = module.apply({"params": params}, jnp.asarray(x2))
+    np.testing.assert_allclose(got2[:, :4], got[:, :4], atol=1e-6)
+    assert np.abs(np.asarray(got2[:, 4:] - got[:, 4:])).max() > 1e-3
+    dropped = module.apply(
+        {"params": params},
+        jnp.asarray(x),
+        deterministic=False,
+        rngs={"dropout": jax.random.PRNGKey(0)},
+    )
+    assert np.abs(np.asarray(dropped - got)).max() > 1e-3
+
+
+def test_multi_head_wrapper_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch.manual_seed(2)
+    ref = ch03.MultiHeadAttentionWrapper(3, 2, context_length=6, dropout=0.0, num_heads=2)
+    x = rng.normal(size=(2, 6, 3)).astype(np.float32)
+    params = from_torch_state_dict(ref.state_dict())
+    assert sorted(params) == ["heads_0", "heads_1"]
+    got = MultiHeadAttentionWrapper(3, 2, 6, 0.0, 2).apply({"params": params}, jnp.asarray(x))
+    assert got.shape == (2, 6, 4)  # [B, T, H * D_out]
+    np.testing.assert_allclose(got, _torch_out(ref, x), atol=1e-6)
+
+
+def test_simple_tokenizer_v2_golden_ids_unknown_words_and_decode():
+    text = 'Hello, world. Is this-- a test? "Yes"'
+    vocab = build_vocab(text)
+    # sorted unique words (punctuation sorts first), then <|endoftext|>, <|unk|>
+    assert list(vocab) == [
+        '"',
+        ",",
+        "--",
+        ".",
+        "?",
+        "Hello",
+        "Is",
+        "Yes",
+        "a",
+        "test",
+        "this",
+        "world",
+        "<|endoftext|>",
+        "<|unk|>",
+    ]
+    tok = SimpleTokenizerV2(vocab)
+    ids = tok.encode("Hello, do you like tea? <|endoftext|> Is this a test.")
+    assert ids == [5, 1, 13, 13, 13, 13, 4, 12, 6, 10, 8, 9, 3]
+    assert tok.decode(ids) == (
+        "Hello, <|unk|> <|unk|> <|unk|> <|unk|>? <|endoftext|> Is this a test."
+    )
+    assert tok.decode(tok.encode(text)) == 'Hello, world. Is this -- a test?" Yes"'
+    assert SimpleTokenizerV2.from_text(text).str_to_int == vocab
+    with pytest.raises(ValueError, match="token id 99"):
+        tok.decode([99])
+
+
+def _torch_shortcut_grads(use_shortcut):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class GELU(nn.Module):
+        def forward(self, x):
+            return (
+                0.5
+                * x
+                * (
+                    1
+                    + torch.tanh(
+                        torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))
+                    )
+                )
+            )
+
+    sizes = [3, 3, 3, 3, 3, 1]
+    torch.manual_seed(123)
+    layers = nn.ModuleList(
+        [nn.Sequential(nn.Linear(a, b), GELU()) for a, b in itertools.pairwise(sizes)]
+    )
+    x = torch.tensor([[1.0, 0.0, -1.0]])
+    for layer in layers:
+        out = layer(x)
+        x = x + out if use_shortcut and x.shape == out.shape else out
+    nn.MSELoss()(x, torch.tensor([[0.0]])).backward()
+    return [layer[0].weight.grad.abs().mean().item() for layer in layers]
+
+
+def test_shortcut_script_prints_the_gradients_of_the_pytorch_experiment():
+    pytest.importorskip("torch")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "shortcut_gradients.py"), "--torch-seed", "123"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    blocks = out.split("use_shortcut=True")
+    for block, use_shortcut in zip(blocks, (False, True)):
+        got = [float(v) for v in re.findall(r"gradient mean of (\S+)", block)]
+        want = _torch_shortcut_grads(use_shortcut)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    no_sc = [float(v) for v in re.findall(r"gradient mean of (\S+)", blocks[0])]
+    assert no_sc[0] < no_sc[-1] / 10  # vanishing gradients without shortcuts

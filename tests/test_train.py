@@ -1,0 +1,287 @@
+"""Loss, schedule, optimizer and train step against PyTorch; grad accumulation; the loop's
+checkpoints, exact resume and NaN guard."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, torch_reference
+
+from jaxgpt import checkpoint
+from jaxgpt.config import GPTConfig
+from jaxgpt.train import (
+    TrainConfig,
+    TrainingDiverged,
+    cross_entropy_loss,
+    decay_mask,
+    init_train_state,
+    list_checkpoints,
+    make_schedule,
+    make_train_step,
+    perplexity,
+    train_loop,
+)
+from jaxgpt.weights import from_torch_state_dict, to_torch_state_dict
+
+
+def test_cross_entropy_matches_torch_with_ignore_index(rng):
+    torch = pytest.importorskip("torch")
+    logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(3, 7))
+    targets[0, :4] = -100
+    targets[2, 6] = -100
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits).flatten(0, 1), torch.from_numpy(targets).flatten()
+    )
+    got = cross_entropy_loss(jnp.asarray(logits), jnp.asarray(targets))
+    assert abs(float(got) - float(want)) < 1e-6
+    assert float(perplexity(got)) == pytest.approx(np.exp(float(want)), rel=1e-6)
+    # Ignored positions must not count: changing their logits leaves the loss unchanged.
+    logits2 = logits.copy()
+    logits2[0, :4] += 50.0
+    assert float(cross_entropy_loss(jnp.asarray(logits2), jnp.asarray(targets))) == float(got)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    tc = TrainConfig(steps=10, lr=1e-3, min_lr=1e-4, warmup_steps=4)
+    lrs = np.array([float(make_schedule(tc)(s)) for s in range(11)])
+    np.testing.assert_allclose(lrs[:4], [2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(lrs[4], 1e-3, rtol=1e-6)  # cosine starts at the peak
+    np.testing.assert_allclose(lrs[7], 1e-4 + 0.9e-3 * 0.5, rtol=1e-5)  # halfway
+    np.testing.assert_allclose(lrs[10], 1e-4, rtol=1e-6)
+    assert np.all(np.diff(lrs[4:]) < 0)
+
+
+def test_weight_decay_applies_to_matrices_only(tiny_cfg):
+    from jaxgpt.model import param_shapes
+
+    mask = decay_mask(param_shapes(tiny_cfg))
+    assert mask["trf_blocks_0"]["att"]["W_query"]["kernel"] is True
+    assert mask["tok_emb"]["embedding"] is True
+    assert mask["trf_blocks_0"]["att"]["W_query"]["bias"] is False
+    assert mask["trf_blocks_0"]["norm1"]["scale"] is False
+    assert mask["final_norm"]["shift"] is False
+
+
+def _batches(n, b=4, t=8, seed=1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w = rng.integers(0, TINY["vocab_size"], size=(b, t + 1))
+        out.append((w[:, :-1].astype(np.int32), w[:, 1:].astype(np.int32)))
+    return out
+
+
+def test_adamw_training_matches_torch_reference():
+    """Five steps of warmup + cosine AdamW with clipping: losses and weights to 1e-5.
+
+    Adam's first steps move each weight by about lr * g / (|g| + eps), which turns the float
+    rounding of a gradient near zero into a change of up to ~lr * 1e-2. So the tolerance holds
+    for lr 1e-3 (worst weight difference ~4e-6), and the config has no qkv bias: the gradient
+    of a key bias is exactly zero in exact arithmetic (softmax ignores a per-row constant),
+    leaving only rounding noise for Adam to normalise in either framework.
+    """
+    torch = pytest.importorskip("torch")
+    ch05 = pytest.importorskip("llms_from_scratch.ch05")
+    cfg_dict = dict(TINY, qkv_bias=False)
+    tiny_cfg = GPTConfig(**cfg_dict)
+    ref = torch_reference(cfg_dict, seed=0).train()  # drop_rate 0: train mode is deterministic
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    params = from_torch_state_dict(ref.state_dict(), tiny_cfg)
+    # grad_clip 0.5 is below the gradient norm (~2-3 here), so clipping is exercised.
+    tc = TrainConfig(
+        steps=5,
+        batch_size=4,
+        seq_len=8,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        weight_decay=0.1,
+        grad_clip=0.5,
+    )
+    batches = _batches(tc.steps)
+
+    state = init_train_state(tiny_cfg, tc, params)
+    step = make_train_step(tiny_cfg, tc)
+    jax_losses, norms = [], []
+    for batch in batches:
+        state, m = step(state, batch, jax.random.PRNGKey(0))
+        jax_losses.append(float(m["loss"]))
+        norms.append(float(m["grad_norm"]))
+    assert min(norms) > tc.grad_clip
+
+    schedule = make_schedule(tc)
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tc.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=tc.lr,
+        betas=(tc.b1, tc.b2),
+        eps=tc.eps,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / tc.lr)
+    torch_losses = []
+    for inputs, targets in batches:
+        opt.zero_grad()
+        loss = ch05.calc_loss_batch(
+            torch.from_numpy(inputs).long(), torch.from_numpy(targets).long(), ref, "cpu"
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        torch_losses.append(loss.item())
+
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=0, atol=1e-5)
+    got = to_torch_state_dict(state.params, tiny_cfg)
+    want = ref.state_dict()
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want if not k.endswith("mask"))
+    moved = max(
+        float((got[k] - start[k]).abs().max()) for k in ("tok_emb.weight", "out_head.weight")
+    )
+    assert worst < 1e-5, worst
+    assert moved > 1e-3  # the weights changed well beyond the tolerance
+
+
+def test_grad_accumulation_gives_the_update_of_the_whole_batch(tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.0)
+    batches = _batches(3, b=8)
+    # Positions ignored unevenly across micro-batches: the per-token mean must still agree.
+    batches[0][1][0, :5] = -100
+    results = []
+    for accum in (1, 4):
+        tc = TrainConfig(steps=3, batch_size=8, seq_len=8, lr=1e-3, grad_accum=accum)
+        state = init_train_state(cfg, tc, None)
+        step = make_train_step(cfg, tc)
+        losses = []
+        for batch in batches:
+            state, m = step(state, batch, jax.random.PRNGKey(0))
+            losses.append(float(m["loss"]))
+        results.append((losses, state.params))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=2e-6)
+    diffs = jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(
+            lambda a, b: float(jnp.max(jnp.abs(a - b))), *[r[1] for r in results]
+        )
+    )
+    assert max(diffs) < 1e-5
+
+
+def test_train_step_donates_the_state_and_draws_new_dropout_each_step(tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.5)
+    tc = TrainConfig(steps=3, batch_size=4, seq_len=8, lr=1e-12, weight_decay=0.0)
+    step = make_train_step(cfg, tc)
+    state = init_train_state(cfg, tc)
+    old_leaf = jax.tree_util.tree_leaves(state.params)[0]
+    batch = _batches(1)[0]
+    state, m1 = step(state, batch, jax.random.PRNGKey(0))
+    assert old_leaf.is_deleted()  # donated
+    state, m2 = step(state, batch, jax.random.PRNGKey(0))
+    # Same batch, (almost) same weights: only the step-folded dropout key differs.
+    assert float(m1["loss"]) != float(m2["loss"])
+    assert int(state.step) == 2
+
+
+def _tokens(n, seed=0):
+    return np.random.default_rng(seed).integers(0, TINY["vocab_size"], n).astype(np.uint16)
+
+
+def test_resume_after_interruption_gives_the_losses_of_an_uninterrupted_run(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.1)  # dropout keys must be restored too
+    # 14 windows / batch 4 = 3 batches an epoch: the 7 steps cross two epoch boundaries.
+    tokens = _tokens(8 * 14 + 1 + 200)
+    tc = TrainConfig(
+        steps=7,
+        batch_size=4,
+        seq_len=8,
+        lr=2e-3,
+        warmup_steps=2,
+        eval_every=3,
+        save_every=2,
+        keep=2,
+        sample_tokens=0,
+    )
+    full = train_loop(cfg, tc, tokens[:113], tokens[113:], tmp_path / "full", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, record):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_loop(
+            cfg, tc, tokens[:113], tokens[113:], tmp_path / "cut", on_step=stop, progress=False
+        )
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [
+        "step_00000002",
+        "step_00000004",
+    ]
+    with pytest.raises(FileExistsError, match="resume"):
+        train_loop(cfg, tc, tokens[:113], tokens[113:], tmp_path / "cut", progress=False)
+    resumed = train_loop(
+        cfg, tc, tokens[:113], tokens[113:], tmp_path / "cut", resume=True, progress=False
+    )
+
+    assert [r["step"] for r in resumed] == [5, 6, 7]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]  # bit for bit
+    assert [r["tokens_seen"] for r in resumed] == [r["tokens_seen"] for r in full[4:]]
+    assert resumed[-1]["val_loss"] == full[-1]["val_loss"]
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 8))  # step 5 logged once, not twice
+    _, p_full = checkpoint.restore(tmp_path / "full" / "checkpoints" / "step_00000007")
+    _, p_cut = checkpoint.restore(tmp_path / "cut" / "checkpoints" / "step_00000007")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_full, p_cut)
+    # keep=2: only the two newest checkpoints remain.
+    assert [p.name for p in list_checkpoints(tmp_path / "full" / "checkpoints")] == [
+        "step_00000006",
+        "step_00000007",
+    ]
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path, tiny_cfg):
+    tokens = _tokens(600)
+    tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
+    train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr=0.0004.*lr=0.001"):
+        train_loop(
+            tiny_cfg,
+            tc.replace(lr=1e-3),
+            tokens[:500],
+            tokens[500:],
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg):
+    tokens = _tokens(600)
+    # lr 1e30: step 1 is finite but throws the weights to ~1e30; step 2 overflows.
+    tc = TrainConfig(
+        steps=5, batch_size=4, seq_len=8, lr=1e30, min_lr=1e30, save_every=1, sample_tokens=0
+    )
+    with pytest.raises(TrainingDiverged, match="step 2.*step_00000001"):
+        train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000001"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1]
+
+
+def test_train_config_rejects_bad_values_naming_them():
+    with pytest.raises(
+        ValueError, match=r"batch_size \(8\) must be divisible by TrainConfig.grad_accum \(3\)"
+    ):
+        TrainConfig(batch_size=8, grad_accum=3)
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="seq_len 32 exceeds the model's context_length 16"):
+        train_loop(GPTConfig(**TINY), TrainConfig(seq_len=32), _tokens(10), _tokens(10), "unused")

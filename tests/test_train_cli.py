@@ -1,0 +1,214 @@
+"""`jaxgpt train`: flags, outputs (metrics.jsonl, loss.png, checkpoints, samples), resume."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from jaxgpt.cli import main
+from jaxgpt.data import save_token_file
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], 2000)
+    return cfg, save_token_file(tokens, tmp_path / "tokens.bin")
+
+
+def _train(tmp_path, cfg, tokens, *extra):
+    return main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--token-file",
+            str(tokens),
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+            *extra,
+        ]
+    )
+
+
+def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files, capsys):
+    cfg, tokens = tiny_files
+    assert (
+        _train(
+            tmp_path,
+            cfg,
+            tokens,
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--save-every",
+            "2",
+            "--keep",
+            "2",
+        )
+        == 0
+    )
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens_seen"] for r in lines] == [32 * s for s in range(1, 7)]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+    assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the plot is skipped with a note)
+    except ImportError:
+        assert not (run / "loss.png").exists()
+    else:
+        assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000004",
+        "step_00000006",
+    ]
+    out, err = capsys.readouterr()
+    assert "step 6: loss" in out and "val loss" in out
+    assert "tok/s" in err and "step 3: train loss" in err
+    # Running again into the same directory needs --resume.
+    with pytest.raises(SystemExit, match="--resume"):
+        _train(tmp_path, cfg, tokens, "--steps", "6")
+
+
+def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_files, monkeypatch):
+    cfg, tokens = tiny_files
+    flags = ("--steps", "4", "--save-every", "2", "--eval-every", "4")
+    assert _train(tmp_path / "a", cfg, tokens, *flags) == 0
+
+    import jaxgpt.train as train_mod
+
+    real = train_mod.train_loop
+
+    def interrupted(*args, **kwargs):  # a run killed after step 3 (checkpoint at 2)
+        def stop(step, record):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        return real(*args, on_step=stop, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_loop", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", cfg, tokens, *flags)
+    monkeypatch.setattr(train_mod, "train_loop", real)
+    assert _train(tmp_path / "b", cfg, tokens, *flags, "--resume") == 0
+    read = [
+        [json.loads(x) for x in (tmp_path / d / "run" / "metrics.jsonl").read_text().splitlines()]
+        for d in ("a", "b")
+    ]
+    assert [r["loss"] for r in read[0]] == [r["loss"] for r in read[1]]
+    assert read[0][-1]["val_loss"] == read[1][-1]["val_loss"]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_files, capsys
+):
+    cfg, tokens = tiny_files
+    code = _train(
+        tmp_path,
+        cfg,
+        tokens,
+        "--steps",
+        "5",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "1e30",
+        "--grad-clip",
+        "0",
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite values at step 2" in err and "step_00000001" in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+def test_without_a_text_file_it_trains_on_the_demo_corpus_and_prints_samples(tmp_path, capsys):
+    cfg = tmp_path / "gpt2vocab.json"  # a GPT-2 vocabulary, so samples decode to text
+    cfg.write_text(json.dumps(dict(TINY, vocab_size=50257, emb_dim=16, n_heads=2)))
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--steps",
+                "2",
+                "--eval-every",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "8",
+                "--sample-tokens",
+                "3",
+                "--prompt",
+                "def",
+                "--out",
+                str(tmp_path / "demo"),
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "pydoc_data.topics" in err
+    assert "sample: def" in err
+    last = json.loads((tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["sample"].startswith("def") and len(last["sample"]) > 3
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+        (["--seq-len", "32"], "--seq-len 32 exceeds the model's context_length 16"),
+        (["--grad-accum", "3"], "--batch-size .4. must be divisible by --grad-accum .3."),
+        (["--lr", "0"], "--lr must be a positive number, got 0"),
+        (["--val-ratio", "1"], "--val-ratio must be in \\(0, 1\\), got 1"),
+        (["--warmup-steps", "50", "--steps", "10"], "--warmup-steps .50. exceeds --steps .10."),
+    ],
+)
+def test_bad_flags_fail_clearly_before_anything_is_written(tmp_path, tiny_files, flags, message):
+    cfg, tokens = tiny_files
+    with pytest.raises(SystemExit, match=message):
+        _train(tmp_path, cfg, tokens, *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_inputs_fail_clearly(tmp_path, tiny_files):
+    cfg, tokens = tiny_files
+    with pytest.raises(SystemExit, match="--text-file .*missing.txt does not exist"):
+        main(["train", "--text-file", str(tmp_path / "missing.txt")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(TINY, n_head=4)))
+    with pytest.raises(SystemExit, match="unknown GPTConfig field.*n_head"):
+        main(["train", "--config", str(bad), "--token-file", str(tokens)])
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(dict(TINY, vocab_size=50)))  # the tokens go up to 99
+    with pytest.raises(SystemExit, match="token id 99, outside the model's vocabulary \\[0, 50\\)"):
+        main(
+            [
+                "train",
+                "--config",
+                str(small),
+                "--token-file",
+                str(tokens),
+                "--seq-len",
+                "8",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(SystemExit):  # argparse: --preset and --config together
+        main(["train", "--preset", "gpt2-small", "--config", str(cfg)])
