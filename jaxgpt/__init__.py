@@ -1,7 +1,7 @@
 """jaxgpt: the GPT of "Build a Large Language Model From Scratch" (chapter 4) in JAX/Flax."""
 
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-from jaxgpt.generation import generate_text_simple
+from jaxgpt.generation import generate, generate_stream, generate_text_simple
 from jaxgpt.model import (
     GELU,
     FeedForward,
@@ -29,6 +29,8 @@ __all__ = [
     "MultiHeadAttention",
     "TransformerBlock",
     "count_params",
+    "generate",
+    "generate_stream",
     "generate_text_simple",
     "get_tokenizer",
     "init_params",

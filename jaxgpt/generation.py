@@ -1,8 +1,12 @@
-"""Greedy generation as in the seeds, jit-compiled as one call.
+"""Generation, each call one jit-compiled loop over a fixed-size token buffer.
 
-`generate_text_simple` keeps the seeds' semantics (crop to the last `context_size` tokens,
-argmax of the last position, append) but runs as a single `lax.fori_loop` over a fixed-size
-token buffer `[B, T + max_new_tokens]`, so XLA compiles it once per shape.
+- `generate_text_simple` keeps the seeds' semantics (crop to the last `context_size` tokens,
+  argmax of the last position, append), recomputing the window at every step, as a single
+  `lax.fori_loop` over a token buffer `[B, T + max_new_tokens]`.
+- `generate` is the fast path: KV cache (prefill once, then one token per step), greedy or
+  sampled (`jaxgpt.sampling`), per-row EOS, ragged prompts, and prompt lengths / token counts
+  rounded up to powers of two so that few shapes are ever compiled. Its greedy tokens are the
+  seeds' exactly, also past `context_length`. `generate_stream` runs the same loop in chunks.
 
 (The module is `generation`, not `generate`, so that `jaxgpt.generate` can be a function
 without shadowing a module of the same name.)
@@ -12,15 +16,18 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxgpt import kv_cache
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPTModel
+from jaxgpt.sampling import SamplingConfig, check_sampling_args, choose_next, sampling_config
 
 # How many times each jitted entry point has been traced (a test pins re-tracing down).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -116,3 +123,333 @@ def generate_text_simple(
     max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
     context_size = resolve_context_size(cfg, context_size)
     return _generate_simple(params, jnp.asarray(idx), cfg, max_new_tokens, context_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# `generate`: KV cache, sampling, EOS, ragged batches, bounded compiles, streaming.
+#
+# Prompts are left-padded into a token buffer `[B, P + N]` (P, N: bucketed prompt length and
+# new-token count). Every row has its own first slot `start[b] = P - len[b]`, its own positions
+# `slot - start[b]`, and a mask that hides the padding, so each row sees what it would see alone
+# while all rows write their next token into the same slot. The prompt is prefilled once; then
+# one token per step through the cache. Once a row's sequence would pass `context_length`, the
+# seeds crop to the last C tokens and renumber positions 0..C-1, which invalidates every cached
+# key, so from that step on each token is computed from its window again (exact, and only past
+# the context). Prompts longer than C are cropped to their last C tokens up front: the seeds'
+# window only moves forward, so earlier tokens are never seen again.
+# ---------------------------------------------------------------------------------------------
+
+_MIN_PROMPT_BUCKET = 8
+_MIN_NEW_BUCKET = 16
+
+
+class Knobs(NamedTuple):
+    """The traced sampling arguments (changing them does not recompile)."""
+
+    key: jax.Array  # PRNG key; step j samples with fold_in(key, j)
+    temperature: jax.Array  # [] float32 (1 when greedy: unused)
+    top_p: jax.Array  # [] float32
+    eos_id: jax.Array  # [] int32, -1 for none
+
+
+class DecodeState(NamedTuple):
+    """The loop carry of `generate`."""
+
+    tokens: jax.Array  # [B, P + N] int32: left-padded prompts, then the new tokens
+    start: jax.Array  # [B] int32: each row's first slot (P - prompt length)
+    cache: kv_cache.KVCache | tuple  # per layer [B, H, S, Dh]; () on the recomputing path
+    step: jax.Array  # [] int32: index of the next new token (0-based)
+    done: jax.Array  # [B] bool: the row has emitted eos_id
+
+
+def bucket_length(n: int, minimum: int, cap: int | None = None) -> int:
+    """The power of two >= max(n, minimum), at most `cap` (never below n)."""
+    size = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return max(n, min(size, cap)) if cap is not None else size
+
+
+def _write_next(
+    state: DecodeState, logits: jax.Array, knobs: Knobs, sampling: SamplingConfig, prompt_slots: int
+) -> DecodeState:
+    """Choose token `state.step` for every row from logits `[B, V]`, apply EOS, store it."""
+    j = state.step
+    nxt = choose_next(logits, jax.random.fold_in(knobs.key, j), knobs.temperature, knobs.top_p,
+                      sampling)  # [B]
+    nxt = jnp.where(state.done, knobs.eos_id, nxt)
+    tokens = lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, prompt_slots + j))
+    return state._replace(tokens=tokens, step=j + 1, done=state.done | (nxt == knobs.eos_id))
+
+
+def _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype) -> DecodeState:
+    """The buffer, and with the cache: the prefilled prompt and the first new token."""
+    b, p = prompt.shape
+    fill = jnp.maximum(knobs.eos_id, 0)  # an all-done early exit leaves eos_id behind
+    tokens = jnp.concatenate([prompt, jnp.full((b, new_slots), fill, jnp.int32)], axis=1)
+    state = DecodeState(tokens, start, (), jnp.int32(0), jnp.zeros((b,), bool))
+    if not use_cache:
+        return state
+    slots = p + min(new_slots, cfg.context_length)  # never more than cached steps can fill
+    at = jnp.arange(p)[None, :]  # [1, P]
+    positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
+    hidden, kv = kv_cache.forward_window(w, cfg, prompt, positions, at >= start[:, None])
+    cache = kv_cache.empty_cache(cfg, b, slots, dtype)
+    cache = kv_cache.KVCache(
+        tuple(c.at[:, :, :p].set(k.astype(dtype)) for c, k in zip(cache.keys, kv.keys)),
+        tuple(c.at[:, :, :p].set(v.astype(dtype)) for c, v in zip(cache.values, kv.values)),
+    )
+    logits = kv_cache.logits_of(w, cfg, hidden[:, -1])  # [B, V]
+    return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
+
+
+def _decode(w, cfg, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
+    """Generate tokens `state.step .. stop-1` (fewer if every row is done)."""
+    b, total = state.tokens.shape
+    ctx = cfg.context_length
+    p = prompt_slots
+
+    def running(s: DecodeState, limit) -> jax.Array:
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    if isinstance(state.cache, kv_cache.KVCache):
+        # Token j reads position len[b] + j - 1: exact with the cache while that is < C for all.
+        longest = p - jnp.min(state.start)
+        cached_stop = jnp.minimum(stop, ctx - longest + 1)
+
+        def cached_step(s: DecodeState) -> DecodeState:
+            slot = p + s.step - 1  # the slot of the last known token
+            last = lax.dynamic_index_in_dim(s.tokens, slot, axis=1, keepdims=False)  # [B]
+            logits, cache = kv_cache.decode_step(w, cfg, s.cache, last, slot - s.start, slot,
+                                                 s.start)
+            return _write_next(s._replace(cache=cache), logits, knobs, sampling, p)
+
+        state = lax.while_loop(lambda s: running(s, cached_stop), cached_step, state)
+
+    window = min(total, ctx)
+
+    def window_step(s: DecodeState) -> DecodeState:
+        known = p + s.step  # slots [0, known) hold tokens
+        first = jnp.maximum(known - window, 0)
+        row_first = jnp.maximum(s.start, known - ctx)  # [B]: the seeds' crop, per row
+        at = first + jnp.arange(window)[None, :]  # [1, W]
+        positions = jnp.clip(at - row_first[:, None], 0, ctx - 1)  # [B, W]
+        toks = lax.dynamic_slice(s.tokens, (0, first), (b, window))  # [B, W]
+        hidden, _ = kv_cache.forward_window(w, cfg, toks, positions, at >= row_first[:, None])
+        last = lax.dynamic_index_in_dim(hidden, known - 1 - first, axis=1, keepdims=False)
+        return _write_next(s, kv_cache.logits_of(w, cfg, last), knobs, sampling, p)
+
+    return lax.while_loop(lambda s: running(s, stop), window_step, state)
+
+
+_STATIC = ("cfg", "new_slots", "sampling", "use_cache", "dtype")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_jit(params, prompt, start, n_new, knobs, *, cfg, new_slots, sampling, use_cache,
+                  dtype):
+    TRACE_COUNTS["generate"] += 1
+    w = kv_cache.prepare(params, cfg, dtype)
+    state = _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype)
+    state = _decode(w, cfg, state, n_new, knobs, sampling, prompt.shape[1])
+    return state.tokens
+
+
+class _Batch(NamedTuple):
+    rows: list[np.ndarray]  # each prompt, uncropped
+    prompt: np.ndarray  # [B, P] int32, left-padded, each row cropped to its last C tokens
+    start: np.ndarray  # [B] int32
+
+
+def _check_prompts(prompts: Any, cfg: GPTConfig) -> tuple[list[np.ndarray], bool]:
+    """`(rows, is_list)`: the prompts as int32 rows, and whether the list API was used."""
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is an empty list: give at least one prompt")
+        rows = []
+        for i, row in enumerate(prompts):
+            if isinstance(row, (int, np.integer)):
+                raise ValueError(
+                    f"prompts[{i}] is a single int ({row!r}); give a list of token-id lists, "
+                    f"or an int array [batch, tokens]"
+                )
+            arr = np.asarray(row)
+            if arr.size == 0:
+                raise ValueError(f"prompts[{i}] is empty: give at least one prompt token")
+            if arr.ndim != 1:
+                raise ValueError(f"prompts[{i}] must be a flat list of token ids, got shape "
+                                 f"{arr.shape}")
+            rows.append(check_token_ids(arr[None, :], cfg, name=f"prompts[{i}]")[0])
+        return rows, True
+    return list(check_token_ids(prompts, cfg, name="prompts")), False
+
+
+def _batch(rows: list[np.ndarray], cfg: GPTConfig) -> _Batch:
+    ctx = cfg.context_length
+    lengths = [min(len(r), ctx) for r in rows]
+    p = bucket_length(max(lengths), _MIN_PROMPT_BUCKET, cap=ctx)
+    prompt = np.zeros((len(rows), p), np.int32)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        prompt[i, p - n:] = row[len(row) - n:]
+    return _Batch(rows, prompt, np.asarray([p - n for n in lengths], np.int32))
+
+
+def _knobs(key, temperature, top_p, eos_id, greedy: bool) -> Knobs:
+    return Knobs(
+        key=key if key is not None else jax.random.PRNGKey(0),
+        temperature=jnp.float32(1.0 if greedy else temperature),
+        top_p=jnp.float32(1.0 if top_p is None else top_p),
+        eos_id=jnp.int32(-1 if eos_id is None else eos_id),
+    )
+
+
+def _check_all(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key):
+    rows, is_list = _check_prompts(prompts, cfg)
+    max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+    temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p, cfg.vocab_size)
+    if eos_id is not None:
+        eos_id = check_count(eos_id, "eos_id")
+        if eos_id >= cfg.vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
+    if key is not None and not (isinstance(key, jax.Array) and (
+            jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+        raise ValueError(f"key must be a PRNG key (jax.random.key or PRNGKey), got {key!r}")
+    return rows, is_list, max_new_tokens, temperature, top_k, top_p, eos_id
+
+
+def _finish(rows, is_list, new_tokens: np.ndarray | jax.Array, eos_id):
+    """The user-facing result: prompt + new tokens, as an array or as cut lists."""
+    if not is_list:
+        prompt = jnp.asarray(np.stack(rows))
+        return jnp.concatenate([prompt, jnp.asarray(new_tokens, jnp.int32)], axis=1)
+    out = []
+    for row, new in zip(rows, np.asarray(new_tokens).tolist()):
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        out.append([int(t) for t in row] + new)
+    return out
+
+
+def generate(
+    params: Any,
+    cfg: GPTConfig,
+    prompts: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+    use_cache: bool = True,
+    dtype: Any = jnp.float32,
+) -> jax.Array | list[list[int]]:
+    """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
+
+    Greedy by default, with exactly the tokens of the seeds' `generate_text_simple` (including
+    past `context_length`, where the seeds crop to the last C tokens). With `temperature > 0`:
+    temperature -> top-k -> top-p -> sample (see `jaxgpt.sampling`), step j drawing with
+    `fold_in(key, j)`, so a key reproduces its tokens. Prompt lengths and `max_new_tokens` are
+    rounded up to powers of two for compiling, so most new lengths reuse a compiled loop.
+
+    Args:
+      params: jaxgpt params for `GPTModel(cfg)`.
+      cfg: the model's config.
+      prompts: int token ids `[B, T]`, or a list of B token-id lists of any lengths (ragged;
+        each row gets exactly what it would get alone).
+      max_new_tokens: new tokens per row (>= 0).
+      temperature: 0 for greedy, else > 0.
+      top_k: keep the k most likely tokens (1 <= k <= vocab_size), or None.
+      top_p: keep the smallest most-likely set with probability >= top_p (0 < p <= 1), or None.
+      eos_id: a row that emits it is done: it stops changing (further slots hold eos_id).
+      key: PRNG key, required when sampling.
+      use_cache: False recomputes every window (same greedy tokens; slow, for checking).
+      dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
+
+    Returns:
+      For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
+      For a list: a list of B lists, prompt + new tokens, each cut after its first eos_id.
+    """
+    rows, is_list, n, temperature, top_k, top_p, eos_id = _check_all(
+        cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key)
+    if n == 0:
+        return _finish(rows, is_list, np.zeros((len(rows), 0), np.int32), eos_id)
+    batch = _batch(rows, cfg)
+    sampling = sampling_config(temperature, top_k, top_p)
+    tokens = _generate_jit(
+        params, jnp.asarray(batch.prompt), jnp.asarray(batch.start), jnp.int32(n),
+        _knobs(key, temperature, top_p, eos_id, sampling.greedy), cfg=cfg,
+        new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
+        use_cache=bool(use_cache), dtype=jnp.dtype(dtype),
+    )
+    p = batch.prompt.shape[1]
+    return _finish(rows, is_list, tokens[:, p:p + n], eos_id)
+
+
+# --- streaming: the same loop, run in chunks ------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _prepare_jit(params, *, cfg, dtype):
+    return kv_cache.prepare(params, cfg, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _start_jit(w, prompt, start, knobs, *, cfg, new_slots, sampling, use_cache, dtype):
+    TRACE_COUNTS["generate_stream"] += 1
+    return _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "prompt_slots"),
+                   donate_argnums=(1,))
+def _decode_jit(w, state, stop, knobs, *, cfg, sampling, prompt_slots):
+    TRACE_COUNTS["generate_stream"] += 1
+    return _decode(w, cfg, state, stop, knobs, sampling, prompt_slots)
+
+
+def generate_stream(
+    params: Any,
+    cfg: GPTConfig,
+    prompts: Any,
+    max_new_tokens: int,
+    *,
+    chunk_size: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+    use_cache: bool = True,
+    dtype: Any = jnp.float32,
+) -> Iterator[np.ndarray]:
+    """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
+
+    The same loop as `generate` (same tokens for the same arguments), run `chunk_size` tokens
+    per call with the state donated between calls. It stops early once every row is done (rows
+    past their EOS yield eos_id). Concatenating the chunks gives `generate`'s new tokens.
+    """
+    rows, _, n, temperature, top_k, top_p, eos_id = _check_all(
+        cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key)
+    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+    if n == 0:
+        return
+    batch = _batch(rows, cfg)
+    p = batch.prompt.shape[1]
+    sampling = sampling_config(temperature, top_k, top_p)
+    knobs = _knobs(key, temperature, top_p, eos_id, sampling.greedy)
+    dtype = jnp.dtype(dtype)
+    w = _prepare_jit(params, cfg=cfg, dtype=dtype)
+    state = _start_jit(w, jnp.asarray(batch.prompt), jnp.asarray(batch.start), knobs, cfg=cfg,
+                       new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
+                       use_cache=bool(use_cache), dtype=dtype)
+    shown = 0
+    while shown < n:
+        stop = min(shown + chunk_size, n)
+        state = _decode_jit(w, state, jnp.int32(stop), knobs, cfg=cfg, sampling=sampling,
+                            prompt_slots=p)
+        made, done = jax.device_get((state.step, state.done))
+        made = int(made)
+        if done.all():  # the rest is eos_id: show it all at once
+            made = n
+        yield np.asarray(state.tokens[:, p + shown:p + made])
+        shown = made

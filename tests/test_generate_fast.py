@@ -1,0 +1,310 @@
+"""`jaxgpt.generate`: KV cache = recomputing = the seeds, past the context, ragged rows, EOS,
+sampling, bounded compiles, streaming, argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, torch_reference
+
+from jaxgpt import kv_cache
+from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.generation import (
+    TRACE_COUNTS,
+    bucket_length,
+    generate,
+    generate_stream,
+    generate_text_simple,
+)
+from jaxgpt.model import GPTModel, init_params
+from jaxgpt.weights import from_torch_state_dict
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = GPTConfig(**TINY)  # context_length 16
+    return cfg, init_params(cfg, 7)
+
+
+def _reference_run(cfg_dict, prompt, n, seed=0):
+    """(jaxgpt params, the seeds' generate_text_simple tokens) on the same weights."""
+    torch = pytest.importorskip("torch")
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    model = torch_reference(cfg_dict, seed)
+    params = from_torch_state_dict(model.state_dict(), GPTConfig(**cfg_dict))
+    out = ch04.generate_text_simple(
+        model, torch.as_tensor(np.asarray(prompt, np.int64)), n, cfg_dict["context_length"]
+    )
+    return params, out.numpy()
+
+
+# --- the decoder functions against GPTModel ---------------------------------------------------
+
+
+def test_kv_forward_and_cached_steps_match_gptmodel_logits(tiny, rng):
+    cfg, params = tiny
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
+    want = GPTModel(cfg).apply({"params": params}, tokens)  # [B, T, V]
+    w = kv_cache.prepare(params, cfg)
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    hidden, _ = kv_cache.forward_window(w, cfg, tokens, positions, jnp.ones((2, 9), bool))
+    np.testing.assert_allclose(kv_cache.logits_of(w, cfg, hidden), want, atol=1e-5)
+    # Prefill 4 tokens, then feed the rest one at a time through the cache.
+    _, kv = kv_cache.forward_window(w, cfg, tokens[:, :4], positions[:, :4], jnp.ones((2, 4), bool))
+    cache = kv_cache.empty_cache(cfg, 2, 16)
+    cache = kv_cache.KVCache(
+        tuple(c.at[:, :, :4].set(k) for c, k in zip(cache.keys, kv.keys)),
+        tuple(c.at[:, :, :4].set(v) for c, v in zip(cache.values, kv.values)),
+    )
+    for t in range(4, 9):
+        logits, cache = kv_cache.decode_step(
+            w, cfg, cache, tokens[:, t], jnp.full((2,), t), t, jnp.zeros((2,), jnp.int32)
+        )
+        np.testing.assert_allclose(logits, want[:, t], atol=1e-5)
+
+
+def test_kv_forward_matches_gptmodel_with_tied_embeddings_and_qkv_off(rng):
+    cfg = GPTConfig(**{**TINY, "tie_embeddings": True, "qkv_bias": False})
+    params = init_params(cfg, 1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)))
+    w = kv_cache.prepare(params, cfg)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    hidden, _ = kv_cache.forward_window(w, cfg, tokens, positions, jnp.ones((2, 6), bool))
+    want = GPTModel(cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(kv_cache.logits_of(w, cfg, hidden), want, atol=1e-5)
+
+
+# --- greedy parity ----------------------------------------------------------------------------
+
+
+def test_cache_equals_no_cache_equals_generate_text_simple(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (3, 5))
+    want = np.asarray(generate_text_simple(params, cfg, prompt, 9))
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 9), want)
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 9, use_cache=False), want)
+
+
+@pytest.mark.parametrize("prompt_len", [3, 16, 21])  # short, exactly the context, longer
+def test_past_context_length_matches_the_seeds_sliding_crop(prompt_len, rng):
+    prompt = rng.integers(0, TINY["vocab_size"], (2, prompt_len))
+    params, want = _reference_run(TINY, prompt, 30)  # far past context_length 16
+    cfg = GPTConfig(**TINY)
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 30), want)
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 30, use_cache=False), want)
+
+
+@pytest.mark.slow
+def test_cache_equals_no_cache_and_reference_124m():
+    cfg_dict = dict(GPT_CONFIG_124M)
+    prompt = np.array([[15496, 11, 314, 716], [40, 1101, 257, 2746]])  # "Hello, I am" ...
+    params, want = _reference_run(cfg_dict, prompt, 6, seed=123)
+    cfg = GPTConfig(**cfg_dict)
+    cached = np.asarray(generate(params, cfg, prompt, 6))
+    np.testing.assert_array_equal(cached, want)
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 6, use_cache=False), want)
+    # The ragged path on the real width: row 1 cut to 2 tokens equals its solo run.
+    rows = generate(params, cfg, [prompt[0].tolist(), prompt[1, :2].tolist()], 5)
+    assert rows[0] == cached[0, :9].tolist()
+    assert rows[1] == generate(params, cfg, [prompt[1, :2].tolist()], 5)[0]
+
+
+# --- ragged batches ---------------------------------------------------------------------------
+
+
+def test_ragged_rows_equal_their_solo_runs(tiny, rng):
+    cfg, params = tiny
+    rows = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (1, 4, 9, 16, 23)]
+    for use_cache in (True, False):
+        out = generate(params, cfg, rows, 12, use_cache=use_cache)
+        assert isinstance(out, list) and len(out) == len(rows)
+        for row, got in zip(rows, out):
+            solo = np.asarray(generate_text_simple(params, cfg, np.array([row]), 12))[0]
+            assert got == solo.tolist()
+            assert got[: len(row)] == row
+
+
+# --- EOS --------------------------------------------------------------------------------------
+
+
+def test_eos_stops_a_row_array_pads_list_cuts(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (4, 3))
+    free = np.asarray(generate(params, cfg, prompt, 10))
+    eos = int(free[0, 3 + 2])  # row 0's third new token
+    hits = [np.flatnonzero(r[3:] == eos) for r in free]
+    out = np.asarray(generate(params, cfg, prompt, 10, eos_id=eos))
+    lists = generate(params, cfg, prompt.tolist(), 10, eos_id=eos)
+    for b in range(4):
+        if len(hits[b]) == 0:  # never emits eos: unchanged
+            np.testing.assert_array_equal(out[b], free[b])
+            assert lists[b] == free[b].tolist()
+            continue
+        cut = 3 + hits[b][0] + 1  # up to and including the first eos
+        np.testing.assert_array_equal(out[b, :cut], free[b, :cut])
+        assert (out[b, cut:] == eos).all()
+        assert lists[b] == free[b, :cut].tolist()
+    assert len(lists[0]) == 3 + 3  # the test is not vacuous: row 0 is cut
+
+
+def test_eos_when_every_row_finishes_early(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (1, 4))
+    eos = int(np.asarray(generate(params, cfg, prompt, 1))[0, -1])  # the very first new token
+    out = np.asarray(generate(params, cfg, prompt, 40, eos_id=eos))
+    assert out.shape == (1, 44) and (out[0, 4:] == eos).all()
+    assert generate(params, cfg, [prompt[0].tolist()], 40, eos_id=eos) == [
+        prompt[0].tolist() + [eos]
+    ]
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_from_the_key(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (2, 4))
+
+    def run(key, **kw):
+        return np.asarray(generate(params, cfg, prompt, 20, temperature=1.5, key=key, **kw))
+
+    a = run(jax.random.key(0))
+    np.testing.assert_array_equal(a, run(jax.random.key(0)))
+    assert (a != run(jax.random.key(1))).any()
+    # A fresh key per step: the uncached path draws the same tokens (same fold_in(key, j)).
+    np.testing.assert_array_equal(a, run(jax.random.key(0), use_cache=False))
+    greedy = np.asarray(generate(params, cfg, prompt, 20))
+    np.testing.assert_array_equal(run(jax.random.key(3), top_k=1), greedy)
+    assert (a != greedy).any()
+
+
+def test_step_j_samples_with_fold_in_key_j(tiny, rng):
+    """The documented contract, rebuilt by hand from GPTModel logits."""
+    cfg, params = tiny
+    seq = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3)))
+    key = jax.random.key(42)
+    out = np.asarray(generate(params, cfg, seq, 6, temperature=0.8, top_k=20, key=key))
+    apply = jax.jit(GPTModel(cfg).apply)
+    for j in range(6):
+        logits = apply({"params": params}, seq)[:, -1] / 0.8
+        kth = jax.lax.top_k(logits, 20)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        nxt = jax.random.categorical(jax.random.fold_in(key, j), logits)
+        seq = jnp.concatenate([seq, nxt[:, None].astype(seq.dtype)], axis=1)
+    np.testing.assert_array_equal(out, seq)
+
+
+# --- compiles ---------------------------------------------------------------------------------
+
+
+def test_bucket_length():
+    assert [bucket_length(n, 8) for n in (1, 8, 9, 16, 17, 200)] == [8, 8, 16, 16, 32, 256]
+    assert bucket_length(900, 8, cap=1024) == 1024
+    assert bucket_length(20, 8, cap=16) == 20  # never below n
+    assert bucket_length(10, 8, cap=12) == 12
+
+
+def test_prompt_lengths_and_counts_share_compiles(tiny, rng):
+    cfg, params = tiny
+    b = 6  # a batch size no other test uses, so nothing is compiled yet
+    generate(params, cfg, rng.integers(0, 100, (b, 3)), 5)  # compile the (8, 16) bucket
+    before = TRACE_COUNTS["generate"]
+    for t in (1, 2, 5, 7, 8):  # all in the prompt bucket 8
+        for n in (1, 6, 16):  # all in the new-token bucket 16
+            generate(params, cfg, rng.integers(0, 100, (b, t)), n)
+    generate(params, cfg, [[1], [2, 3, 4, 5, 6, 7]] * 3, 9)  # ragged, same buckets
+    assert TRACE_COUNTS["generate"] == before
+    generate(params, cfg, rng.integers(0, 100, (b, 12)), 5)  # prompt bucket 16: one more
+    generate(params, cfg, rng.integers(0, 100, (b, 12)), 17)  # new-token bucket 32: one more
+    assert TRACE_COUNTS["generate"] == before + 2
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+
+def test_stream_yields_the_same_tokens_in_chunks(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (3, 5))
+    want = np.asarray(generate(params, cfg, prompt, 25))[:, 5:]  # past the context too
+    chunks = list(generate_stream(params, cfg, prompt, 25, chunk_size=4))
+    assert [c.shape[1] for c in chunks] == [4] * 6 + [1]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), want)
+    key = jax.random.key(5)
+    sampled = np.asarray(generate(params, cfg, prompt, 12, temperature=1.0, key=key))[:, 5:]
+    chunks = generate_stream(params, cfg, prompt, 12, chunk_size=5, temperature=1.0, key=key)
+    np.testing.assert_array_equal(np.concatenate(list(chunks), axis=1), sampled)
+
+
+def test_stream_stops_once_every_row_is_done(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (1, 4))
+    eos = int(np.asarray(generate(params, cfg, prompt, 1))[0, -1])
+    chunks = list(generate_stream(params, cfg, prompt, 40, chunk_size=2, eos_id=eos))
+    assert len(chunks) == 1 and chunks[0].shape == (1, 40) and (chunks[0] == eos).all()
+
+
+# --- argument errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, match",
+    [
+        (np.zeros((2, 0), int), {}, r"prompts is empty"),
+        (np.zeros((3,), int), {}, r"prompts must have shape \[batch, tokens\]"),
+        ([[1, 2], []], {}, r"prompts\[1\] is empty"),
+        ([], {}, "prompts is an empty list"),
+        ([[1, 100]], {}, r"prompts\[0\] holds token id 100, outside the vocabulary \[0, 100\)"),
+        (np.full((1, 2), 0.5), {}, "integer token ids"),
+        ([[1]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
+        ([[1]], {"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ([[1]], {"temperature": 1.0}, "needs a PRNG key"),
+        ([[1]], {"top_k": 0}, r"top_k must be in \[1, 100\]"),
+        ([[1]], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ([[1]], {"eos_id": 100}, r"eos_id 100 is outside the vocabulary \[0, 100\)"),
+        ([[1]], {"temperature": 1.0, "key": 3}, "key must be a PRNG key"),
+    ],
+)
+def test_bad_arguments_raise_before_tracing(tiny, prompts, kwargs, match):
+    cfg, params = tiny
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    before = dict(TRACE_COUNTS)
+    with pytest.raises(ValueError, match=match):
+        generate(params, cfg, prompts, **kwargs)
+    assert dict(TRACE_COUNTS) == before
+
+
+def test_zero_new_tokens_returns_the_prompts(tiny):
+    cfg, params = tiny
+    np.testing.assert_array_equal(generate(params, cfg, np.array([[1, 2, 3]]), 0), [[1, 2, 3]])
+    assert generate(params, cfg, [[4], [5, 6]], 0) == [[4], [5, 6]]
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_vocab_model(monkeypatch):
+    """`jaxgpt generate` on a tiny model with GPT-2's vocabulary (fast, and text decodes)."""
+    from jaxgpt import cli
+
+    cfg = GPTConfig(**{**TINY, "vocab_size": 50257})
+    params = init_params(cfg, 3)
+    monkeypatch.setattr(cli, "_load_model", lambda args: (cfg, params, "tiny test model"))
+    return cli
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-k", "50", "--seed", "4"]])
+def test_cli_stream_prints_the_same_text(small_vocab_model, capsys, sampling):
+    argv = ["generate", "--prompt", "Hello, I am", "--max-new-tokens", "20", *sampling]
+    assert small_vocab_model.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert small_vocab_model.main([*argv, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    assert plain.startswith("Hello, I am") and len(plain) > len("Hello, I am\n")
+
+
+def test_cli_rejects_bad_sampling_flags(small_vocab_model):
+    with pytest.raises(SystemExit, match=r"top_p must be in \(0, 1\], got 1.5"):
+        small_vocab_model.main(["generate", "--top-p", "1.5"])
+    with pytest.raises(SystemExit, match=r"top_k must be in \[1, 50257\]"):
+        small_vocab_model.main(["generate", "--temperature", "1", "--top-k", "60000"])
