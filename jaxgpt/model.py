@@ -9,6 +9,7 @@ Shapes: B batch, T tokens, D emb_dim, H heads, Dh = D // H, V vocab_size.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -72,9 +73,12 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = self.cfg.emb_dim
-        x = _dense(4 * d, "layers_0", self.dtype)(x)  # [B, T, 4D]
+        lead = x.shape[:-1]
+        # Matmuls on [B*T, D] rather than [B, T, D]: XLA:CPU then needs no transposing copies
+        # in the backward pass.
+        x = _dense(4 * d, "layers_0", self.dtype)(x.reshape(-1, d))  # [B*T, 4D]
         x = GELU()(x)
-        return _dense(d, "layers_2", self.dtype)(x)  # [B, T, D]
+        return _dense(d, "layers_2", self.dtype)(x).reshape(*lead, d)  # [B, T, D]
 
 
 class MultiHeadAttention(nn.Module):
@@ -93,8 +97,10 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         h, dh = self.num_heads, self.d_out // self.num_heads
 
+        x2 = x.reshape(b * t, -1)  # [B*T, D_in]: 2-D matmuls (see FeedForward)
+
         def heads(name: str) -> jax.Array:
-            y = _dense(self.d_out, name, self.dtype, self.qkv_bias)(x)  # [B, T, D]
+            y = _dense(self.d_out, name, self.dtype, self.qkv_bias)(x2)  # [B*T, D]
             return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
 
         queries, keys, values = heads("W_query"), heads("W_key"), heads("W_value")
@@ -104,8 +110,8 @@ class MultiHeadAttention(nn.Module):
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores / math.sqrt(dh), axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        context = (weights @ values).transpose(0, 2, 1, 3).reshape(b, t, self.d_out)  # [B, T, D]
-        return _dense(self.d_out, "out_proj", self.dtype)(context)
+        context = (weights @ values).transpose(0, 2, 1, 3).reshape(b * t, self.d_out)  # [B*T, D]
+        return _dense(self.d_out, "out_proj", self.dtype)(context).reshape(b, t, self.d_out)
 
 
 class TransformerBlock(nn.Module):
@@ -193,11 +199,16 @@ class GPTModel(nn.Module):
         return self.out_head(x).astype(jnp.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg: GPTConfig):
+    return jax.jit(GPTModel(cfg).init)
+
+
 def init_params(cfg: GPTConfig, seed: int | jax.Array = 0) -> dict:
     """Random parameters for `cfg` (GPT-2 init), from an int seed or a PRNG key."""
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     dummy = jnp.zeros((1, 1), dtype=jnp.int32)
-    return jax.jit(GPTModel(cfg).init)(key, dummy)["params"]
+    return _jitted_init(cfg)(key, dummy)["params"]
 
 
 def param_shapes(cfg: GPTConfig) -> dict:

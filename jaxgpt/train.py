@@ -42,7 +42,7 @@ from jax import lax
 from jaxgpt import checkpoint, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import BatchLoader, LoaderState, SlidingWindows
-from jaxgpt.model import GPTModel
+from jaxgpt.model import GPTModel, init_params
 
 IGNORE_INDEX = -100
 # `jaxgpt train` with neither --preset nor --config: a small GPT-2-vocabulary model that
@@ -295,19 +295,12 @@ def init_train_state(cfg: GPTConfig, tc: TrainConfig, params: Any | None = None)
     `params` are copied: the train step donates the state, and the caller keeps its arrays.
     """
     if params is None:
-        params = _jitted_init(cfg)(jax.random.PRNGKey(tc.seed), jnp.zeros((1, 1), jnp.int32))
-        params = params["params"]  # the same arrays as init_params(cfg, tc.seed)
+        params = init_params(cfg, tc.seed)
     else:
         params = jax.tree_util.tree_map(jnp.array, params)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(tc).init(params)
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: GPTConfig) -> Callable:
-    # One compiled initialiser per config, so repeated runs in one process compile it once.
-    return jax.jit(GPTModel(cfg).init)
 
 
 def dropout_key(tc: TrainConfig) -> jax.Array:
