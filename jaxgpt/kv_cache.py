@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.model import gelu, layer_norm
 
 _MASKED = jnp.finfo(jnp.float32).min  # as GPTModel: a finite floor, no NaN for empty rows
 
@@ -120,15 +121,7 @@ def empty_cache(cfg: GPTConfig, batch: int, slots: int, dtype: Any = jnp.float32
 
 def _layer_norm(x: jax.Array, norm: tuple[jax.Array, jax.Array], dtype: Any) -> jax.Array:
     scale, shift = norm
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(axis=-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-    return (scale * ((x32 - mean) / jnp.sqrt(var + 1e-5)) + shift).astype(dtype)
-
-
-def _gelu(x: jax.Array) -> jax.Array:
-    c = math.sqrt(2.0 / math.pi)
-    return 0.5 * x * (1.0 + jnp.tanh(c * (x + 0.044715 * x**3)))
+    return layer_norm(x, scale, shift, dtype=dtype)
 
 
 def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -139,7 +132,7 @@ def _linear(x: jax.Array, w: jax.Array) -> jax.Array:
 def _feed_forward(lw: LayerWeights, x: jax.Array) -> jax.Array:
     dtype = lw.w_fc.dtype
     h = _layer_norm(x, lw.norm2, dtype)
-    h = _gelu(_linear(h, lw.w_fc) + lw.b_fc)  # [..., 4D]
+    h = gelu(_linear(h, lw.w_fc) + lw.b_fc)  # [..., 4D]
     return x + (_linear(h, lw.w_proj) + lw.b_proj)  # [..., D]
 
 

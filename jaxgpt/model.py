@@ -25,6 +25,22 @@ Dtype = Any
 _init = nn.initializers.normal(stddev=0.02)
 
 
+def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
+               dtype: Dtype = jnp.float32) -> jax.Array:
+    """The seeds' LayerNorm as a function: stats in fp32, biased variance, result in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+    norm_x = (x32 - mean) / jnp.sqrt(var + eps)
+    return (scale * norm_x + shift).astype(dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation, written out as in the seeds."""
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + jnp.tanh(c * (x + 0.044715 * x**3)))
+
+
 class LayerNorm(nn.Module):
     """`scale * (x - mean) / sqrt(var + eps) + shift` with the biased variance; stats in fp32."""
 
@@ -36,11 +52,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
         shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-        norm_x = (x32 - mean) / jnp.sqrt(var + self.eps)
-        return (scale * norm_x + shift).astype(self.dtype)
+        return layer_norm(x, scale, shift, self.eps, self.dtype)
 
 
 class GELU(nn.Module):
@@ -48,8 +60,7 @@ class GELU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = math.sqrt(2.0 / math.pi)
-        return 0.5 * x * (1.0 + jnp.tanh(c * (x + 0.044715 * x**3)))
+        return gelu(x)
 
 
 def _dense(features: int, name: str | None, dtype: Dtype, use_bias: bool = True) -> nn.Dense:

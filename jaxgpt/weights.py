@@ -40,6 +40,12 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
     return tree
 
 
+@functools.lru_cache(maxsize=8)
+def _shape_table(cfg: GPTConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """param path -> ShapeDtypeStruct via `jax.eval_shape`, traced once per config."""
+    return dict(_flatten(param_shapes(cfg)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The seeds' PyTorch GPTModel (llms_from_scratch.ch04): `nn.Linear.weight` is [out, in], a Flax
 # kernel [in, out], so linear weights are transposed; everything else keeps its layout.
@@ -83,7 +89,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict
     unexpected parameter or a shape that does not fit `cfg` raises ValueError naming it.
     """
     table = torch_name_map(cfg)
-    shapes = dict(_flatten(param_shapes(cfg)))
+    shapes = _shape_table(cfg)
     missing = [k for k in table if k not in state_dict]
     if missing:
         raise ValueError(f"state_dict is missing {len(missing)} key(s) for {cfg}: {missing[:5]}")
@@ -115,9 +121,10 @@ def to_torch_state_dict(params: Mapping[str, Any], cfg: GPTConfig) -> dict:
     import torch
 
     flat = dict(_flatten(params))
-    shapes = dict(_flatten(param_shapes(cfg)))
+    shapes = _shape_table(cfg)
+    table = torch_name_map(cfg)
     out = {}
-    for key, (path, transpose) in torch_name_map(cfg).items():
+    for key, (path, transpose) in table.items():
         if path not in flat:
             raise ValueError(f"params are missing {'/'.join(path)} (needed for {key!r})")
         array = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
@@ -126,7 +133,7 @@ def to_torch_state_dict(params: Mapping[str, Any], cfg: GPTConfig) -> dict:
                 f"params {'/'.join(path)} has shape {array.shape}, {cfg} needs {shapes[path].shape}"
             )
         out[key] = torch.from_numpy(np.array(array.T if transpose else array, order="C"))
-    extra = set(flat) - {path for path, _ in torch_name_map(cfg).values()}
+    extra = set(flat) - {path for path, _ in table.values()}
     if extra:
         raise ValueError(f"params have entries {cfg} has no place for: {sorted(extra)[:5]}")
     mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
@@ -177,12 +184,6 @@ def hf_name_map(cfg: GPTConfig) -> dict[str, tuple[tuple[tuple[str, ...] | None,
     if not cfg.tie_embeddings:
         table["lm_head.weight"] = ((("out_head", "kernel"),), True)
     return table
-
-
-@functools.lru_cache(maxsize=8)
-def _shape_table(cfg: GPTConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """param path -> ShapeDtypeStruct via `jax.eval_shape`, traced once per config."""
-    return dict(_flatten(param_shapes(cfg)))
 
 
 def _hf_shape(paths, transpose: bool, shapes: Mapping) -> tuple[int, ...]:
