@@ -157,7 +157,7 @@ class DecodeState(NamedTuple):
 
     tokens: jax.Array  # [B, P + N] int32: left-padded prompts, then the new tokens
     start: jax.Array  # [B] int32: each row's first slot (P - prompt length)
-    cache: kv_cache.KVCache | tuple  # per layer [B, H, S, Dh]; () on the recomputing path
+    cache: kv_cache.KVCache | tuple  # per layer [B * H, S, Dh]; () on the recomputing path
     step: jax.Array  # [] int32: index of the next new token (0-based)
     done: jax.Array  # [B] bool: the row has emitted eos_id
 
@@ -192,11 +192,7 @@ def _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype) 
     at = jnp.arange(p)[None, :]  # [1, P]
     positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
     hidden, kv = kv_cache.forward_window(w, cfg, prompt, positions, at >= start[:, None])
-    cache = kv_cache.empty_cache(cfg, b, slots, dtype)
-    cache = kv_cache.KVCache(
-        tuple(c.at[:, :, :p].set(k.astype(dtype)) for c, k in zip(cache.keys, kv.keys)),
-        tuple(c.at[:, :, :p].set(v.astype(dtype)) for c, v in zip(cache.values, kv.values)),
-    )
+    cache = kv_cache.start_cache(kv, slots, dtype)
     logits = kv_cache.logits_of(w, cfg, hidden[:, -1])  # [B, V]
     return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
 
@@ -244,10 +240,9 @@ _STATIC = ("cfg", "new_slots", "sampling", "use_cache", "dtype")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_jit(params, prompt, start, n_new, knobs, *, cfg, new_slots, sampling, use_cache,
+def _generate_jit(w, prompt, start, n_new, knobs, *, cfg, new_slots, sampling, use_cache,
                   dtype):
     TRACE_COUNTS["generate"] += 1
-    w = kv_cache.prepare(params, cfg, dtype)
     state = _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype)
     state = _decode(w, cfg, state, n_new, knobs, sampling, prompt.shape[1])
     return state.tokens
@@ -376,8 +371,9 @@ def generate(
         return _finish(rows, is_list, np.zeros((len(rows), 0), np.int32), eos_id)
     batch = _batch(rows, cfg)
     sampling = sampling_config(temperature, top_k, top_p)
+    w = _prepare(params, cfg, jnp.dtype(dtype), len(rows))
     tokens = _generate_jit(
-        params, jnp.asarray(batch.prompt), jnp.asarray(batch.start), jnp.int32(n),
+        w, jnp.asarray(batch.prompt), jnp.asarray(batch.start), jnp.int32(n),
         _knobs(key, temperature, top_p, eos_id, sampling.greedy), cfg=cfg,
         new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
         use_cache=bool(use_cache), dtype=jnp.dtype(dtype),
@@ -389,9 +385,11 @@ def generate(
 # --- streaming: the same loop, run in chunks ------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _prepare_jit(params, *, cfg, dtype):
-    return kv_cache.prepare(params, cfg, dtype)
+def _prepare(params, cfg: GPTConfig, dtype, batch: int) -> kv_cache.Weights:
+    # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit would
+    # copy them, about 0.12 s for 124M here), and XLA:CPU ran the transposes about 4x slower
+    # inside the generation jit than on their own.
+    return kv_cache.prepare(params, cfg, dtype, kv_cache.Layout.for_batch(batch))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -438,7 +436,7 @@ def generate_stream(
     sampling = sampling_config(temperature, top_k, top_p)
     knobs = _knobs(key, temperature, top_p, eos_id, sampling.greedy)
     dtype = jnp.dtype(dtype)
-    w = _prepare_jit(params, cfg=cfg, dtype=dtype)
+    w = _prepare(params, cfg, dtype, len(rows))
     state = _start_jit(w, jnp.asarray(batch.prompt), jnp.asarray(batch.start), knobs, cfg=cfg,
                        new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
                        use_cache=bool(use_cache), dtype=dtype)
