@@ -120,6 +120,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest most-likely set with probability >= p, 0 < p <= 1")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--eos", action="store_true",
+                   help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
     _add_model_args(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -129,6 +131,7 @@ def _cmd_generate(args) -> int:
 
     from jaxgpt.generation import generate, generate_stream
     from jaxgpt.sampling import check_sampling_args
+    from jaxgpt import tokenizer as tok
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     if args.max_new_tokens < 0:
@@ -148,7 +151,8 @@ def _cmd_generate(args) -> int:
         _log(f"jaxgpt: the prompt has {idx.shape[1]} tokens; the model sees the last "
              f"{cfg.context_length}")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   key=jax.random.key(args.seed) if args.temperature > 0 else None)
+                   key=jax.random.key(args.seed) if args.temperature > 0 else None,
+                   eos_id=tok.EOT_ID if args.eos else None)
     prompt = [int(t) for t in idx[0]]
     try:
         if args.stream:
@@ -156,10 +160,15 @@ def _cmd_generate(args) -> int:
             # U+FFFD) until its remaining bytes arrive, so the output ends as without --stream.
             ids, shown = list(prompt), ""
             for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens, **options):
-                ids += [int(t) for t in chunk[0]]
+                new = [int(t) for t in chunk[0]]
+                eos = options["eos_id"]
+                ended = eos is not None and eos in new
+                ids += new[: new.index(eos) + 1] if ended else new  # later slots repeat eos
                 text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
                 print(text[len(shown):], end="", flush=True)
                 shown = text
+                if ended:
+                    break
             text = token_ids_to_text(ids, tokenizer)
             print(text[len(shown):] if text.startswith(shown) else "", flush=True)
         else:

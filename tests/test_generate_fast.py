@@ -352,3 +352,19 @@ def test_cli_rejects_bad_sampling_flags(small_vocab_model):
         small_vocab_model.main(["generate", "--top-p", "1.5"])
     with pytest.raises(SystemExit, match=r"top_k must be in \[1, 50257\]"):
         small_vocab_model.main(["generate", "--temperature", "1", "--top-k", "60000"])
+
+
+def test_cli_eos_stops_after_the_first_end_of_text(small_vocab_model, capsys, monkeypatch):
+    from jaxgpt import tokenizer as tok
+
+    cfg, params, _ = small_vocab_model._load_model(None)
+    prompt = [int(t) for t in tok.text_to_token_ids("Hello, I am", tok.get_tokenizer())[0]]
+    ids = generate(params, cfg, [prompt], 12)[0]
+    stop = ids[len(prompt) + 3]  # pretend the 4th new token is <|endoftext|>
+    want = ids[: ids.index(stop, len(prompt)) + 1]
+    monkeypatch.setattr(tok, "EOT_ID", stop)
+    argv = ["generate", "--prompt", "Hello, I am", "--max-new-tokens", "12", "--eos"]
+    for extra in ([], ["--stream"]):
+        assert small_vocab_model.main([*argv, *extra]) == 0
+        assert capsys.readouterr().out == tok.token_ids_to_text(want, tok.get_tokenizer()) + "\n"
+    assert len(want) < len(ids)
