@@ -129,9 +129,9 @@ def _add_generate(sub) -> None:
 def _cmd_generate(args) -> int:
     import jax
 
-    from jaxgpt.generation import generate, generate_stream
-    from jaxgpt.sampling import check_sampling_args
     from jaxgpt import tokenizer as tok
+    from jaxgpt.generation import cut_after_eos, generate, generate_stream
+    from jaxgpt.sampling import check_sampling_args
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     if args.max_new_tokens < 0:
@@ -161,9 +161,9 @@ def _cmd_generate(args) -> int:
             ids, shown = list(prompt), ""
             for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens, **options):
                 new = [int(t) for t in chunk[0]]
-                eos = options["eos_id"]
-                ended = eos is not None and eos in new
-                ids += new[: new.index(eos) + 1] if ended else new  # later slots repeat eos
+                kept = cut_after_eos(new, options["eos_id"])  # later slots repeat eos_id
+                ids += kept
+                ended = bool(kept) and kept[-1] == options["eos_id"]
                 text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
                 print(text[len(shown):], end="", flush=True)
                 shown = text

@@ -312,17 +312,18 @@ def _check_all(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, 
     return rows, is_list, max_new_tokens, temperature, top_k, top_p, eos_id
 
 
+def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
+    """A row's new tokens up to and including its first `eos_id` (all of them without one)."""
+    return new[: new.index(eos_id) + 1] if eos_id is not None and eos_id in new else new
+
+
 def _finish(rows, is_list, new_tokens: np.ndarray | jax.Array, eos_id):
     """The user-facing result: prompt + new tokens, as an array or as cut lists."""
     if not is_list:
         prompt = jnp.asarray(np.stack(rows))
         return jnp.concatenate([prompt, jnp.asarray(new_tokens, jnp.int32)], axis=1)
-    out = []
-    for row, new in zip(rows, np.asarray(new_tokens).tolist()):
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        out.append([int(t) for t in row] + new)
-    return out
+    return [[int(t) for t in row] + cut_after_eos(new, eos_id)
+            for row, new in zip(rows, np.asarray(new_tokens).tolist())]
 
 
 def generate(

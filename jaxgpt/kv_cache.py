@@ -95,10 +95,13 @@ class KVCache(NamedTuple):
 
 
 def prepare(
-    params: Any, cfg: GPTConfig, dtype: Any = jnp.float32, layout: Layout = Layout()
+    params: Any, cfg: GPTConfig, dtype: Any = jnp.float32, layout: Layout | None = None
 ) -> Weights:
     """`Weights` from jaxgpt params: Q/K/V fused, matrices cast to `dtype` and laid out as
-    `layout` says (norms stay fp32). Run it under jit, once per call, outside the loop."""
+    `layout` says (norms stay fp32). Once per call, outside the loop; generation runs it
+    eagerly (see `generation._prepare`), and it also works under jit. `layout` defaults to
+    every matrix `[in, out]`."""
+    layout = Layout() if layout is None else layout
     if cfg.tie_embeddings:
         layout = layout._replace(head=True)
 

@@ -1,12 +1,15 @@
 """`jaxgpt.generate`: KV cache = recomputing = the seeds, past the context, ragged rows, EOS,
 sampling, bounded compiles, streaming, argument errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, torch_reference
 
+from jaxgpt import generation as g
 from jaxgpt import kv_cache
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.generation import (
@@ -92,20 +95,16 @@ def test_the_decode_loop_updates_the_cache_in_place(batch):
     """No copy of a layer's cache in the compiled loop (XLA:CPU once copied each one twice a
     step, a third of the step time at B=1). Slots and the recomputed window differ in size
     here, so a copy of the cache cannot be mistaken for one of the window's."""
-    import re
-
-    from jaxgpt import generation as g
-
     cfg = GPTConfig(**TINY)  # context_length 16
     params = init_params(cfg, 0)
-    batch_ = g._batch([np.arange(5, dtype=np.int32)] * batch, cfg)
-    p, new_slots = batch_.prompt.shape[1], 16
+    rows = g._batch([np.arange(5, dtype=np.int32)] * batch, cfg)
+    p, new_slots = rows.prompt.shape[1], 16
     slots = p + min(new_slots, cfg.context_length)
     assert slots != min(p + new_slots, cfg.context_length)
     sampling = g.sampling_config(0.0, None, None)
     hlo = g._generate_jit.lower(
-        g._prepare(params, cfg, jnp.dtype("float32"), batch), jnp.asarray(batch_.prompt),
-        jnp.asarray(batch_.start), jnp.int32(12), g._knobs(None, 0.0, None, None, True),
+        g._prepare(params, cfg, jnp.dtype("float32"), batch), jnp.asarray(rows.prompt),
+        jnp.asarray(rows.start), jnp.int32(12), g._knobs(None, 0.0, None, None, True),
         cfg=cfg, new_slots=new_slots, sampling=sampling, use_cache=True,
         dtype=jnp.dtype("float32"),
     ).compile().as_text()
