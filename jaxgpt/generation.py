@@ -26,7 +26,7 @@ from jax import lax
 
 from jaxgpt import kv_cache
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel
+from jaxgpt.model import FeedForward, GPTModel, MultiHeadAttention
 from jaxgpt.sampling import SamplingConfig, check_sampling_args, choose_next, sampling_config
 
 # How many times each jitted entry point has been traced (a test pins re-tracing down).
@@ -74,13 +74,23 @@ def resolve_context_size(cfg: GPTConfig, context_size: Any) -> int:
     return size
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "context_size"))
-def _generate_simple(params, idx, cfg: GPTConfig, max_new_tokens: int, context_size: int):
+def _check_model(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
+    """The module generation applies: `GPTModel(cfg)`, or the caller's (a variant's) one."""
+    if model is None:
+        return GPTModel(cfg)
+    if not isinstance(model, GPTModel):
+        raise ValueError(f"model must be a jaxgpt.GPTModel (or a subclass), got {type(model)}")
+    if model.cfg != cfg:
+        raise ValueError(f"model.cfg {model.cfg} differs from cfg {cfg}")
+    return model
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "context_size"))
+def _generate_simple(params, idx, model: GPTModel, max_new_tokens: int, context_size: int):
     TRACE_COUNTS["generate_text_simple"] += 1
     b, t = idx.shape
     total = t + max_new_tokens
     window = min(total, context_size)  # tokens the model sees at each step
-    model = GPTModel(cfg)
     variables = {"params": params}
     buf = jnp.zeros((b, total), jnp.int32).at[:, :t].set(idx)  # [B, T + N]
 
@@ -106,6 +116,8 @@ def generate_text_simple(
     idx: Any,
     max_new_tokens: int,
     context_size: int | None = None,
+    *,
+    model: GPTModel | None = None,
 ) -> jax.Array:
     """Greedy decoding with the seeds' semantics, as one jit-compiled call.
 
@@ -115,14 +127,17 @@ def generate_text_simple(
       idx: int token ids `[B, T]`, equal-length prompts.
       max_new_tokens: how many tokens to append (>= 0).
       context_size: how many trailing tokens the model sees; default `cfg.context_length`.
+      model: the module to apply, for a variant (`GPTModel(cfg, attention_cls=...)`);
+        default `GPTModel(cfg)`.
 
     Returns:
       int32 `[B, T + max_new_tokens]`: the prompt followed by the generated ids.
     """
+    model = _check_model(cfg, model)
     idx = check_token_ids(idx, cfg)
     max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
     context_size = resolve_context_size(cfg, context_size)
-    return _generate_simple(params, jnp.asarray(idx), cfg, max_new_tokens, context_size)
+    return _generate_simple(params, jnp.asarray(idx), model, max_new_tokens, context_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,9 +195,10 @@ def _write_next(
     return state._replace(tokens=tokens, step=j + 1, done=state.done | (nxt == knobs.eos_id))
 
 
-def _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype) -> DecodeState:
+def _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache) -> DecodeState:
     """The buffer, and with the cache: the prefilled prompt and the first new token."""
     b, p = prompt.shape
+    cfg = model.cfg
     fill = jnp.maximum(knobs.eos_id, 0)  # an all-done early exit leaves eos_id behind
     tokens = jnp.concatenate([prompt, jnp.full((b, new_slots), fill, jnp.int32)], axis=1)
     state = DecodeState(tokens, start, (), jnp.int32(0), jnp.zeros((b,), bool))
@@ -191,17 +207,21 @@ def _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype) 
     slots = p + min(new_slots, cfg.context_length)  # never more than cached steps can fill
     at = jnp.arange(p)[None, :]  # [1, P]
     positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
-    hidden, kv = kv_cache.forward_window(w, cfg, prompt, positions, at >= start[:, None])
-    cache = kv_cache.start_cache(kv, slots, dtype)
-    logits = kv_cache.logits_of(w, cfg, hidden[:, -1])  # [B, V]
+    variables = {"params": params}
+    hidden, cache = model.apply(
+        variables, prompt, positions=positions, valid=at >= start[:, None],
+        cache=kv_cache.init_cache(cfg, b, slots, model.dtype), slot=0, method=GPTModel.hidden,
+    )  # [B, P, D]
+    logits = model.apply(variables, hidden[:, -1], method=GPTModel.head)  # [B, V]
     return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
 
 
-def _decode(w, cfg, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
+def _decode(model, params, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
     """Generate tokens `state.step .. stop-1` (fewer if every row is done)."""
     b, total = state.tokens.shape
-    ctx = cfg.context_length
+    ctx = model.cfg.context_length
     p = prompt_slots
+    variables = {"params": params}
 
     def running(s: DecodeState, limit) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
@@ -213,9 +233,10 @@ def _decode(w, cfg, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
 
         def cached_step(s: DecodeState) -> DecodeState:
             slot = p + s.step - 1  # the slot of the last known token
-            last = lax.dynamic_index_in_dim(s.tokens, slot, axis=1, keepdims=False)  # [B]
-            logits, cache = kv_cache.decode_step(w, cfg, s.cache, last, slot - s.start, slot,
-                                                 s.start)
+            last = lax.dynamic_slice_in_dim(s.tokens, slot, 1, axis=1)  # [B, 1]
+            hidden, cache = model.apply(variables, last, positions=(slot - s.start)[:, None],
+                                        cache=s.cache, slot=slot, method=GPTModel.hidden)
+            logits = model.apply(variables, hidden[:, 0], method=GPTModel.head)  # [B, V]
             return _write_next(s._replace(cache=cache), logits, knobs, sampling, p)
 
         state = lax.while_loop(lambda s: running(s, cached_stop), cached_step, state)
@@ -229,23 +250,37 @@ def _decode(w, cfg, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
         at = first + jnp.arange(window)[None, :]  # [1, W]
         positions = jnp.clip(at - row_first[:, None], 0, ctx - 1)  # [B, W]
         toks = lax.dynamic_slice(s.tokens, (0, first), (b, window))  # [B, W]
-        hidden, _ = kv_cache.forward_window(w, cfg, toks, positions, at >= row_first[:, None])
+        hidden = model.apply(variables, toks, positions=positions, valid=at >= row_first[:, None],
+                             method=GPTModel.hidden)  # [B, W, D]
         last = lax.dynamic_index_in_dim(hidden, known - 1 - first, axis=1, keepdims=False)
-        return _write_next(s, kv_cache.logits_of(w, cfg, last), knobs, sampling, p)
+        logits = model.apply(variables, last, method=GPTModel.head)  # [B, V]
+        return _write_next(s, logits, knobs, sampling, p)
 
     return lax.while_loop(lambda s: running(s, stop), window_step, state)
 
 
-_STATIC = ("cfg", "new_slots", "sampling", "use_cache", "dtype")
+_STATIC = ("model", "new_slots", "sampling", "use_cache")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_jit(w, prompt, start, n_new, knobs, *, cfg, new_slots, sampling, use_cache,
-                  dtype):
+def _generate_jit(params, prompt, start, n_new, knobs, *, model, new_slots, sampling, use_cache):
     TRACE_COUNTS["generate"] += 1
-    state = _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype)
-    state = _decode(w, cfg, state, n_new, knobs, sampling, prompt.shape[1])
+    state = _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache)
+    state = _decode(model, params, state, n_new, knobs, sampling, prompt.shape[1])
     return state.tokens
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _start_jit(params, prompt, start, knobs, *, model, new_slots, sampling, use_cache):
+    TRACE_COUNTS["generate_stream"] += 1
+    return _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "prompt_slots"),
+                   donate_argnums=(1,))
+def _decode_jit(params, state, stop, knobs, *, model, sampling, prompt_slots):
+    TRACE_COUNTS["generate_stream"] += 1
+    return _decode(model, params, state, stop, knobs, sampling, prompt_slots)
 
 
 class _Batch(NamedTuple):
@@ -296,9 +331,21 @@ def _knobs(key, temperature, top_p, eos_id, greedy: bool) -> Knobs:
     )
 
 
-def _check_all(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key):
+class _Call(NamedTuple):
+    """One checked call: the batch, and everything the jitted loop takes."""
+
+    rows: list[np.ndarray]
+    is_list: bool
+    n: int  # new tokens per row
+    eos_id: int | None
+    batch: _Batch | None  # None when n == 0
+    sampling: SamplingConfig
+    knobs: Knobs
+
+
+def _check_call(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key) -> _Call:
     rows, is_list = _check_prompts(prompts, cfg)
-    max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+    n = check_count(max_new_tokens, "max_new_tokens")
     temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p, cfg.vocab_size)
     if eos_id is not None:
         eos_id = check_count(eos_id, "eos_id")
@@ -309,7 +356,9 @@ def _check_all(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, 
     if key is not None and not (isinstance(key, jax.Array) and (
             jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
         raise ValueError(f"key must be a PRNG key (jax.random.key or PRNGKey), got {key!r}")
-    return rows, is_list, max_new_tokens, temperature, top_k, top_p, eos_id
+    sampling = sampling_config(temperature, top_k, top_p)
+    knobs = _knobs(key, temperature, top_p, eos_id, sampling.greedy)
+    return _Call(rows, is_list, n, eos_id, _batch(rows, cfg) if n else None, sampling, knobs)
 
 
 def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
@@ -317,13 +366,127 @@ def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
     return new[: new.index(eos_id) + 1] if eos_id is not None and eos_id in new else new
 
 
-def _finish(rows, is_list, new_tokens: np.ndarray | jax.Array, eos_id):
+def _finish(call: _Call, new_tokens: np.ndarray | jax.Array):
     """The user-facing result: prompt + new tokens, as an array or as cut lists."""
-    if not is_list:
-        prompt = jnp.asarray(np.stack(rows))
+    if not call.is_list:
+        prompt = jnp.asarray(np.stack(call.rows))
         return jnp.concatenate([prompt, jnp.asarray(new_tokens, jnp.int32)], axis=1)
-    return [[int(t) for t in row] + cut_after_eos(new, eos_id)
-            for row, new in zip(rows, np.asarray(new_tokens).tolist())]
+    return [[int(t) for t in row] + cut_after_eos(new, call.eos_id)
+            for row, new in zip(call.rows, np.asarray(new_tokens).tolist())]
+
+
+def _keeps_layout(cls: type, base: type) -> bool:
+    """Whether `cls` reads its matrices as `base` does (it does not replace `__call__`)."""
+    return issubclass(cls, base) and all(
+        "__call__" not in vars(c) for c in cls.__mro__ if c is not base and issubclass(c, base))
+
+
+class Generator:
+    """Generation for one set of params: the decode-ready weights are built once and reused.
+
+    `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and on CPU the layout XLA
+    multiplies fastest at the batch size) costs a pass over all of them, about 0.1-0.3 s for
+    124M on CPU; a `Generator` pays it once per batch-size class (1 row, or more) and keeps the
+    result, where `jaxgpt.generate` pays it on every call. Methods take the arguments of
+    `generate` and `generate_stream` after `cfg`.
+
+    Args:
+      params: jaxgpt params for `GPTModel(cfg)`.
+      cfg: the model's config.
+      dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
+      model: a variant to apply instead of `GPTModel(cfg)` (`GPTModel(cfg, attention_cls=...)`).
+        Its dtype and layout are set by the generator.
+    """
+
+    def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
+                 model: GPTModel | None = None):
+        model = _check_model(cfg, model)
+        self.params = params
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.model = model.clone(dtype=self.dtype, remat=False, layout=kv_cache.Layout())
+        # The decode layouts read the seeds' parameter names; a part that replaces __call__
+        # may not, so it gets its params as they are (cast to dtype).
+        self._layouts = all(_keeps_layout(cls, base) for cls, base in (
+            (model.attention_cls, MultiHeadAttention), (model.feed_forward_cls, FeedForward)))
+        self._prepared: dict[kv_cache.Layout, Any] = {}
+
+    def weights(self, batch: int) -> tuple[GPTModel, Any]:
+        """`(model, params)` laid out for `batch` rows on this backend, built on first use."""
+        layout = kv_cache.Layout.for_batch(batch) if self._layouts else kv_cache.Layout()
+        if layout not in self._prepared:
+            # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
+            # would copy them, about 0.12 s for 124M here), and XLA:CPU ran the transposes
+            # about 4x slower inside the generation jit than on their own.
+            self._prepared[layout] = kv_cache.prepare(self.params, self.cfg, self.dtype, layout)
+        return self.model.clone(layout=layout), self._prepared[layout]
+
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        key: jax.Array | None = None,
+        use_cache: bool = True,
+    ) -> jax.Array | list[list[int]]:
+        """`jaxgpt.generate` with these params (see there)."""
+        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                           key)
+        if call.n == 0:
+            return _finish(call, np.zeros((len(call.rows), 0), np.int32))
+        model, params = self.weights(len(call.rows))
+        prompt = call.batch.prompt
+        tokens = _generate_jit(
+            params, jnp.asarray(prompt), jnp.asarray(call.batch.start), jnp.int32(call.n),
+            call.knobs, model=model, new_slots=bucket_length(call.n, _MIN_NEW_BUCKET),
+            sampling=call.sampling, use_cache=bool(use_cache),
+        )
+        p = prompt.shape[1]
+        return _finish(call, tokens[:, p:p + call.n])
+
+    def stream(
+        self,
+        prompts: Any,
+        max_new_tokens: int,
+        *,
+        chunk_size: int = 8,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        key: jax.Array | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[np.ndarray]:
+        """`jaxgpt.generate_stream` with these params (see there)."""
+        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                           key)
+        chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+        return self._chunks(call, chunk_size, bool(use_cache))
+
+    def _chunks(self, call: _Call, chunk_size: int, use_cache: bool) -> Iterator[np.ndarray]:
+        n = call.n
+        if n == 0:
+            return
+        model, params = self.weights(len(call.rows))
+        p = call.batch.prompt.shape[1]
+        state = _start_jit(params, jnp.asarray(call.batch.prompt), jnp.asarray(call.batch.start),
+                           call.knobs, model=model, new_slots=bucket_length(n, _MIN_NEW_BUCKET),
+                           sampling=call.sampling, use_cache=use_cache)
+        shown = 0
+        while shown < n:
+            stop = min(shown + chunk_size, n)
+            state = _decode_jit(params, state, jnp.int32(stop), call.knobs, model=model,
+                                sampling=call.sampling, prompt_slots=p)
+            made, done = jax.device_get((state.step, state.done))
+            made = int(made)
+            if done.all():  # the rest is eos_id: show it all at once
+                made = n
+            yield np.asarray(state.tokens[:, p + shown:p + made])
+            shown = made
 
 
 def generate(
@@ -339,6 +502,7 @@ def generate(
     key: jax.Array | None = None,
     use_cache: bool = True,
     dtype: Any = jnp.float32,
+    model: GPTModel | None = None,
 ) -> jax.Array | list[list[int]]:
     """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
 
@@ -347,6 +511,8 @@ def generate(
     temperature -> top-k -> top-p -> sample (see `jaxgpt.sampling`), step j drawing with
     `fold_in(key, j)`, so a key reproduces its tokens. Prompt lengths and `max_new_tokens` are
     rounded up to powers of two for compiling, so most new lengths reuse a compiled loop.
+    Every step applies `GPTModel` (prefill, then one token at a time through its KV cache).
+    Each call prepares the weights anew; `Generator(params, cfg)` keeps them across calls.
 
     Args:
       params: jaxgpt params for `GPTModel(cfg)`.
@@ -361,49 +527,15 @@ def generate(
       key: PRNG key, required when sampling.
       use_cache: False recomputes every window (same greedy tokens; slow, for checking).
       dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
+      model: a variant of `GPTModel(cfg)` to apply (see `Generator`).
 
     Returns:
       For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
       For a list: a list of B lists, prompt + new tokens, each cut after its first eos_id.
     """
-    rows, is_list, n, temperature, top_k, top_p, eos_id = _check_all(
-        cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key)
-    if n == 0:
-        return _finish(rows, is_list, np.zeros((len(rows), 0), np.int32), eos_id)
-    batch = _batch(rows, cfg)
-    sampling = sampling_config(temperature, top_k, top_p)
-    w = _prepare(params, cfg, jnp.dtype(dtype), len(rows))
-    tokens = _generate_jit(
-        w, jnp.asarray(batch.prompt), jnp.asarray(batch.start), jnp.int32(n),
-        _knobs(key, temperature, top_p, eos_id, sampling.greedy), cfg=cfg,
-        new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
-        use_cache=bool(use_cache), dtype=jnp.dtype(dtype),
-    )
-    p = batch.prompt.shape[1]
-    return _finish(rows, is_list, tokens[:, p:p + n], eos_id)
-
-
-# --- streaming: the same loop, run in chunks ------------------------------------------------------
-
-
-def _prepare(params, cfg: GPTConfig, dtype, batch: int) -> kv_cache.Weights:
-    # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit would
-    # copy them, about 0.12 s for 124M here), and XLA:CPU ran the transposes about 4x slower
-    # inside the generation jit than on their own.
-    return kv_cache.prepare(params, cfg, dtype, kv_cache.Layout.for_batch(batch))
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _start_jit(w, prompt, start, knobs, *, cfg, new_slots, sampling, use_cache, dtype):
-    TRACE_COUNTS["generate_stream"] += 1
-    return _start(w, cfg, prompt, start, new_slots, knobs, sampling, use_cache, dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "prompt_slots"),
-                   donate_argnums=(1,))
-def _decode_jit(w, state, stop, knobs, *, cfg, sampling, prompt_slots):
-    TRACE_COUNTS["generate_stream"] += 1
-    return _decode(w, cfg, state, stop, knobs, sampling, prompt_slots)
+    gen = Generator(params, cfg, dtype=dtype, model=model)
+    return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)
 
 
 def generate_stream(
@@ -420,35 +552,15 @@ def generate_stream(
     key: jax.Array | None = None,
     use_cache: bool = True,
     dtype: Any = jnp.float32,
+    model: GPTModel | None = None,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
 
     The same loop as `generate` (same tokens for the same arguments), run `chunk_size` tokens
     per call with the state donated between calls. It stops early once every row is done (rows
     past their EOS yield eos_id). Concatenating the chunks gives `generate`'s new tokens.
+    Arguments are checked when this is called, before the first chunk is asked for.
     """
-    rows, _, n, temperature, top_k, top_p, eos_id = _check_all(
-        cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, key)
-    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    if n == 0:
-        return
-    batch = _batch(rows, cfg)
-    p = batch.prompt.shape[1]
-    sampling = sampling_config(temperature, top_k, top_p)
-    knobs = _knobs(key, temperature, top_p, eos_id, sampling.greedy)
-    dtype = jnp.dtype(dtype)
-    w = _prepare(params, cfg, dtype, len(rows))
-    state = _start_jit(w, jnp.asarray(batch.prompt), jnp.asarray(batch.start), knobs, cfg=cfg,
-                       new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=sampling,
-                       use_cache=bool(use_cache), dtype=dtype)
-    shown = 0
-    while shown < n:
-        stop = min(shown + chunk_size, n)
-        state = _decode_jit(w, state, jnp.int32(stop), knobs, cfg=cfg, sampling=sampling,
-                            prompt_slots=p)
-        made, done = jax.device_get((state.step, state.done))
-        made = int(made)
-        if done.all():  # the rest is eos_id: show it all at once
-            made = n
-        yield np.asarray(state.tokens[:, p + shown:p + made])
-        shown = made
+    gen = Generator(params, cfg, dtype=dtype, model=model)
+    return gen.stream(prompts, max_new_tokens, chunk_size=chunk_size, temperature=temperature,
+                      top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)

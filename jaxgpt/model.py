@@ -16,13 +16,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.kv_cache import AttentionMask, KVCache, Layout
 
 Dtype = Any
 # GPT-2's initialisation (normal, std 0.02; zero biases). The seeds keep PyTorch's defaults;
 # parity tests copy weights across, so the choice only matters when training from scratch.
 _init = nn.initializers.normal(stddev=0.02)
+_MASKED = jnp.finfo(jnp.float32).min
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
@@ -63,23 +66,41 @@ class GELU(nn.Module):
         return gelu(x)
 
 
-def _dense(features: int, name: str | None, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        kernel_init=_init,
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+class Linear(nn.Module):
+    """The seeds' `nn.Linear`: `x @ kernel + bias`, with nn.Dense's parameter names.
+
+    `kernel` is `[in, out]` as in Flax; with `rows=True` it is held as `[out, in]`, a
+    decode-time layout that XLA:CPU multiplies faster for a few rows (see `kv_cache.Layout`;
+    `kv_cache.prepare` builds such params). Inputs and weights are cast to `dtype`.
+    """
+
+    features: int
+    use_bias: bool = True
+    rows: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        shape = (self.features, d_in) if self.rows else (d_in, self.features)
+        kernel = self.param("kernel", _init, shape, jnp.float32)
+        contract = ((x.ndim - 1,), (1 if self.rows else 0,))
+        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class FeedForward(nn.Module):
-    """Linear(D, 4D) -> GELU -> Linear(4D, D); names `layers_0`/`layers_2` as in nn.Sequential."""
+    """Linear(D, 4D) -> GELU -> Linear(4D, D); names `layers_0`/`layers_2` as in nn.Sequential.
+
+    A variant (another activation, a gated unit) subclasses this and overrides `__call__`.
+    """
 
     cfg: GPTConfig
     dtype: Dtype = jnp.float32
+    layout: Layout = Layout()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,13 +108,24 @@ class FeedForward(nn.Module):
         lead = x.shape[:-1]
         # Matmuls on [B*T, D] rather than [B, T, D]: XLA:CPU then needs no transposing copies
         # in the backward pass.
-        x = _dense(4 * d, "layers_0", self.dtype)(x.reshape(-1, d))  # [B*T, 4D]
-        x = GELU()(x)
-        return _dense(d, "layers_2", self.dtype)(x).reshape(*lead, d)  # [B, T, D]
+        x = Linear(4 * d, rows=self.layout.fc, dtype=self.dtype, name="layers_0")(x.reshape(-1, d))
+        x = GELU()(x)  # [B*T, 4D]
+        x = Linear(d, rows=self.layout.proj, dtype=self.dtype, name="layers_2")(x)
+        return x.reshape(*lead, d)  # [B, T, D]
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with dropout on the attention weights."""
+    """Causal multi-head self-attention with dropout on the attention weights.
+
+    Called the seeds' way, `att(x)` with x `[B, T, D_in]` returns `[B, T, D_out]`. For cached
+    decoding it also takes `mask` (an `AttentionMask` over S key slots), `cache` (this layer's
+    keys and values, each `[B * H, S, Dh]`) and `slot` (where the T new keys are written), and
+    returns `(out, cache)` with the new keys and values written in place.
+
+    The attention weights `[B, H, T, S]` are sown as `intermediates/.../att/attn_weights`
+    (kept only when applied with `mutable=["intermediates"]`). A variant that only changes
+    the scores (ALiBi, relative positions) overrides `score_bias`.
+    """
 
     d_in: int
     d_out: int
@@ -102,40 +134,98 @@ class MultiHeadAttention(nn.Module):
     num_heads: int
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
+    layout: Layout = Layout()
+
+    def score_bias(self, mask: AttentionMask) -> jax.Array | None:
+        """An additive bias on the scaled scores, broadcastable to `[B, H, T, S]`, or None.
+
+        `mask.q_pos` `[B, T]` and `mask.k_pos` `[B, S]` are the tokens' positions (the same
+        numbers `pos_emb` sees; -1 for a slot that holds no token).
+        """
+        return None
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        mask: AttentionMask | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        slot: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         b, t, _ = x.shape
         h, dh = self.num_heads, self.d_out // self.num_heads
-
         x2 = x.reshape(b * t, -1)  # [B*T, D_in]: 2-D matmuls (see FeedForward)
 
-        def heads(name: str) -> jax.Array:
-            y = _dense(self.d_out, name, self.dtype, self.qkv_bias)(x2)  # [B*T, D]
-            return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3)  # [B, H, T, Dh]
+        def linear(features: int, name: str, bias: bool, rows: bool) -> Linear:
+            return Linear(features, bias, rows, self.dtype, name=name)
 
-        queries, keys, values = heads("W_query"), heads("W_key"), heads("W_value")
-        scores = (queries @ keys.transpose(0, 1, 3, 2)).astype(jnp.float32)  # [B, H, T, T]
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+        if self.layout.fused_qkv:  # one [D_in, 3D] matmul, built by kv_cache.prepare
+            qkv = linear(3 * self.d_out, "W_qkv", self.qkv_bias, self.layout.qkv)(x2)
+            q, k, v = jnp.split(qkv, 3, axis=-1)  # each [B*T, D]
+        else:
+            q, k, v = (linear(self.d_out, name, self.qkv_bias, self.layout.qkv)(x2)
+                       for name in ("W_query", "W_key", "W_value"))
+
+        def heads(y: jax.Array) -> jax.Array:  # [B*T, D] -> [B*H, T, Dh]
+            return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
+
+        q, keys, values = heads(q), heads(k), heads(v)
+        if cache is not None:
+            # The cache keeps batch and heads merged, [B*H, S, Dh], and is read as it is: with
+            # a reshape between the update and the dot, XLA:CPU copied every layer's cache
+            # twice per step.
+            k_cache, v_cache = cache
+            keys = lax.dynamic_update_slice(k_cache, keys.astype(k_cache.dtype), (0, slot, 0))
+            values = lax.dynamic_update_slice(v_cache, values.astype(v_cache.dtype), (0, slot, 0))
+        if mask is None:
+            mask = AttentionMask.causal(t)
+        s = keys.shape[1]
+        scores = jnp.einsum("xqd,xkd->xqk", q, keys).astype(jnp.float32)  # [B*H, T, S]
+        scores = scores.reshape(b, h, t, s) / math.sqrt(dh)
+        bias = self.score_bias(mask)
+        if bias is not None:
+            scores = scores + bias
         # A finite floor instead of -inf: the same softmax, and no NaN for an all-masked row.
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores / math.sqrt(dh), axis=-1).astype(self.dtype)
+        scores = jnp.where(mask.allowed[:, None], scores, _MASKED)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
+        self.sow("intermediates", "attn_weights", weights, init_fn=lambda: None,
+                 reduce_fn=lambda _, new: new)
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-        context = (weights @ values).transpose(0, 2, 1, 3).reshape(b * t, self.d_out)  # [B*T, D]
-        return _dense(self.d_out, "out_proj", self.dtype)(context).reshape(b, t, self.d_out)
+        context = jnp.einsum("xqk,xkd->xqd", weights.reshape(b * h, t, s), values)  # [B*H, T, Dh]
+        context = context.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b * t, self.d_out)
+        out = linear(self.d_out, "out_proj", True, self.layout.out)(context)
+        out = out.reshape(b, t, self.d_out)
+        return out if cache is None else (out, (keys, values))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x)))."""
+    """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
+
+    The parts are module classes (fields), so a variant of one plugs in without copying the
+    block; they are built with the defaults' fields (see `GPTModel`). The output is sown as
+    `intermediates/.../out`. With a `cache` returns `(x, cache)` (see MultiHeadAttention).
+    """
 
     cfg: GPTConfig
     dtype: Dtype = jnp.float32
+    layout: Layout = Layout()
+    attention_cls: type = MultiHeadAttention
+    feed_forward_cls: type = FeedForward
+    norm_cls: type = LayerNorm
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        mask: AttentionMask | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        slot: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg = self.cfg
         drop_resid = nn.Dropout(cfg.drop_rate)
-        att = MultiHeadAttention(
+        att = self.attention_cls(
             d_in=cfg.emb_dim,
             d_out=cfg.emb_dim,
             context_length=cfg.context_length,
@@ -143,36 +233,59 @@ class TransformerBlock(nn.Module):
             num_heads=cfg.n_heads,
             qkv_bias=cfg.qkv_bias,
             dtype=self.dtype,
+            layout=self.layout,
             name="att",
         )
         shortcut = x
-        x = LayerNorm(cfg.emb_dim, dtype=self.dtype, name="norm1")(x)
-        x = att(x, deterministic)
+        x = self.norm_cls(cfg.emb_dim, dtype=self.dtype, name="norm1")(x)
+        x = att(x, deterministic, mask, cache, slot)
+        if cache is not None:
+            x, cache = x
         x = drop_resid(x, deterministic=deterministic) + shortcut
 
         shortcut = x
-        x = LayerNorm(cfg.emb_dim, dtype=self.dtype, name="norm2")(x)
-        x = FeedForward(cfg, dtype=self.dtype, name="ff")(x)
-        return drop_resid(x, deterministic=deterministic) + shortcut
+        x = self.norm_cls(cfg.emb_dim, dtype=self.dtype, name="norm2")(x)
+        x = self.feed_forward_cls(cfg, dtype=self.dtype, layout=self.layout, name="ff")(x)
+        x = drop_resid(x, deterministic=deterministic) + shortcut
+        self.sow("intermediates", "out", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        return x if cache is None else (x, cache)
 
 
 class GPTModel(nn.Module):
     """Token + position embeddings, dropout, `n_layers` blocks, final LayerNorm, output head.
 
+    The one forward pass of jaxgpt: training, `generate_text_simple`, and `generate`'s prefill
+    and cached decoding all apply this module.
+
     Args (module fields):
       cfg: the architecture.
       dtype: compute dtype (parameters stay float32; use bfloat16 for mixed precision).
       remat: rematerialise each block in the backward pass (less memory, more compute).
+      layout: how the matrices are held (`kv_cache.Layout`); the default is the seeds' names
+        and Flax's `[in, out]`. Generation sets it on a clone, with params from
+        `kv_cache.prepare`.
+      attention_cls, feed_forward_cls, norm_cls: the block's parts (default
+        `MultiHeadAttention`, `FeedForward`, `LayerNorm`). A variant subclasses one, e.g.
+        overrides `MultiHeadAttention.score_bias`, and every path uses it.
 
-    Call with `in_idx` int `[B, T]` (T <= context_length); returns float32 logits `[B, T, V]`.
-    Dropout is off unless `deterministic=False` and a `dropout` rng is given. The two halves
-    are methods of their own (`hidden`, then `head`), so a caller that needs the logits of one
-    position only can skip the V-wide head elsewhere.
+    Called the seeds' way, `apply(variables, in_idx)` with int `[B, T]` (T <= context_length)
+    returns float32 logits `[B, T, V]`; dropout is off unless `deterministic=False` and a
+    `dropout` rng is given. For generation it also takes, by keyword:
+      positions: int `[B, T]`, each token's `pos_emb` row (default 0..T-1);
+      valid: bool `[B, T]`, False for padding (no token attends to it);
+      cache: a `kv_cache.KVCache` of S slots, and slot: where the T tokens are written (their
+        keys attend to every valid slot up to their own); then returns `(logits, cache)`.
+    `hidden` and `head` are the two halves, so a caller that needs one position's logits
+    skips the V-wide head for the others.
     """
 
     cfg: GPTConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    layout: Layout = Layout()
+    attention_cls: type = MultiHeadAttention
+    feed_forward_cls: type = FeedForward
+    norm_cls: type = LayerNorm
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -185,22 +298,72 @@ class GPTModel(nn.Module):
         self.pos_emb = embed(cfg.context_length)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
-        self.trf_blocks = [block(cfg, dtype=self.dtype) for _ in range(cfg.n_layers)]
-        self.final_norm = LayerNorm(cfg.emb_dim, dtype=self.dtype)
+        self.trf_blocks = [
+            block(cfg, self.dtype, self.layout, attention_cls=self.attention_cls,
+                  feed_forward_cls=self.feed_forward_cls, norm_cls=self.norm_cls)
+            for _ in range(cfg.n_layers)
+        ]
+        self.final_norm = self.norm_cls(cfg.emb_dim, dtype=self.dtype)
         if not cfg.tie_embeddings:
-            self.out_head = _dense(cfg.vocab_size, None, self.dtype, use_bias=False)
+            self.out_head = Linear(cfg.vocab_size, use_bias=False, rows=self.layout.head,
+                                   dtype=self.dtype)
 
-    def __call__(self, in_idx: jax.Array, deterministic: bool = True) -> jax.Array:
-        return self.head(self.hidden(in_idx, deterministic))
+    def __call__(
+        self,
+        in_idx: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+        slot: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        out = self.hidden(in_idx, deterministic, positions=positions, valid=valid, cache=cache,
+                          slot=slot)
+        if cache is None:
+            return self.head(out)
+        hidden, cache = out
+        return self.head(hidden), cache
 
-    def hidden(self, in_idx: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Token ids `[B, T]` -> output of the last block `[B, T, D]` (before final_norm)."""
-        _, seq_len = in_idx.shape
-        x = self.tok_emb(in_idx) + self.pos_emb(jnp.arange(seq_len))  # [B, T, D]
+    def hidden(
+        self,
+        in_idx: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        cache: KVCache | None = None,
+        slot: jax.Array | int | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Token ids `[B, T]` -> output of the last block `[B, T, D]` (before final_norm);
+        with a cache, `(hidden, cache)`. Arguments as in `__call__`."""
+        b, t = in_idx.shape
+        if positions is None:
+            positions = jnp.arange(t)[None, :]  # [1, T]
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # [B, T, D]
         x = self.drop_emb(x, deterministic=deterministic)
-        for block in self.trf_blocks:
-            x = block(x, deterministic)
-        return x
+        # The new tokens as keys: their positions, -1 where they are padding.
+        own = positions if valid is None else jnp.where(valid, positions, -1)  # [B|1, T]
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
+            mask = AttentionMask(causal[None] & (own >= 0)[:, None, :], positions, own)
+            for block in self.trf_blocks:
+                x = block(x, deterministic, mask)
+            return x
+        if slot is None:
+            raise ValueError("GPTModel: a cache needs the slot its tokens are written to")
+        own = jnp.broadcast_to(own, (b, t)).astype(jnp.int32)
+        k_pos = lax.dynamic_update_slice(cache.pos, own, (0, slot))  # [B, S]
+        s = k_pos.shape[1]
+        q_slot = slot + jnp.arange(t)  # [T]: each new token's own slot
+        allowed = (k_pos >= 0)[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
+        mask = AttentionMask(allowed, positions, k_pos)  # allowed [B, T, S]
+        keys, values = [], []
+        for block, kc, vc in zip(self.trf_blocks, cache.keys, cache.values):
+            x, (kc, vc) = block(x, deterministic, mask, (kc, vc), slot)
+            keys.append(kc)
+            values.append(vc)
+        return x, KVCache(tuple(keys), tuple(values), k_pos)
 
     def head(self, x: jax.Array) -> jax.Array:
         """final_norm + output head: `[..., D]` -> float32 logits `[..., V]`."""

@@ -332,6 +332,7 @@ def make_train_step(
     tc: TrainConfig,
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
+    model: GPTModel | None = None,
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The jitted `train_step(state, (inputs, targets), key) -> (state, metrics)`.
 
@@ -345,8 +346,14 @@ def make_train_step(
     `metrics`: `loss` (mean over the batch, before the update), `grad_norm` (before
     clipping), `lr` (of this update), `tokens` (targets counted) and `finite` (loss and
     gradients are finite; the loop checks the parameters before it saves them).
+
+    `model` trains a variant (`GPTModel(cfg, attention_cls=...)`); its dtype and remat are set
+    from `tc`.
     """
-    model = GPTModel(cfg, dtype=DTYPES[tc.dtype], remat=tc.remat)
+    if model is not None and model.cfg != cfg:
+        raise ValueError(f"model.cfg {model.cfg} differs from cfg {cfg}")
+    model = (GPTModel(cfg) if model is None else model).clone(dtype=DTYPES[tc.dtype],
+                                                               remat=tc.remat)
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
     accum = tc.grad_accum

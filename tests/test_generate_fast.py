@@ -41,80 +41,117 @@ def _reference_run(cfg_dict, prompt, n, seed=0):
     return params, out.numpy()
 
 
-# --- the decoder functions against GPTModel ---------------------------------------------------
+# --- GPTModel's cached calls and decode layouts -------------------------------------------------
 
 
-def test_kv_forward_and_cached_steps_match_gptmodel_logits(tiny, rng):
-    cfg, params = tiny
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
-    want = GPTModel(cfg).apply({"params": params}, tokens)  # [B, T, V]
-    w = kv_cache.prepare(params, cfg)
-    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    hidden, _ = kv_cache.forward_window(w, cfg, tokens, positions, jnp.ones((2, 9), bool))
-    np.testing.assert_allclose(kv_cache.logits_of(w, cfg, hidden), want, atol=1e-5)
-    # Prefill 4 tokens, then feed the rest one at a time through the cache.
-    _, kv = kv_cache.forward_window(w, cfg, tokens[:, :4], positions[:, :4], jnp.ones((2, 4), bool))
-    cache = kv_cache.start_cache(kv, 16)
-    for t in range(4, 9):
-        logits, cache = kv_cache.decode_step(
-            w, cfg, cache, tokens[:, t], jnp.full((2,), t), t, jnp.zeros((2,), jnp.int32)
-        )
-        np.testing.assert_allclose(logits, want[:, t], atol=1e-5)
-
-
-def test_kv_forward_matches_gptmodel_with_tied_embeddings_and_qkv_off(rng):
-    cfg = GPTConfig(**{**TINY, "tie_embeddings": True, "qkv_bias": False})
-    params = init_params(cfg, 1)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)))
-    w = kv_cache.prepare(params, cfg)
-    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-    hidden, _ = kv_cache.forward_window(w, cfg, tokens, positions, jnp.ones((2, 6), bool))
-    want = GPTModel(cfg).apply({"params": params}, tokens)
-    np.testing.assert_allclose(kv_cache.logits_of(w, cfg, hidden), want, atol=1e-5)
+def _cached_logits(model, params, tokens, prefill, slots):
+    """Logits `[B, T, V]` of `tokens` from `model`: `prefill` tokens at once into an empty
+    cache, then one token per call, as generation runs it."""
+    b, t = tokens.shape
+    cache = kv_cache.init_cache(model.cfg, b, slots, model.dtype)
+    out, cache = model.apply({"params": params}, tokens[:, :prefill], cache=cache, slot=0)
+    steps = [out]
+    for i in range(prefill, t):
+        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1],
+                                    positions=jnp.full((b, 1), i), cache=cache, slot=i)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)
 
 
 @pytest.mark.parametrize(
     "layout",
-    [kv_cache.Layout(), kv_cache.Layout.for_batch(1), kv_cache.Layout.for_batch(8),
-     kv_cache.Layout(qkv=True, head=True)],
-    ids=["in-out", "batch-1", "batch-8", "mixed"],
+    [kv_cache.Layout(), kv_cache.Layout.for_batch(1, "cpu"), kv_cache.Layout.for_batch(8, "cpu"),
+     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "gpu")],
+    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "gpu"],
 )
-def test_every_weight_layout_gives_gptmodel_logits(tiny, rng, layout):
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
+    cfg = GPTConfig(**{**TINY, "tie_embeddings": tied})
+    params = init_params(cfg, 1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
+    want = GPTModel(cfg).apply({"params": params}, tokens)  # [B, T, V]
+    model = GPTModel(cfg, layout=layout)
+    prepared = kv_cache.prepare(params, cfg, layout=layout)
+    np.testing.assert_allclose(model.apply({"params": prepared}, tokens), want, atol=1e-5)
+    got = _cached_logits(model, prepared, tokens, prefill=4, slots=12)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_padding_and_own_positions_match_the_row_alone(tiny, rng):
+    """A left-padded row with its own positions and validity mask: the row's logits alone."""
     cfg, params = tiny
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)))
-    w = kv_cache.prepare(params, cfg, layout=layout)
-    assert w.layout == layout
-    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
-    hidden, _ = kv_cache.forward_window(w, cfg, tokens, positions, jnp.ones((2, 7), bool))
-    want = GPTModel(cfg).apply({"params": params}, tokens)
-    np.testing.assert_allclose(kv_cache.logits_of(w, cfg, hidden), want, atol=1e-5)
+    row = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, 5)))
+    want = GPTModel(cfg).apply({"params": params}, row)[0]  # [5, V]
+    padded = jnp.concatenate([jnp.zeros((1, 3), row.dtype), row], axis=1)  # 3 pad slots
+    positions = jnp.maximum(jnp.arange(8) - 3, 0)[None]
+    valid = (jnp.arange(8) >= 3)[None]
+    got = GPTModel(cfg).apply({"params": params}, padded, positions=positions, valid=valid)
+    np.testing.assert_allclose(got[0, 3:], want, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_the_decode_loop_updates_the_cache_in_place(batch):
-    """No copy of a layer's cache in the compiled loop (XLA:CPU once copied each one twice a
-    step, a third of the step time at B=1). Slots and the recomputed window differ in size
-    here, so a copy of the cache cannot be mistaken for one of the window's."""
-    cfg = GPTConfig(**TINY)  # context_length 16
-    params = init_params(cfg, 0)
+def test_layouts_are_for_cpu_only():
+    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout(fused_qkv=True)
+    assert kv_cache.Layout.for_batch(32, "tpu") == kv_cache.Layout(fused_qkv=True)
+    assert kv_cache.Layout.for_batch(1, "cpu").proj and not kv_cache.Layout.for_batch(1, "cpu").head
+    assert all(kv_cache.Layout.for_batch(8, "cpu"))
+
+
+def _cache_arrays_in_loop(params, cfg, batch, dtype):
+    """(in-place updates, copies) of cache-sized arrays in the compiled generation loop."""
     rows = g._batch([np.arange(5, dtype=np.int32)] * batch, cfg)
     p, new_slots = rows.prompt.shape[1], 16
     slots = p + min(new_slots, cfg.context_length)
     assert slots != min(p + new_slots, cfg.context_length)
-    sampling = g.sampling_config(0.0, None, None)
+    model, prepared = g.Generator(params, cfg, dtype=dtype).weights(batch)
     hlo = g._generate_jit.lower(
-        g._prepare(params, cfg, jnp.dtype("float32"), batch), jnp.asarray(rows.prompt),
-        jnp.asarray(rows.start), jnp.int32(12), g._knobs(None, 0.0, None, None, True),
-        cfg=cfg, new_slots=new_slots, sampling=sampling, use_cache=True,
-        dtype=jnp.dtype("float32"),
+        prepared, jnp.asarray(rows.prompt), jnp.asarray(rows.start), jnp.int32(12),
+        g._knobs(None, 0.0, None, None, True), model=model, new_slots=new_slots,
+        sampling=g.sampling_config(0.0, None, None), use_cache=True,
     ).compile().as_text()
-    cache_elems = batch * cfg.n_heads * slots * cfg.head_dim
-    copies = [
-        line.strip() for line in hlo.splitlines()
-        if (m := re.search(r"= f32\[([\d,]+)\]\S* copy\(", line))
-        and np.prod([int(d) for d in m.group(1).split(",")]) == cache_elems
-    ]
+    dt = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
+    shape = f"= {dt}[{batch * cfg.n_heads},{slots},{cfg.head_dim}]"
+    lines = [line.strip() for line in hlo.splitlines() if shape in line]
+    updates = [line for line in lines
+               if " dynamic-update-slice(" in line or line.startswith("%dynamic-update-slice")]
+    return updates, [line for line in lines if " copy(" in line]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_decode_loop_updates_the_cache_in_place(batch, dtype):
+    """No copy of a layer's cache in the compiled loop (XLA:CPU once copied each one twice a
+    step, a third of the step time at B=1). Slots and the recomputed window differ in size
+    here, so a copy of the cache cannot be mistaken for one of the window's. The positive
+    control: the check finds the cache's own in-place updates (keys and values of every
+    layer), so a change in how XLA prints them cannot make it pass vacuously."""
+    cfg = GPTConfig(**TINY)  # context_length 16
+    updates, copies = _cache_arrays_in_loop(init_params(cfg, 0), cfg, batch, dtype)
+    assert len(updates) >= 2 * cfg.n_layers, updates
     assert copies == []
+
+
+# --- one model: a change to jaxgpt.model reaches every generation path ----------------------------
+
+
+def test_a_change_to_the_model_reaches_generate(monkeypatch, rng):
+    """The researcher's experiment from issue 9: replace the activation in jaxgpt.model."""
+    from jaxgpt import model as model_module
+
+    cfg = GPTConfig(**{**TINY, "vocab_size": 97})  # a config no other test compiles
+    params = init_params(cfg, 2)
+    prompt = rng.integers(0, cfg.vocab_size, (2, 5))
+    before = np.asarray(generate(params, cfg, prompt, 12))
+    g._generate_jit.clear_cache()
+    g._generate_simple.clear_cache()
+    monkeypatch.setattr(model_module, "gelu", lambda x: jnp.maximum(x, 0.0))  # ReLU
+    try:
+        want = np.asarray(generate_text_simple(params, cfg, prompt, 12))
+        assert (want != before).any()  # the change matters
+        np.testing.assert_array_equal(generate(params, cfg, prompt, 12), want)
+        np.testing.assert_array_equal(generate(params, cfg, prompt, 12, use_cache=False), want)
+    finally:
+        g._generate_jit.clear_cache()
+        g._generate_simple.clear_cache()
 
 
 # --- greedy parity ----------------------------------------------------------------------------
