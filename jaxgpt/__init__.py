@@ -1,12 +1,13 @@
 """jaxgpt: the GPT of "Build a Large Language Model From Scratch" (chapter 4) in JAX/Flax."""
 
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-from jaxgpt.generation import generate, generate_stream, generate_text_simple
+from jaxgpt.generation import Generator, generate, generate_stream, generate_text_simple
 from jaxgpt.model import (
     GELU,
     FeedForward,
     GPTModel,
     LayerNorm,
+    Linear,
     MultiHeadAttention,
     TransformerBlock,
     count_params,
@@ -25,7 +26,9 @@ __all__ = [
     "FeedForward",
     "GPTConfig",
     "GPTModel",
+    "Generator",
     "LayerNorm",
+    "Linear",
     "MultiHeadAttention",
     "TransformerBlock",
     "count_params",

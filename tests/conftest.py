@@ -1,9 +1,43 @@
 """Shared fixtures: a tiny config for fast tests; the 124M config only where the figure matters."""
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+
+# What the parity tests compare against. A missing one would silently skip the parity suite,
+# so the run stops instead and says how to install it (`bash .ci/run` installs them all).
+REFERENCES = {
+    "torch": "pip install torch==2.13.0",
+    "transformers": 'pip install -e ".[test]"',
+    "llms_from_scratch": "pip install --no-deps llms-from-scratch==1.0.19",
+}
+# Set to 1 to run only what needs no reference (the parity tests are then skipped); ignored
+# under CI, where a missing reference is always an error.
+SKIP_REFERENCES_ENV = "JAXGPT_TESTS_WITHOUT_REFERENCES"
+
+
+def missing_references() -> list[str]:
+    return [name for name in REFERENCES if importlib.util.find_spec(name) is None]
+
+
+def pytest_configure(config):
+    missing = missing_references()
+    if not missing:
+        return
+    allowed = os.environ.get(SKIP_REFERENCES_ENV) == "1" and os.environ.get("CI") != "true"
+    if allowed:
+        return
+    how = "; ".join(REFERENCES[name] for name in missing)
+    raise pytest.UsageError(
+        f"the parity tests' references are not installed: {', '.join(missing)}. Install them "
+        f"({how}), or run `bash .ci/run`, which installs everything. To run only the tests "
+        f"that need no reference, set {SKIP_REFERENCES_ENV}=1 (not honoured under CI=true)."
+    )
+
 
 # The seeds' dict for a tiny model: vocab ~100, context 16, emb 32, 4 heads, 2 layers.
 TINY = {

@@ -167,7 +167,11 @@ def test_bf16_compute_keeps_fp32_params_and_logits(rng, tiny_cfg):
     assert logits.dtype == jnp.float32
     ref = GPTModel(tiny_cfg).apply({"params": params}, ids)
     np.testing.assert_allclose(logits, ref, atol=5e-2)
-    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    # A bf16 model's own init keeps fp32 parameters (mixed precision: bf16 compute only).
+    own = GPTModel(tiny_cfg, dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), ids)["params"]
+    leaves = jax.tree_util.tree_leaves(own)
+    assert len(leaves) == len(jax.tree_util.tree_leaves(params))
+    assert all(p.dtype == jnp.float32 for p in leaves)
 
 
 def test_parameter_counts_of_the_124m_config():
