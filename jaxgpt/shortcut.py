@@ -81,7 +81,8 @@ def print_gradients(model: nn.Module, x: Any, params: Any | None = None) -> dict
         output = model.apply({"params": p}, x)
         return jnp.mean(jnp.square(output - 0.0))  # MSELoss against the target 0
 
-    grads = jax.grad(loss_fn)(params)
+    # One compiled pass: op by op, a GPT's backward pass would dispatch thousands of small ops.
+    grads = jax.jit(jax.grad(loss_fn))(params)
     # flatten_dict keeps the creation order of `params` (jax.grad's output has its keys sorted,
     # which would put layers_10 before layers_2).
     flat_grads = traverse_util.flatten_dict(grads)
