@@ -1,10 +1,12 @@
 """The seeds' chapter-3 attention building blocks in Flax linen, named as in `llms_from_scratch.ch03`.
 
-`SelfAttention_v2` (no mask), `CausalAttention` (one head, causal mask, dropout on the
+`SelfAttention_v1` (plain weight matrices, no `nn.Linear`), `SelfAttention_v2` (the same with
+Dense layers; no mask in either), `CausalAttention` (one head, causal mask, dropout on the
 attention weights) and `MultiHeadAttentionWrapper` (a stack of `CausalAttention` heads whose
 outputs are concatenated). The GPT model uses the fused `jaxgpt.model.MultiHeadAttention`;
 these are here to compare against. `from_torch_state_dict` loads the weights of the PyTorch
-versions (`W_query.weight` -> `W_query/kernel`, transposed; `heads.0.` -> `heads_0/`).
+versions (`W_query.weight` -> `W_query/kernel`, transposed; `heads.0.` -> `heads_0/`; v1's
+`W_query` `[D_in, D_out]` -> `W_query` as it is).
 
 Shapes: B batch, T tokens, D_in input width, D_out output width per head, H heads.
 """
@@ -32,6 +34,33 @@ def _attend(queries, keys, values, mask=None):
         scores = jnp.where(mask, -jnp.inf, scores)
     weights = jax.nn.softmax(scores / math.sqrt(keys.shape[-1]), axis=-1)
     return weights, values
+
+
+class SelfAttention_v1(nn.Module):
+    """Scaled dot-product self-attention with trainable matrices `W_query`/`W_key`/`W_value`.
+
+    The matrices are `[D_in, D_out]` parameters applied as `x @ W`, initialised uniformly in
+    [0, 1) as the seeds' `torch.rand`; `SelfAttention_v2` replaces them with Dense layers
+    (bias-free by default), whose kernels can be loaded here to give the same output.
+
+    Call with `x` `[T, D_in]` (as the seeds) or `[B, T, D_in]`; returns `[..., T, D_out]`.
+    """
+
+    d_in: int
+    d_out: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.d_in, self.d_out)
+        init = nn.initializers.uniform(scale=1.0)  # U[0, 1), as torch.rand
+        w_query = self.param("W_query", init, shape)
+        w_key = self.param("W_key", init, shape)
+        w_value = self.param("W_value", init, shape)
+        keys = x @ w_key  # [..., T, D_out]
+        queries = x @ w_query
+        values = x @ w_value
+        weights, values = _attend(queries, keys, values)  # [..., T, T]
+        return weights @ values
 
 
 class SelfAttention_v2(nn.Module):
@@ -112,20 +141,30 @@ class MultiHeadAttentionWrapper(nn.Module):
         return jnp.concatenate([head(x, deterministic) for head in heads], axis=-1)
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
-    """Flax params from the state_dict of a seeds' ch03 module (any of the three above).
+_V1_MATRICES = ("W_query", "W_key", "W_value")
 
-    `nn.Linear` weights `[out, in]` become kernels `[in, out]`; the `mask` buffers are dropped.
+
+def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict:
+    """Flax params from the state_dict of a seeds' ch03 module (any of the four above).
+
+    `nn.Linear` weights `[out, in]` become kernels `[in, out]`; the `mask` buffers are dropped;
+    `SelfAttention_v1`'s `nn.Parameter` matrices are already `[in, out]` and are kept as they are.
     """
     params: dict = {}
     for key, tensor in state_dict.items():
         parts = key.split(".")
         if parts[-1] == "mask":
             continue
-        if parts[-1] not in ("weight", "bias"):
-            raise ValueError(f"unexpected state_dict key {key!r}: expected *.weight or *.bias")
         array = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else tensor
         array = np.asarray(array, dtype=np.float32)
+        if key in _V1_MATRICES:
+            params[key] = jnp.asarray(array)
+            continue
+        if parts[-1] not in ("weight", "bias"):
+            raise ValueError(
+                f"unexpected state_dict key {key!r}: expected *.weight, *.bias, *.mask or one "
+                f"of {', '.join(_V1_MATRICES)}"
+            )
         path, i = [], 0
         while i < len(parts) - 1:  # "heads.0.W_query" -> ["heads_0", "W_query"]
             if i + 1 < len(parts) - 1 and parts[i + 1].isdigit():

@@ -1,11 +1,5 @@
-"""The seeds' chapter 2-4 building blocks: attention variants against ch03 with the same
-weights, SimpleTokenizerV2, and the shortcut-gradient script against PyTorch."""
-
-import itertools
-import re
-import subprocess
-import sys
-from pathlib import Path
+"""The seeds' chapter 2-3 building blocks: attention variants against ch03 with the same
+weights, and SimpleTokenizerV2 (the earlier teaching steps are in test_teaching.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +14,6 @@ from jaxgpt.attention import (
     from_torch_state_dict,
 )
 from jaxgpt.simple_tokenizer import SimpleTokenizerV2, build_vocab
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torch_out(module, x):
@@ -110,51 +102,3 @@ def test_simple_tokenizer_v2_golden_ids_unknown_words_and_decode():
     assert SimpleTokenizerV2.from_text(text).str_to_int == vocab
     with pytest.raises(ValueError, match="token id 99"):
         tok.decode([99])
-
-
-def _torch_shortcut_grads(use_shortcut):
-    torch = pytest.importorskip("torch")
-    from torch import nn
-
-    class GELU(nn.Module):
-        def forward(self, x):
-            return (
-                0.5
-                * x
-                * (
-                    1
-                    + torch.tanh(
-                        torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))
-                    )
-                )
-            )
-
-    sizes = [3, 3, 3, 3, 3, 1]
-    torch.manual_seed(123)
-    layers = nn.ModuleList(
-        [nn.Sequential(nn.Linear(a, b), GELU()) for a, b in itertools.pairwise(sizes)]
-    )
-    x = torch.tensor([[1.0, 0.0, -1.0]])
-    for layer in layers:
-        out = layer(x)
-        x = x + out if use_shortcut and x.shape == out.shape else out
-    nn.MSELoss()(x, torch.tensor([[0.0]])).backward()
-    return [layer[0].weight.grad.abs().mean().item() for layer in layers]
-
-
-def test_shortcut_script_prints_the_gradients_of_the_pytorch_experiment():
-    pytest.importorskip("torch")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "shortcut_gradients.py"), "--torch-seed", "123"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    blocks = out.split("use_shortcut=True")
-    for block, use_shortcut in zip(blocks, (False, True)):
-        got = [float(v) for v in re.findall(r"gradient mean of (\S+)", block)]
-        want = _torch_shortcut_grads(use_shortcut)
-        np.testing.assert_allclose(got, want, rtol=1e-5)
-    no_sc = [float(v) for v in re.findall(r"gradient mean of (\S+)", blocks[0])]
-    assert no_sc[0] < no_sc[-1] / 10  # vanishing gradients without shortcuts
