@@ -7,6 +7,11 @@
   sampled (`jaxgpt.sampling`), per-row EOS, ragged prompts, and prompt lengths / token counts
   rounded up to powers of two so that few shapes are ever compiled. Its greedy tokens are the
   seeds' exactly, also past `context_length`. `generate_stream` runs the same loop in chunks.
+- `Generator` holds one set of params with their decode-ready form (`kv_cache.prepare`), so
+  repeated calls do not rebuild it; `generate` and `generate_stream` are thin wrappers.
+
+Every path applies `GPTModel` (or the variant passed as `model=`): the loops here hold token
+buffers, masks and positions, never a forward pass of their own.
 
 (The module is `generation`, not `generate`, so that `jaxgpt.generate` can be a function
 without shadowing a module of the same name.)
