@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
-from jaxgpt import kv_cache
+from jaxgpt import kv_cache, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import FeedForward, GPTModel, MultiHeadAttention
 from jaxgpt.sampling import SamplingConfig, check_sampling_args, choose_next, sampling_config
@@ -200,22 +201,34 @@ def _write_next(
     return state._replace(tokens=tokens, step=j + 1, done=state.done | (nxt == knobs.eos_id))
 
 
-def _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache) -> DecodeState:
+def _split_rows(tree: Any, mesh: Mesh | None) -> Any:
+    """Every array of `tree` split along its first axis over the mesh (rows, or rows * heads
+    for the cache: both row-major, so each device holds whole rows)."""
+    if mesh is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: lax.with_sharding_constraint(x, sharding.batch_sharding(mesh)), tree)
+
+
+def _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache,
+           mesh=None) -> DecodeState:
     """The buffer, and with the cache: the prefilled prompt and the first new token."""
     b, p = prompt.shape
     cfg = model.cfg
     fill = jnp.maximum(knobs.eos_id, 0)  # an all-done early exit leaves eos_id behind
     tokens = jnp.concatenate([prompt, jnp.full((b, new_slots), fill, jnp.int32)], axis=1)
     state = DecodeState(tokens, start, (), jnp.int32(0), jnp.zeros((b,), bool))
+    state = state._replace(**_split_rows(dict(tokens=tokens, start=start, done=state.done), mesh))
     if not use_cache:
         return state
     slots = p + min(new_slots, cfg.context_length)  # never more than cached steps can fill
     at = jnp.arange(p)[None, :]  # [1, P]
     positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
     variables = {"params": params}
+    cache = _split_rows(kv_cache.init_cache(cfg, b, slots, model.dtype), mesh)
     hidden, cache = model.apply(
-        variables, prompt, positions=positions, valid=at >= start[:, None],
-        cache=kv_cache.init_cache(cfg, b, slots, model.dtype), slot=0, method=GPTModel.hidden,
+        variables, prompt, positions=positions, valid=at >= start[:, None], cache=cache,
+        slot=0, method=GPTModel.hidden,
     )  # [B, P, D]
     logits = model.apply(variables, hidden[:, -1], method=GPTModel.head)  # [B, V]
     return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
@@ -264,21 +277,23 @@ def _decode(model, params, state, stop, knobs, sampling, prompt_slots) -> Decode
     return lax.while_loop(lambda s: running(s, stop), window_step, state)
 
 
-_STATIC = ("model", "new_slots", "sampling", "use_cache")
+_STATIC = ("model", "new_slots", "sampling", "use_cache", "mesh")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_jit(params, prompt, start, n_new, knobs, *, model, new_slots, sampling, use_cache):
+def _generate_jit(params, prompt, start, n_new, knobs, *, model, new_slots, sampling, use_cache,
+                  mesh=None):
     TRACE_COUNTS["generate"] += 1
-    state = _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache)
+    state = _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache, mesh)
     state = _decode(model, params, state, n_new, knobs, sampling, prompt.shape[1])
     return state.tokens
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _start_jit(params, prompt, start, knobs, *, model, new_slots, sampling, use_cache):
+def _start_jit(params, prompt, start, knobs, *, model, new_slots, sampling, use_cache,
+               mesh=None):
     TRACE_COUNTS["generate_stream"] += 1
-    return _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache)
+    return _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "prompt_slots"),
@@ -401,30 +416,60 @@ class Generator:
       dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
       model: a variant to apply instead of `GPTModel(cfg)` (`GPTModel(cfg, attention_cls=...)`).
         Its dtype and layout are set by the generator.
+      devices: the devices to split a batch over (default: this process's devices). With
+        several, each decodes its share of the rows with a copy of the weights (a batch that
+        does not divide is padded with copies of its last row, dropped from the result);
+        the tokens are those of one device.
     """
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
-                 model: GPTModel | None = None):
+                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None):
         model = _check_model(cfg, model)
         self.params = params
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        if not self.devices:
+            raise ValueError("devices is empty: give at least one device")
         self.model = model.clone(dtype=self.dtype, remat=False, layout=kv_cache.Layout())
         # The decode layouts read the seeds' parameter names; a part that replaces __call__
         # may not, so it gets its params as they are (cast to dtype).
         self._layouts = all(_keeps_layout(cls, base) for cls, base in (
             (model.attention_cls, MultiHeadAttention), (model.feed_forward_cls, FeedForward)))
-        self._prepared: dict[kv_cache.Layout, Any] = {}
+        self._prepared: dict[tuple, Any] = {}
+
+    def mesh(self, batch: int) -> Mesh | None:
+        """The mesh a batch of `batch` rows is split over (None: one device)."""
+        n = min(len(self.devices), batch)
+        return sharding.make_mesh(self.devices[:n]) if n > 1 else None
 
     def weights(self, batch: int) -> tuple[GPTModel, Any]:
-        """`(model, params)` laid out for `batch` rows on this backend, built on first use."""
-        layout = kv_cache.Layout.for_batch(batch) if self._layouts else kv_cache.Layout()
-        if layout not in self._prepared:
+        """`(model, params)` laid out for `batch` rows (per device) on this backend, built on
+        first use and kept; on several devices, replicated over `mesh(batch)`."""
+        mesh = self.mesh(batch)
+        rows = -(-batch // mesh.size) if mesh is not None else batch  # per device
+        layout = kv_cache.Layout.for_batch(rows) if self._layouts else kv_cache.Layout()
+        if (layout, mesh) not in self._prepared:
             # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
             # would copy them, about 0.12 s for 124M here), and XLA:CPU ran the transposes
             # about 4x slower inside the generation jit than on their own.
-            self._prepared[layout] = kv_cache.prepare(self.params, self.cfg, self.dtype, layout)
-        return self.model.clone(layout=layout), self._prepared[layout]
+            params = kv_cache.prepare(self.params, self.cfg, self.dtype, layout)
+            if mesh is not None:
+                params = jax.device_put(params, sharding.replicated(mesh))
+            self._prepared[layout, mesh] = params
+        return self.model.clone(layout=layout), self._prepared[layout, mesh]
+
+    def _place(self, batch: _Batch) -> tuple[jax.Array, jax.Array, Mesh | None]:
+        """The prompt `[B', P]` and first slots `[B']`, on the devices (B' = B padded to a
+        multiple of the device count with copies of the last row)."""
+        mesh = self.mesh(len(batch.start))
+        if mesh is None:
+            return jnp.asarray(batch.prompt), jnp.asarray(batch.start), None
+        pad = -len(batch.start) % mesh.size
+        prompt = np.concatenate([batch.prompt, np.repeat(batch.prompt[-1:], pad, axis=0)])
+        start = np.concatenate([batch.start, np.repeat(batch.start[-1:], pad)])
+        rows = sharding.batch_sharding(mesh)
+        return jax.device_put(prompt, rows), jax.device_put(start, rows), mesh
 
     def generate(
         self,
@@ -444,14 +489,14 @@ class Generator:
         if call.n == 0:
             return _finish(call, np.zeros((len(call.rows), 0), np.int32))
         model, params = self.weights(len(call.rows))
-        prompt = call.batch.prompt
+        prompt, start, mesh = self._place(call.batch)
         tokens = _generate_jit(
-            params, jnp.asarray(prompt), jnp.asarray(call.batch.start), jnp.int32(call.n),
-            call.knobs, model=model, new_slots=bucket_length(call.n, _MIN_NEW_BUCKET),
-            sampling=call.sampling, use_cache=bool(use_cache),
+            params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
+            new_slots=bucket_length(call.n, _MIN_NEW_BUCKET), sampling=call.sampling,
+            use_cache=bool(use_cache), mesh=mesh,
         )
         p = prompt.shape[1]
-        return _finish(call, tokens[:, p:p + call.n])
+        return _finish(call, tokens[:len(call.rows), p:p + call.n])
 
     def stream(
         self,
@@ -477,10 +522,11 @@ class Generator:
         if n == 0:
             return
         model, params = self.weights(len(call.rows))
-        p = call.batch.prompt.shape[1]
-        state = _start_jit(params, jnp.asarray(call.batch.prompt), jnp.asarray(call.batch.start),
-                           call.knobs, model=model, new_slots=bucket_length(n, _MIN_NEW_BUCKET),
-                           sampling=call.sampling, use_cache=use_cache)
+        prompt, start, mesh = self._place(call.batch)
+        p, b = prompt.shape[1], len(call.rows)
+        state = _start_jit(params, prompt, start, call.knobs, model=model,
+                           new_slots=bucket_length(n, _MIN_NEW_BUCKET), sampling=call.sampling,
+                           use_cache=use_cache, mesh=mesh)
         shown = 0
         while shown < n:
             stop = min(shown + chunk_size, n)
@@ -488,9 +534,9 @@ class Generator:
                                 sampling=call.sampling, prompt_slots=p)
             made, done = jax.device_get((state.step, state.done))
             made = int(made)
-            if done.all():  # the rest is eos_id: show it all at once
+            if done[:b].all():  # the rest is eos_id: show it all at once
                 made = n
-            yield np.asarray(state.tokens[:, p + shown:p + made])
+            yield np.asarray(state.tokens[:b, p + shown:p + made])
             shown = made
 
 
