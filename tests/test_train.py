@@ -2,6 +2,7 @@
 checkpoints, exact resume and NaN guard."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,14 +75,38 @@ def _batches(n, b=4, t=8, seed=1):
     return out
 
 
-def test_adamw_training_matches_torch_reference():
-    """Five steps of warmup + cosine AdamW with clipping: losses and weights to 1e-5.
+def adam_step_bound(b1: float, b2: float, t: int) -> float:
+    """The largest |m_hat / sqrt(v_hat)| Adam's update t (1-based) can have, for any gradients.
 
-    Adam's first steps move each weight by about lr * g / (|g| + eps), which turns the float
-    rounding of a gradient near zero into a change of up to ~lr * 1e-2. So the tolerance holds
-    for lr 1e-3 (worst weight difference ~4e-6), and the config has no qkv bias: the gradient
-    of a key bias is exactly zero in exact arithmetic (softmax ignores a per-row constant),
-    leaving only rounding noise for Adam to normalise in either framework.
+    m_t = (1 - b1) sum_s b1^(t-s) g_s and v_t = (1 - b2) sum_s b2^(t-s) g_s^2, so by
+    Cauchy-Schwarz |m_t| <= (1 - b1) / sqrt(1 - b2) * sqrt(sum_k (b1^2 / b2)^k) * sqrt(v_t);
+    the bias corrections divide m_t by 1 - b1^t and v_t by 1 - b2^t. It is 1 at t = 1.
+    """
+    series = sum((b1 * b1 / b2) ** k for k in range(t))
+    return (1 - b1) / (1 - b1**t) * math.sqrt((1 - b2**t) / (1 - b2) * series)
+
+
+def test_adamw_training_matches_torch_reference():
+    """Five steps of warmup + cosine AdamW with clipping: losses to 1e-5, weights to a bound
+    derived per weight from its gradients (the same on every CPU).
+
+    Both frameworks compute the gradients in float32 with their own summation orders, so a
+    gradient entry differs between them by a few ulp of the largest entries: about 1e-9 here
+    (gradients <= 0.12, times ~0.2 after clipping); we allow DELTA = 1e-8. Adam moves a weight
+    by lr_t * d_t (plus decoupled decay, computed alike on both sides), d_t =
+    m_hat / (sqrt(v_hat) + eps). Perturbing every g_s by <= DELTA changes m_hat by <= DELTA and
+    sqrt(v_hat) (a weighted RMS of the g_s) by <= DELTA, hence d_t by
+    <= (1 + C_t) * DELTA / (min_s |g_s| + eps), C_t = `adam_step_bound` (~1).
+
+    - Weights whose gradient is 0 (both sides compute exactly 0, e.g. embedding rows of tokens
+      not in the batch) or >= THETA = 1e-5 = 1000 eps at every step: d_t is well determined,
+      so the weights agree to sum_t lr_t (1 + C_t) DELTA / THETA (~7e-6) plus a few float32
+      roundings of the weights themselves.
+    - The rest have a gradient near zero at some step: nothing but rounding noise in a sum
+      that cancels (e.g. a weight whose input is nearly always 0). Adam divides that noise by
+      |g| + eps, so it moves the weight by up to lr_t * C_t in a direction that depends on the
+      CPU's rounding; the two sides then differ by at most 2 sum_t lr_t C_t. On an AMD EPYC one
+      such weight of `ff.layers.2` differs by 2.3e-5, on other CPUs less. They must be few.
     """
     torch = pytest.importorskip("torch")
     ch05 = pytest.importorskip("llms_from_scratch.ch05")
@@ -126,6 +151,7 @@ def test_adamw_training_matches_torch_reference():
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / tc.lr)
     torch_losses = []
+    grads = {name: [] for name, _ in ref.named_parameters()}  # the clipped gradients Adam saw
     for inputs, targets in batches:
         opt.zero_grad()
         loss = ch05.calc_loss_batch(
@@ -133,19 +159,34 @@ def test_adamw_training_matches_torch_reference():
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), tc.grad_clip)
+        for name, p in ref.named_parameters():
+            grads[name].append(p.grad.abs().numpy().copy())
         opt.step()
         sched.step()
         torch_losses.append(loss.item())
 
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=0, atol=1e-5)
+
+    delta, theta = 1e-8, 1e3 * tc.eps
+    lrs = [float(schedule(s)) for s in range(tc.steps)]
+    c = [adam_step_bound(tc.b1, tc.b2, t) for t in range(1, tc.steps + 1)]
+    tight = sum(lr * (1 + ct) * delta / theta for lr, ct in zip(lrs, c))
+    tight += tc.steps * 4 * np.finfo(np.float32).eps  # weights rounded each step, |w| < 2
+    loose = 2 * sum(lr * ct for lr, ct in zip(lrs, c))
     got = to_torch_state_dict(state.params, tiny_cfg)
-    want = ref.state_dict()
-    worst = max(float((got[k] - want[k]).abs().max()) for k in want if not k.endswith("mask"))
+    n_loose = n_all = 0
+    for name, g in grads.items():
+        g = np.stack(g)  # [steps, *shape]
+        determined = np.all((g == 0) | (g >= theta), axis=0)
+        diff = np.abs(got[name].numpy() - ref.state_dict()[name].numpy())
+        assert diff[determined].max(initial=0) < tight, (name, diff[determined].max(), tight)
+        assert diff.max() < loose, (name, diff.max(), loose)
+        n_loose, n_all = n_loose + int(np.sum(~determined)), n_all + determined.size
+    assert n_loose < 0.05 * n_all, (n_loose, n_all)  # the tight check covers nearly all weights
     moved = max(
         float((got[k] - start[k]).abs().max()) for k in ("tok_emb.weight", "out_head.weight")
     )
-    assert worst < 1e-5, worst
-    assert moved > 1e-3  # the weights changed well beyond the tolerance
+    assert moved > 100 * tight  # the weights changed well beyond the tolerance
 
 
 def test_grad_accumulation_gives_the_update_of_the_whole_batch(tiny_cfg):
