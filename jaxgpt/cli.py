@@ -7,6 +7,7 @@ function that runs it. Results go to stdout, diagnostics to stderr.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -190,7 +191,9 @@ def _add_convert(sub) -> None:
     p.add_argument("dst", metavar="DST", help="the directory to write (must not exist)")
     p.add_argument("--to", choices=("hf", "orbax"), default=None,
                    help="format of DST (default: the other one than SRC's)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is an existing jaxgpt or Hugging Face checkpoint "
+                        "directory (or empty); a directory holding other files is refused")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -202,10 +205,22 @@ def _cmd_convert(args) -> int:
     src_fmt = _checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)
-    if dst.exists() and not args.overwrite:
-        raise SystemExit(f"jaxgpt convert: {dst} exists; pass --overwrite to replace it")
-    if dst.resolve() == Path(args.src).resolve():
+    src, target = Path(args.src).resolve(), dst.resolve()
+    if target == src:
         raise SystemExit("jaxgpt convert: SRC and DST are the same directory")
+    if target in src.parents:
+        raise SystemExit(f"jaxgpt convert: DST {dst} contains SRC {args.src}; choose a new "
+                         f"directory for DST")
+    if src in target.parents:
+        raise SystemExit(f"jaxgpt convert: DST {dst} is inside SRC {args.src}; choose a "
+                         f"directory outside it")
+    if dst.exists() or dst.is_symlink():
+        if not args.overwrite:
+            raise SystemExit(f"jaxgpt convert: {dst} exists; pass --overwrite to replace it")
+        try:  # before loading anything: only a checkpoint directory may be replaced
+            checkpoint.check_replaceable(dst)
+        except FileExistsError as e:
+            raise SystemExit(f"jaxgpt convert: --overwrite refused: {e}") from e
     cfg, params, _ = _read_checkpoint(args.src)
     if to == "hf":
         out = weights.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
@@ -270,7 +285,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", metavar="DIR", default="jaxgpt-run",
                    help="metrics.jsonl, loss.png and checkpoints/ go here (default jaxgpt-run)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out, exactly")
+                   help="continue from the newest checkpoint in --out (an error if there is "
+                        "none); changed optimisation flags (--lr, --steps, ...) are allowed "
+                        "with a warning, changed model or data flags are not")
     p.set_defaults(func=_cmd_train)
 
 
@@ -309,7 +326,7 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from jaxgpt import data
-    from jaxgpt.train import TrainConfig, TrainingDiverged, train_loop
+    from jaxgpt.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train_loop
 
     def fail(msg: str) -> SystemExit:
         return SystemExit(f"jaxgpt train: {msg}")
@@ -332,6 +349,9 @@ def _cmd_train(args) -> int:
         if path and not Path(path).is_file():
             raise fail(f"--{name.replace('_', '-')} {path} does not exist")
 
+    if args.init_from and Path(args.out).resolve() in Path(args.init_from).resolve().parents:
+        raise fail(f"--init-from {args.init_from} is inside --out {args.out}, where checkpoints "
+                   f"are rotated out; copy it elsewhere or choose another --out")
     cfg, params, desc = _train_model_config(args)
     seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.context_length)
     if seq_len > cfg.context_length:
@@ -350,22 +370,31 @@ def _cmd_train(args) -> int:
         msg = re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         raise fail(msg) from e
 
-    if args.token_file:
-        tokens, source = data.load_token_file(args.token_file), f"token file {args.token_file}"
-    elif args.text_file:
-        tokens, source = data.tokenize_file(args.text_file), f"text file {args.text_file}"
-    else:
-        tokens = data.tokenize_text(data.demo_corpus())
-        source = "the demo corpus (Python's help topics, pydoc_data.topics)"
-    train_tokens, val_tokens = data.train_val_split(tokens, tc.train_ratio)
-    _log(f"jaxgpt train: {desc}; {source}: {len(tokens):,} tokens "
-         f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
     try:
+        if args.token_file:
+            tokens = data.load_token_file(args.token_file)
+            source = f"token file {args.token_file}"
+        elif args.text_file:
+            tokens, source = data.tokenize_file(args.text_file), f"text file {args.text_file}"
+        else:
+            tokens = data.tokenize_text(data.demo_corpus())
+            source = "the demo corpus (Python's help topics, pydoc_data.topics)"
+        train_tokens, val_tokens = data.train_val_split(tokens, tc.train_ratio)
+        _log(f"jaxgpt train: {desc}; {source}: {len(tokens):,} tokens "
+             f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
         records = train_loop(cfg, tc, train_tokens, val_tokens, args.out, resume=args.resume,
                              params=params)
     except TrainingDiverged:
         return 1  # the loop has said what happened and where the last good checkpoint is
-    except (FileExistsError, ValueError) as e:
+    except TrainingInterrupted as e:
+        argv = list(getattr(args, "argv", None) or sys.argv[1:])
+        again = shlex.join(["jaxgpt", *argv, *([] if "--resume" in argv else ["--resume"])])
+        _log(f"jaxgpt train: interrupted ({e}). Resume with: {again}")
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before the loop took over the signals: nothing was trained
+        _log("jaxgpt train: interrupted before the first step; nothing was saved")
+        return 130
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from e
     if records:
         last = records[-1]
@@ -387,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
     return args.func(args)
 
 

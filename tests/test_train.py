@@ -286,20 +286,65 @@ def test_resume_after_interruption_gives_the_losses_of_an_uninterrupted_run(tmp_
     ]
 
 
-def test_resume_refuses_a_run_with_other_settings(tmp_path, tiny_cfg):
+def test_resume_accepts_changed_optimisation_settings_with_a_warning(tmp_path, tiny_cfg, capsys):
     tokens = _tokens(600)
     tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
     train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
-    with pytest.raises(ValueError, match="lr=0.0004.*lr=0.001"):
+    capsys.readouterr()
+    # A diverged run's advice (lower --lr, --grad-clip off) and an extended run (--steps 4).
+    changed = tc.replace(steps=4, lr=1e-3, grad_clip=None, eval_every=3)
+    records = train_loop(
+        tiny_cfg, changed, tokens[:500], tokens[500:], tmp_path, resume=True, progress=False
+    )
+    assert [r["step"] for r in records] == [3, 4]
+    assert records[0]["lr"] == pytest.approx(float(make_schedule(changed)(2)))
+    err = capsys.readouterr().err
+    for line in (
+        "--steps changed from 2 to 4: the run is no longer an exact replay",
+        "--lr changed from 0.0004 to 0.001: the run is no longer an exact replay",
+        "--grad-clip changed from 1.0 to None: the run is no longer an exact replay",
+        "--eval-every changed from 100 to 3: changes only when the loop evaluates",
+    ):
+        assert f"jaxgpt train: warning: {line}" in err
+    assert err.count("warning:") == 4
+    with pytest.raises(ValueError, match="step_00000004 is at step 4; --steps 3 leaves nothing"):
         train_loop(
-            tiny_cfg,
-            tc.replace(lr=1e-3),
-            tokens[:500],
-            tokens[500:],
-            tmp_path,
-            resume=True,
+            tiny_cfg, changed.replace(steps=3), tokens[:500], tokens[500:], tmp_path,
+            resume=True, progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seq_len": 4}, "seq_len=8, this run has seq_len=4: the data"),
+        ({"seed": 7}, "seed=123, this run has seed=7"),
+        ({"batch_size": 8}, "batch_size=4, this run has batch_size=8"),
+        ({"model": {"n_layers": 3}}, r"another model config \(n_layers: 2 -> 3\)"),
+    ],
+)
+def test_resume_refuses_other_model_or_data_naming_the_field(tmp_path, tiny_cfg, change, message):
+    tokens = _tokens(600)
+    tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
+    train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
+    change = dict(change)
+    cfg = tiny_cfg.replace(**change.pop("model", {}))
+    with pytest.raises(ValueError, match=message):
+        train_loop(
+            cfg, tc.replace(steps=3, **change), tokens[:500], tokens[500:], tmp_path,
+            resume=True, progress=False,
+        )
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_directory(tmp_path, tiny_cfg):
+    tokens = _tokens(600)
+    tc = TrainConfig(steps=2, batch_size=4, seq_len=8, sample_tokens=0)
+    with pytest.raises(FileNotFoundError, match=f"nothing to resume: {tmp_path / 'run'}"):
+        train_loop(
+            tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path / "run", resume=True,
             progress=False,
         )
+    assert not (tmp_path / "run").exists()
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_cfg):
