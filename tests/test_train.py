@@ -371,3 +371,27 @@ def test_train_config_rejects_bad_values_naming_them():
         TrainConfig(dtype="float16")
     with pytest.raises(ValueError, match="seq_len 32 exceeds the model's context_length 16"):
         train_loop(GPTConfig(**TINY), TrainConfig(seq_len=32), _tokens(10), _tokens(10), "unused")
+
+
+def test_samples_use_temperature_and_top_k_with_a_fixed_key(monkeypatch):
+    import jaxgpt.generation
+    from jaxgpt.model import init_params
+    from jaxgpt.train import _sample
+
+    cfg = GPTConfig(**dict(TINY, vocab_size=50257, emb_dim=16, n_heads=2))
+    tc = TrainConfig(seq_len=8, sample_prompt="def", sample_tokens=5, seed=7)
+    params = init_params(cfg, 0)
+    calls = []
+    real = jaxgpt.generation.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jaxgpt.generation, "generate", spy)
+    first, second = _sample(params, cfg, tc), _sample(params, cfg, tc)
+    assert first == second and first.startswith("def") and first[3:].strip()
+    assert [(c["temperature"], c["top_k"]) for c in calls] == [(1.0, 25)] * 2
+    np.testing.assert_array_equal(calls[0]["key"], jax.random.PRNGKey(7))
+    greedy = _sample(params, cfg, tc.replace(sample_temperature=0.0))
+    assert calls[-1]["key"] is None and calls[-1]["top_k"] is None and greedy.startswith("def")

@@ -3,6 +3,7 @@
 import json
 import os
 import queue
+import re
 import shlex
 import signal
 import subprocess
@@ -82,12 +83,7 @@ def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files
     assert [r["tokens_seen"] for r in lines] == [32 * s for s in range(1, 7)]
     assert all(np.isfinite(r["loss"]) for r in lines)
     assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
-    try:
-        import matplotlib  # noqa: F401  (optional: without it the plot is skipped with a note)
-    except ImportError:
-        assert not (run / "loss.png").exists()
-    else:
-        assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: a dependency
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000004",
         "step_00000006",
@@ -95,6 +91,8 @@ def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files
     out, err = capsys.readouterr()
     assert "step 6: loss" in out and "val loss" in out
     assert "tok/s" in err and "step 3: train loss" in err
+    assert re.search(r"step 1/6 loss [\d.]+ compiling elapsed \d+:\d\d\n", err), err
+    assert re.search(r"step 6/6 loss [\d.]+ [\d,]+ tok/s elapsed \d+:\d\d ETA 0:00\n", err), err
     # Running again into the same directory needs --resume.
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, cfg, tokens, "--steps", "6")
@@ -383,3 +381,11 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_files):
     assert rc == 130, err
     assert "second interrupt: exiting now, without saving" in err
     assert "Resume with" not in err and "Traceback" not in err
+
+
+def test_matplotlib_is_a_dependency_of_the_default_install():
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "matplotlib" for d in deps), deps
