@@ -74,6 +74,12 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
     return foreign
 
 
+def describe_names(names: list[str], shown: int = 5) -> str:
+    """`a, b, c and 4 more`: the first `shown` of `names` for a message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def check_replaceable(path: str | os.PathLike) -> None:
     """Raise FileExistsError unless the existing `path` may be replaced by a new checkpoint.
 
@@ -88,9 +94,9 @@ def check_replaceable(path: str | os.PathLike) -> None:
         raise FileExistsError(f"{path} exists and is not a directory; jaxgpt does not replace it")
     foreign = foreign_entries(path)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"{path} is not a jaxgpt or Hugging Face checkpoint directory (it holds {shown}); "
+            f"{path} is not a jaxgpt or Hugging Face checkpoint directory (it holds "
+            f"{describe_names(foreign)}); "
             f"jaxgpt replaces only checkpoint directories: remove it yourself or choose another "
             f"destination"
         )
@@ -146,7 +152,7 @@ def _set_default_modes(root: Path) -> None:
     the config.json beside it.
     """
     mask = _umask()
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)

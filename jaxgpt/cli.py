@@ -187,7 +187,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=None,
                    help="sample from the k most likely tokens, 1 <= k <= vocab_size")
     p.add_argument("--top-p", type=float, default=None,
-                   help="sample from the smallest most-likely set with probability >= p, 0 < p <= 1")
+                   help="sample from the smallest most-likely set with probability >= p, "
+                        "0 < p <= 1")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--eos", action="store_true",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
@@ -208,7 +209,9 @@ def _peek_config(args) -> GPTConfig:
             return checkpoint.load_config(args.checkpoint)
         return weights.load_hf_config(args.checkpoint)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"jaxgpt: cannot load the {_FORMAT_NAMES[fmt]} {args.checkpoint}: {e}")
+        raise SystemExit(
+            f"jaxgpt: cannot load the {_FORMAT_NAMES[fmt]} {args.checkpoint}: {e}"
+        ) from e
 
 
 class _TokenProgress:
@@ -542,8 +545,9 @@ def _cmd_train(args) -> int:
         again = shlex.join(["jaxgpt", *argv, *([] if "--resume" in argv else ["--resume"])])
         _log(f"jaxgpt train: interrupted ({e}). Resume with: {again}")
         return 128 + e.signum
-    except KeyboardInterrupt:  # before the loop took over the signals: nothing was trained
-        _log("jaxgpt train: interrupted before the first step; nothing was saved")
+    except KeyboardInterrupt:  # outside the steps, where the loop handles the signals itself
+        _log(f"jaxgpt train: interrupted outside the training steps; checkpoints saved before "
+             f"in {args.out} are intact")
         return 130
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from e

@@ -608,9 +608,9 @@ def check_run_dir(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not a directory")
     foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"{out} holds files that jaxgpt train did not write ({shown}); a run directory holds "
+            f"{out} holds files that jaxgpt train did not write "
+            f"({checkpoint.describe_names(foreign)}); a run directory holds "
             f"only {', '.join(_RUN_ENTRIES)}: choose a new or empty output directory"
         )
 

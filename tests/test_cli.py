@@ -113,8 +113,10 @@ def test_generate_reports_timings_and_a_second_run_loads_every_program_from_the_
     second = _run(*args, tmp_path=tmp_path, env=env)
     off = _run(*args, "--no-compile-cache", tmp_path=tmp_path, env=env)
     cache = tmp_path / "cache" / "jaxgpt" / "xla"
-    pattern = (r"jaxgpt: load [\d.]+s, compile [\d.]+s \((\d+) of (\d+) programs from the compile "
-               rf"cache {re.escape(str(cache))}\), generation [\d.]+s for 4 tokens: [\d.]+ tokens/s")
+    pattern = (
+        r"jaxgpt: load [\d.]+s, compile [\d.]+s \((\d+) of (\d+) programs from the compile "
+        rf"cache {re.escape(str(cache))}\), generation [\d.]+s for 4 tokens: [\d.]+ tokens/s"
+    )
     hits1, n1 = map(int, re.search(pattern, first.stderr).groups())
     hits2, n2 = map(int, re.search(pattern, second.stderr).groups())
     assert (hits1, n2, hits2) == (0, n1, n1) and n1 >= 1, (first.stderr, second.stderr)

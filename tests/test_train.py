@@ -170,9 +170,9 @@ def test_adamw_training_matches_torch_reference():
     delta, theta = 1e-8, 1e3 * tc.eps
     lrs = [float(schedule(s)) for s in range(tc.steps)]
     c = [adam_step_bound(tc.b1, tc.b2, t) for t in range(1, tc.steps + 1)]
-    tight = sum(lr * (1 + ct) * delta / theta for lr, ct in zip(lrs, c))
+    tight = sum(lr * (1 + ct) * delta / theta for lr, ct in zip(lrs, c, strict=True))
     tight += tc.steps * 4 * np.finfo(np.float32).eps  # weights rounded each step, |w| < 2
-    loose = 2 * sum(lr * ct for lr, ct in zip(lrs, c))
+    loose = 2 * sum(lr * ct for lr, ct in zip(lrs, c, strict=True))
     got = to_torch_state_dict(state.params, tiny_cfg)
     n_loose = n_all = 0
     for name, g in grads.items():
