@@ -114,7 +114,8 @@ def test_generate_reports_timings_and_a_second_run_loads_every_program_from_the_
     off = _run(*args, "--no-compile-cache", tmp_path=tmp_path, env=env)
     cache = tmp_path / "cache" / "jaxgpt" / "xla"
     pattern = (
-        r"jaxgpt: load [\d.]+s, compile [\d.]+s \((\d+) of (\d+) programs from the compile "
+        r"jaxgpt: load [\d.]+s, compile [\d.]+s \(XLA [\d.]+s, the rest tracing and lowering; "
+        r"(\d+) of (\d+) programs from the compile "
         rf"cache {re.escape(str(cache))}\), generation [\d.]+s for 4 tokens: [\d.]+ tokens/s"
     )
     hits1, n1 = map(int, re.search(pattern, first.stderr).groups())
