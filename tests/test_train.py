@@ -395,3 +395,26 @@ def test_samples_use_temperature_and_top_k_with_a_fixed_key(monkeypatch):
     np.testing.assert_array_equal(calls[0]["key"], jax.random.PRNGKey(7))
     greedy = _sample(params, cfg, tc.replace(sample_temperature=0.0))
     assert calls[-1]["key"] is None and calls[-1]["top_k"] is None and greedy.startswith("def")
+
+
+def test_rotation_removes_killed_saves_and_keeps_what_jaxgpt_did_not_write(tmp_path, tiny_cfg):
+    import subprocess
+    import sys
+
+    tokens = _tokens(600)
+    tc = TrainConfig(steps=1, batch_size=4, seq_len=8, save_every=1, keep=1, sample_tokens=0)
+    train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_00000001" / "notes.txt").write_text("mine")  # someone's file in a checkpoint
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    killed = ckpts / f".step_00000002.tmp-{dead}-0123abcd"  # a run killed while saving step 2
+    (killed / "params").mkdir(parents=True)
+    (killed / "config.json").write_text("{}")
+    train_loop(
+        tiny_cfg, tc.replace(steps=3), tokens[:500], tokens[500:], tmp_path, resume=True,
+        progress=False,
+    )
+    # keep=1 rotates out step 2; step 1 holds a file jaxgpt did not write, so it stays.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000003"]
+    assert (ckpts / "step_00000001" / "notes.txt").read_text() == "mine"
