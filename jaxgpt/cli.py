@@ -218,23 +218,35 @@ def _peek_config(args) -> GPTConfig:
         ) from e
 
 
+def _flop_text(flops: float) -> str:
+    """`254 GFLOP`, `65.5 MFLOP`: three significant digits with an SI prefix."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"
+
+
 class _TokenProgress:
-    """`generated N/M tokens, X tok/s, ETA` on stderr while a long generation runs."""
+    """`generated N/M tokens, X tok/s, ETA` on stderr while a long generation runs (the rate
+    from the second chunk on: the first one includes compiling)."""
 
     def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.total, self.done = total, 0
         self.tty, self.last = sys.stderr.isatty(), 0.0
+        self.first: tuple[float, int] | None = None  # (time, tokens) after the first chunk
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.last < (0.2 if self.tty else 10.0) and self.done < self.total:
             return
         self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        line = (f"jaxgpt: generated {self.done}/{self.total} tokens, {rate:.2f} tok/s, "
-                f"ETA {eta:.0f}s")
+        t_first, n_first = self.first
+        rate = (self.done - n_first) / (now - t_first) if self.done > n_first else 0.0
+        eta = f"ETA {(self.total - self.done) / rate:.0f}s" if rate > 0 else "ETA after a chunk"
+        line = (f"jaxgpt: generated {self.done}/{self.total} tokens, {rate:.2f} tok/s, {eta}")
         print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
 
@@ -286,15 +298,18 @@ def _cmd_generate(args) -> int:
         _log(f"jaxgpt: the prompt has {idx.shape[1]} tokens; the model sees the last "
              f"{cfg.context_length}")
     prompt = [int(t) for t in idx[0]]
+    if max(prompt) >= cfg.vocab_size:
+        raise fail(f"the prompt holds GPT-2 token id {max(prompt)}, outside the model's "
+                   f"vocabulary [0, {cfg.vocab_size}): this model does not use GPT-2's tokenizer")
     past = len(prompt) + args.max_new_tokens - cfg.context_length
     if past > 0 and args.max_new_tokens > 0:
         first = max(cfg.context_length - len(prompt), 0) + 1
-        flops = 2 * count_params(params) * cfg.context_length
+        flops = 2 * count_params(params)  # multiply-adds of one token through the weights
         _log(f"jaxgpt: warning: {past} of the {args.max_new_tokens} new tokens lie past "
              f"context_length {cfg.context_length}: from new token {first} on, each one "
              f"recomputes the whole {cfg.context_length}-token window as the book does (a cache "
-             f"cannot slide), about {flops / 1e9:.0f} GFLOP per token instead of "
-             f"{flops / cfg.context_length / 1e9:.2f}; progress follows")
+             f"cannot slide), about {_flop_text(flops * cfg.context_length)} per token instead "
+             f"of {_flop_text(flops)}; progress follows")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    key=jax.random.key(args.seed) if args.temperature > 0 else None,
                    eos_id=tok.EOT_ID if args.eos else None)

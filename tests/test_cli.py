@@ -133,6 +133,21 @@ def test_generation_past_the_context_warns_once_and_shows_progress(small_checkpo
     assert err.count("warning:") == 1
     assert ("warning: 8 of the 20 new tokens lie past context_length 16: from new token 13 on, "
             "each one recomputes the whole 16-token window") in err
-    assert "GFLOP per token" in err
+    # 2 FLOP per parameter (1.6M: mostly embedding and head) and position, 16 positions
+    assert re.search(r"about 5\d.\d MFLOP per token instead of 3.\d\d MFLOP", err), err
     assert "jaxgpt: generated 20/20 tokens" in err
     assert out.startswith("Hello, I am")
+
+
+def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path, capsys):
+    from jaxgpt import checkpoint
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import init_params
+
+    cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
+    path = checkpoint.save(tmp_path / "ckpt", init_params(cfg, 0), cfg)
+    with pytest.raises(SystemExit, match=r"GPT-2 token id 15496, outside the model's vocabulary "
+                                         r"\[0, 100\)"):
+        main(["generate", "--checkpoint", str(path), "--max-new-tokens", "40",
+              "--no-compile-cache"])
+    assert "warning" not in capsys.readouterr().err
