@@ -273,18 +273,17 @@ def _cmd_generate(args) -> int:
         raise fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt:
         raise fail("--prompt is empty; give at least one character")
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p))
-                             if v is not None)
-        raise fail(f"{given} only apply when sampling, and sampling needs a temperature above 0 "
-                   f"(e.g. --temperature 1.0); without --temperature the output is greedy")
     t_start = time.perf_counter()
     cfg = _peek_config(args)  # config.json only: the flags are checked before the weights load
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, vocab_size=cfg.vocab_size)
     except ValueError as e:
-        raise fail(f"{e}".replace("top_k", "--top-k").replace("top_p", "--top-p")
-                   .replace("temperature", "--temperature")) from e
+        raise fail(str(e)) from e
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p))
+                             if v is not None)
+        raise fail(f"{given} only apply when sampling, and sampling needs a temperature above 0 "
+                   f"(e.g. --temperature 1.0); without --temperature the output is greedy")
     cache_dir = _enable_compile_cache(args)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
