@@ -7,6 +7,7 @@ function that runs it. Results go to stdout, diagnostics to stderr.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -107,6 +108,76 @@ def _load_model(args):
     return cfg, params, desc
 
 
+# --- compilation cache (generate, train) ---------------------------------------------------------
+
+
+def _default_cache_dir() -> str:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxgpt", "xla")
+
+
+def _add_cache_args(p) -> None:
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="JAX's persistent compilation cache: compiled programs are kept here, so "
+                        "a later run with the same shapes skips compiling (default "
+                        "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxgpt/xla, "
+                        "i.e. ~/.cache/jaxgpt/xla)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile from scratch and write no cache")
+
+
+def _enable_compile_cache(args) -> str | None:
+    """Turn on JAX's persistent compilation cache (before anything compiles); its directory."""
+    import jax
+
+    if args.no_compile_cache:
+        return None
+    path = args.compile_cache or jax.config.jax_compilation_cache_dir or _default_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program: the default keeps only those compiling for >= 1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading from the persistent
+    cache), and how many programs came from that cache, through `jax.monitoring`."""
+
+    _PHASES = ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        self.seconds, self.programs, self.cache_hits = 0.0, 0, 0
+        self.backend_seconds = 0.0  # XLA's compile, or the load from the cache, alone
+
+    def _duration(self, event, seconds, **kwargs):
+        if event in self._PHASES:
+            self.seconds += seconds
+            if event == self._PHASES[-1]:
+                self.programs += 1
+                self.backend_seconds += seconds
+
+    def _event(self, event, **kwargs):
+        self.cache_hits += event == "/jax/compilation_cache/cache_hits"
+
+    def __enter__(self):
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc):
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)
+        return False
+
+
 # --- generate ----------------------------------------------------------------------------------
 
 
@@ -115,69 +186,177 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", default="Hello, I am", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); > 0 samples (the key comes from --seed)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+                   help="0 = greedy (default); > 0 samples (the key comes from --seed); "
+                        "--top-k/--top-p need it")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely tokens, 1 <= k <= vocab_size")
     p.add_argument("--top-p", type=float, default=None,
-                   help="sample from the smallest most-likely set with probability >= p, 0 < p <= 1")
+                   help="sample from the smallest most-likely set with probability >= p, "
+                        "0 < p <= 1")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--eos", action="store_true",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
     _add_model_args(p)
+    _add_cache_args(p)
     p.set_defaults(func=_cmd_generate)
 
 
+def _peek_config(args) -> GPTConfig:
+    """The config of the weights the flags name, without reading the weights."""
+    from jaxgpt import checkpoint, weights
+
+    if not getattr(args, "checkpoint", None):
+        return GPTConfig.from_preset(args.preset)
+    fmt = _checkpoint_format(args.checkpoint)
+    try:
+        if fmt == "orbax":
+            return checkpoint.load_config(args.checkpoint)
+        return weights.load_hf_config(args.checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"jaxgpt: cannot load the {_FORMAT_NAMES[fmt]} {args.checkpoint}: {e}"
+        ) from e
+
+
+def _flop_text(flops: float) -> str:
+    """`254 GFLOP`, `65.5 MFLOP`: three significant digits with an SI prefix."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"
+
+
+class _TokenProgress:
+    """`generated N/M tokens, X tok/s, ETA` on stderr while a long generation runs (the rate
+    from the second chunk on: the first one includes compiling)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.tty, self.last = sys.stderr.isatty(), 0.0
+        self.first: tuple[float, int] | None = None  # (time, tokens) after the first chunk
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done)
+        if now - self.last < (0.2 if self.tty else 10.0) and self.done < self.total:
+            return
+        self.last = now
+        t_first, n_first = self.first
+        rate = (self.done - n_first) / (now - t_first) if self.done > n_first else 0.0
+        eta = f"ETA {(self.total - self.done) / rate:.0f}s" if rate > 0 else "ETA after a chunk"
+        line = (f"jaxgpt: generated {self.done}/{self.total} tokens, {rate:.2f} tok/s, {eta}")
+        print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.done:
+            print(file=sys.stderr)
+
+
 def _cmd_generate(args) -> int:
+    import os
+
     import jax
 
     from jaxgpt import tokenizer as tok
     from jaxgpt.generation import cut_after_eos, generate, generate_stream
+    from jaxgpt.model import count_params
     from jaxgpt.sampling import check_sampling_args
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
+    def fail(msg: str) -> SystemExit:
+        return SystemExit(f"jaxgpt generate: {msg}")
+
     if args.max_new_tokens < 0:
-        raise SystemExit(f"jaxgpt generate: --max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        raise fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt:
-        raise SystemExit("jaxgpt generate: --prompt is empty; give at least one character")
-    try:  # the vocabulary is not known yet: top_k's upper bound is checked by generate
-        check_sampling_args(args.temperature, args.top_k, args.top_p, vocab_size=2**62)
+        raise fail("--prompt is empty; give at least one character")
+    t_start = time.perf_counter()
+    cfg = _peek_config(args)  # config.json only: the flags are checked before the weights load
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, vocab_size=cfg.vocab_size)
     except ValueError as e:
-        raise SystemExit(f"jaxgpt generate: {e}") from e
+        raise fail(str(e)) from e
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p))
+                             if v is not None)
+        raise fail(f"{given} only apply when sampling, and sampling needs a temperature above 0 "
+                   f"(e.g. --temperature 1.0); without --temperature the output is greedy")
+    cache_dir = _enable_compile_cache(args)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
-    t0 = time.perf_counter()
-    cfg, params, desc = _load_model(args)
+    clock = _CompileClock()  # random weights are made by a compiled init: count it apart
+    with clock:
+        cfg, params, desc = _load_model(args)
+        jax.block_until_ready(params)
+    t_load, compile_load = time.perf_counter() - t_start, clock.seconds
     _log(f"jaxgpt: {desc}. Backend: {jax.default_backend()}")
     if idx.shape[1] > cfg.context_length:
         _log(f"jaxgpt: the prompt has {idx.shape[1]} tokens; the model sees the last "
              f"{cfg.context_length}")
+    prompt = [int(t) for t in idx[0]]
+    if max(prompt) >= cfg.vocab_size:
+        raise fail(f"the prompt holds GPT-2 token id {max(prompt)}, outside the model's "
+                   f"vocabulary [0, {cfg.vocab_size}): this model does not use GPT-2's tokenizer")
+    past = len(prompt) + args.max_new_tokens - cfg.context_length
+    if past > 0 and args.max_new_tokens > 0:
+        first = max(cfg.context_length - len(prompt), 0) + 1
+        flops = 2 * count_params(params)  # multiply-adds of one token through the weights
+        _log(f"jaxgpt: warning: {past} of the {args.max_new_tokens} new tokens lie past "
+             f"context_length {cfg.context_length}: from new token {first} on, each one "
+             f"recomputes the whole {cfg.context_length}-token window as the book does (a cache "
+             f"cannot slide), about {_flop_text(flops * cfg.context_length)} per token instead "
+             f"of {_flop_text(flops)}; progress follows")
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    key=jax.random.key(args.seed) if args.temperature > 0 else None,
                    eos_id=tok.EOT_ID if args.eos else None)
-    prompt = [int(t) for t in idx[0]]
+    progress = _TokenProgress(args.max_new_tokens) if past > 0 and args.max_new_tokens else None
+    t0 = time.perf_counter()
     try:
-        if args.stream:
-            # Print the text as it grows; hold back a trailing partial UTF-8 character (shown as
-            # U+FFFD) until its remaining bytes arrive, so the output ends as without --stream.
-            ids, shown = list(prompt), ""
-            for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens, **options):
-                new = [int(t) for t in chunk[0]]
-                kept = cut_after_eos(new, options["eos_id"])  # later slots repeat eos_id
-                ids += kept
-                ended = bool(kept) and kept[-1] == options["eos_id"]
-                text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-                if ended:
-                    break
-            text = token_ids_to_text(ids, tokenizer)
-            print(text[len(shown):] if text.startswith(shown) else "", flush=True)
-        else:
-            out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
-            print(token_ids_to_text(out[0], tokenizer))
+        with clock:
+            if args.stream or progress:
+                # Print the text as it grows; hold back a trailing partial UTF-8 character
+                # (shown as U+FFFD) until its remaining bytes arrive, so the output ends as
+                # without --stream.
+                ids, shown = list(prompt), ""
+                for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens,
+                                             **options):
+                    new = [int(t) for t in chunk[0]]
+                    kept = cut_after_eos(new, options["eos_id"])  # later slots repeat eos_id
+                    ids += kept
+                    if progress:
+                        progress.add(len(new))
+                    ended = bool(kept) and kept[-1] == options["eos_id"]
+                    if args.stream:
+                        text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
+                        print(text[len(shown):], end="", flush=True)
+                        shown = text
+                    if ended:
+                        break
+                if progress:
+                    progress.close()
+                text = token_ids_to_text(ids, tokenizer)
+                print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+                n_new = len(ids) - len(prompt)
+            else:
+                out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
+                print(token_ids_to_text(out[0], tokenizer))
+                n_new = len(out[0]) - len(prompt)
     except ValueError as e:
-        raise SystemExit(f"jaxgpt generate: {e}") from e
-    _log(f"jaxgpt: {args.max_new_tokens} tokens in {time.perf_counter() - t0:.2f}s "
-         f"(load + compile + run)")
+        raise fail(str(e)) from e
+    wall = time.perf_counter() - t0
+    gen = max(wall - (clock.seconds - compile_load), 1e-9)  # compiling happens inside the call
+    if cache_dir is not None:
+        home = os.path.expanduser("~")
+        if cache_dir.startswith(home + os.sep):
+            cache_dir = "~" + cache_dir[len(home):]
+    cache = ("compile cache off" if cache_dir is None else
+             f"{clock.cache_hits} of {clock.programs} programs from the compile cache {cache_dir}")
+    cache = f"XLA {clock.backend_seconds:.2f}s, the rest tracing and lowering; {cache}"
+    _log(f"jaxgpt: load {t_load - compile_load:.2f}s, compile {clock.seconds:.2f}s ({cache}), "
+         f"generation {gen:.2f}s for {n_new} tokens: {n_new / gen:.1f} tokens/s")
     return 0
 
 
@@ -233,7 +412,9 @@ def _add_convert(sub) -> None:
     p.add_argument("dst", metavar="DST", help="the directory to write (must not exist)")
     p.add_argument("--to", choices=("hf", "orbax"), default=None,
                    help="format of DST (default: the other one than SRC's)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is an existing jaxgpt or Hugging Face checkpoint "
+                        "directory (or empty); a directory holding other files is refused")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -245,10 +426,22 @@ def _cmd_convert(args) -> int:
     src_fmt = _checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)
-    if dst.exists() and not args.overwrite:
-        raise SystemExit(f"jaxgpt convert: {dst} exists; pass --overwrite to replace it")
-    if dst.resolve() == Path(args.src).resolve():
+    src, target = Path(args.src).resolve(), dst.resolve()
+    if target == src:
         raise SystemExit("jaxgpt convert: SRC and DST are the same directory")
+    if target in src.parents:
+        raise SystemExit(f"jaxgpt convert: DST {dst} contains SRC {args.src}; choose a new "
+                         f"directory for DST")
+    if src in target.parents:
+        raise SystemExit(f"jaxgpt convert: DST {dst} is inside SRC {args.src}; choose a "
+                         f"directory outside it")
+    if dst.exists() or dst.is_symlink():
+        if not args.overwrite:
+            raise SystemExit(f"jaxgpt convert: {dst} exists; pass --overwrite to replace it")
+        try:  # before loading anything: only a checkpoint directory may be replaced
+            checkpoint.check_replaceable(dst)
+        except FileExistsError as e:
+            raise SystemExit(f"jaxgpt convert: --overwrite refused: {e}") from e
     cfg, params, _ = _read_checkpoint(args.src)
     if to == "hf":
         out = weights.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
@@ -313,7 +506,10 @@ def _add_train(sub) -> None:
     p.add_argument("--out", metavar="DIR", default="jaxgpt-run",
                    help="metrics.jsonl, loss.png and checkpoints/ go here (default jaxgpt-run)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out, exactly")
+                   help="continue from the newest checkpoint in --out (an error if there is "
+                        "none); changed optimisation flags (--lr, --steps, ...) are allowed "
+                        "with a warning, changed model or data flags are not")
+    _add_cache_args(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -352,7 +548,7 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from jaxgpt import data
-    from jaxgpt.train import TrainConfig, TrainingDiverged, train_loop
+    from jaxgpt.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train_loop
 
     def fail(msg: str) -> SystemExit:
         return SystemExit(f"jaxgpt train: {msg}")
@@ -375,6 +571,10 @@ def _cmd_train(args) -> int:
         if path and not Path(path).is_file():
             raise fail(f"--{name.replace('_', '-')} {path} does not exist")
 
+    if args.init_from and Path(args.out).resolve() in Path(args.init_from).resolve().parents:
+        raise fail(f"--init-from {args.init_from} is inside --out {args.out}, where checkpoints "
+                   f"are rotated out; copy it elsewhere or choose another --out")
+    _enable_compile_cache(args)
     cfg, params, desc = _train_model_config(args)
     seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.context_length)
     if seq_len > cfg.context_length:
@@ -393,22 +593,32 @@ def _cmd_train(args) -> int:
         msg = re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
         raise fail(msg) from e
 
-    if args.token_file:
-        tokens, source = data.load_token_file(args.token_file), f"token file {args.token_file}"
-    elif args.text_file:
-        tokens, source = data.tokenize_file(args.text_file), f"text file {args.text_file}"
-    else:
-        tokens = data.tokenize_text(data.demo_corpus())
-        source = "the demo corpus (Python's help topics, pydoc_data.topics)"
-    train_tokens, val_tokens = data.train_val_split(tokens, tc.train_ratio)
-    _log(f"jaxgpt train: {desc}; {source}: {len(tokens):,} tokens "
-         f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
     try:
+        if args.token_file:
+            tokens = data.load_token_file(args.token_file)
+            source = f"token file {args.token_file}"
+        elif args.text_file:
+            tokens, source = data.tokenize_file(args.text_file), f"text file {args.text_file}"
+        else:
+            tokens = data.tokenize_text(data.demo_corpus())
+            source = "the demo corpus (Python's help topics, pydoc_data.topics)"
+        train_tokens, val_tokens = data.train_val_split(tokens, tc.train_ratio)
+        _log(f"jaxgpt train: {desc}; {source}: {len(tokens):,} tokens "
+             f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
         records = train_loop(cfg, tc, train_tokens, val_tokens, args.out, resume=args.resume,
                              params=params)
     except TrainingDiverged:
         return 1  # the loop has said what happened and where the last good checkpoint is
-    except (FileExistsError, ValueError) as e:
+    except TrainingInterrupted as e:
+        argv = list(getattr(args, "argv", None) or sys.argv[1:])
+        again = shlex.join(["jaxgpt", *argv, *([] if "--resume" in argv else ["--resume"])])
+        _log(f"jaxgpt train: interrupted ({e}). Resume with: {again}")
+        return 128 + e.signum
+    except KeyboardInterrupt:  # outside the steps, where the loop handles the signals itself
+        _log(f"jaxgpt train: interrupted outside the training steps; checkpoints saved before "
+             f"in {args.out} are intact")
+        return 130
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from e
     if records:
         last = records[-1]
@@ -431,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
     return args.func(args)
 
 

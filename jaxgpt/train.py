@@ -25,7 +25,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +151,10 @@ class TrainConfig:
     keep: int = 3
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 30
+    # Samples are drawn as the book's chapter 5 does (temperature, then top-k), with the key
+    # PRNGKey(seed) at every evaluation: the samples differ only as the model does.
+    sample_top_k: int = 25
+    sample_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int = 1) -> None:
@@ -167,8 +173,14 @@ class TrainConfig:
             "keep",
         ):
             positive_int(name)
-        for name in ("warmup_steps", "seed", "sample_tokens"):
+        for name in ("warmup_steps", "seed", "sample_tokens", "sample_top_k"):
             positive_int(name, 0)
+        if not (isinstance(self.sample_temperature, (int, float)) and self.sample_temperature >= 0
+                and math.isfinite(self.sample_temperature)):
+            raise ValueError(
+                f"TrainConfig.sample_temperature must be a finite number >= 0 (0 = greedy), "
+                f"got {self.sample_temperature!r}"
+            )
         if self.stride is not None:
             positive_int("stride")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
@@ -217,12 +229,13 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Fields that change the sequence of losses: a resumed run must agree on all of them.
-_RESUME_FIELDS = (
+# What a resumed run must share with the checkpoint's: the data it reads, in the same order.
+_RESUME_DATA_FIELDS = ("batch_size", "seq_len", "stride", "train_ratio", "seed")
+# Settings a resumed run may change (a diverged run retried with a lower --lr, a run extended
+# with more --steps): the first group changes the losses from there on, the second only when
+# the loop evaluates, samples or saves.
+_RESUME_OPTIM_FIELDS = (
     "steps",
-    "batch_size",
-    "seq_len",
-    "stride",
     "lr",
     "min_lr",
     "warmup_steps",
@@ -232,9 +245,19 @@ _RESUME_FIELDS = (
     "eps",
     "grad_clip",
     "grad_accum",
-    "train_ratio",
-    "seed",
     "dtype",
+    "remat",
+    "fsdp",
+)
+_RESUME_LOOP_FIELDS = (
+    "eval_every",
+    "eval_iters",
+    "save_every",
+    "keep",
+    "sample_prompt",
+    "sample_tokens",
+    "sample_top_k",
+    "sample_temperature",
 )
 
 
@@ -272,9 +295,10 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
         weight_decay=tc.weight_decay,
         mask=decay_mask,
     )
-    if tc.grad_clip is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
+    # The chain has the same state tree with clipping on or off, so a run resumed with another
+    # --grad-clip restores its AdamW moments.
+    clip = optax.identity() if tc.grad_clip is None else optax.clip_by_global_norm(tc.grad_clip)
+    return optax.chain(clip, adamw)
 
 
 # --- the pure train step ------------------------------------------------------------------------
@@ -433,6 +457,8 @@ _LOOP_ONLY = {
     "keep": 1,
     "sample_prompt": "",
     "sample_tokens": 0,
+    "sample_top_k": 0,
+    "sample_temperature": 0.0,
 }
 
 
@@ -511,9 +537,14 @@ def save_train_checkpoint(
     loader: BatchLoader,
     tokens_seen: int,
 ) -> Path:
-    """Write `ckpt_dir/step_NNNNNNNN` (atomic), then delete all but the newest `tc.keep`."""
+    """Write `ckpt_dir/step_NNNNNNNN` (atomic), then delete all but the newest `tc.keep`.
+
+    Only complete jaxgpt checkpoints holding nothing else are rotated out, and temporaries of
+    saves killed earlier are removed (see `checkpoint.remove_stale_temporaries`).
+    """
     step = int(state.step)
     path = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
+    checkpoint.remove_stale_temporaries(ckpt_dir)
     checkpoint.save(
         path,
         state.params,
@@ -523,26 +554,72 @@ def save_train_checkpoint(
         overwrite=True,
     )
     for old in list_checkpoints(ckpt_dir)[: -tc.keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != path and not checkpoint.foreign_entries(old):
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def check_resumable(path: Path, cfg: GPTConfig, tc: TrainConfig) -> None:
-    """Raise ValueError naming the first setting in which `path`'s run differs from this one."""
+def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
+    """What this run changes from the run saved at `path`, one warning line each.
+
+    Raises ValueError naming the field if the model config or a data setting
+    (`_RESUME_DATA_FIELDS`) differs: the checkpoint's weights or data position would not fit.
+    Optimisation and loop settings may change; the warnings say so.
+    """
     saved_cfg = checkpoint.load_config(path)
     if saved_cfg != cfg:
-        diff = [k for k, v in cfg.to_dict().items() if saved_cfg.to_dict().get(k) != v]
+        diff = [
+            f"{k}: {saved_cfg.to_dict().get(k)!r} -> {v!r}"
+            for k, v in cfg.to_dict().items()
+            if saved_cfg.to_dict().get(k) != v
+        ]
         raise ValueError(
-            f"{path} was trained with another model config (differs in {diff}); "
-            f"resume with the same --preset/--config"
+            f"{path} was trained with another model config ({'; '.join(diff)}); "
+            f"resume with the same --preset/--config/--init-from"
         )
     saved = checkpoint.load_metadata(path).get("train", {})
-    for name in _RESUME_FIELDS:
+    for name in _RESUME_DATA_FIELDS:
         if saved.get(name) != getattr(tc, name):
             raise ValueError(
                 f"{path} was trained with {name}={saved.get(name)!r}, this run has "
-                f"{name}={getattr(tc, name)!r}: an exact resume needs the same value"
+                f"{name}={getattr(tc, name)!r}: the data (order, windows, split) must stay the "
+                f"same to resume; use --{name.replace('_', '-')} {saved.get(name)!r} or a new --out"
             )
+    changes = []
+    for name in _RESUME_OPTIM_FIELDS + _RESUME_LOOP_FIELDS:
+        old, new = saved.get(name), getattr(tc, name)
+        if name not in saved or old == new:
+            continue
+        if name in _RESUME_OPTIM_FIELDS:
+            why = "the run is no longer an exact replay of an uninterrupted one"
+        else:
+            why = "changes only when the loop evaluates, samples or saves"
+        changes.append(f"--{name.replace('_', '-')} changed from {old!r} to {new!r}: {why}")
+    return changes
+
+
+_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints")
+
+
+def check_run_dir(out: Path) -> None:
+    """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes.
+
+    A run rewrites `metrics.jsonl` and `loss.png` and rotates `checkpoints/`, so a directory
+    holding anything else (a project, someone's notes) is refused rather than mixed into.
+    """
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"{out} is a dangling symbolic link")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"{out} holds files that jaxgpt train did not write "
+            f"({checkpoint.describe_names(foreign)}); a run directory holds "
+            f"only {', '.join(_RUN_ENTRIES)}: choose a new or empty output directory"
+        )
 
 
 def restore_train_checkpoint(
@@ -565,12 +642,75 @@ class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the parameters became NaN or infinite."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a checkpoint of the current step was saved.
+
+    `signum` is the signal, `step` the last completed step and `checkpoint` its directory.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        name = signal.Signals(signum).name
+        where = f"saved {checkpoint}" if checkpoint else "no step completed, nothing saved"
+        super().__init__(f"{name} at step {step}: {where}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class _StopOnSignal:
+    """While active, the first SIGINT/SIGTERM only sets `signum` (the loop stops after the
+    step in flight and saves); a second one exits the process at once, without saving.
+
+    Handlers are installed only in the main thread (Python allows no other); elsewhere the
+    signals keep their default behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os.write(2, b"\njaxgpt train: second interrupt: exiting now, without saving\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(
+            2,
+            f"\njaxgpt train: {signal.Signals(signum).name} received: stopping after this step "
+            f"and saving a checkpoint (Ctrl-C again to quit at once)\n".encode(),
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _clock(seconds: float) -> str:
+    """`m:ss` or `h:mm:ss`."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 class _Progress:
-    """A one-line progress bar on stderr (a plain line every ~5% when stderr is not a terminal)."""
+    """A one-line progress bar on stderr (a plain line every ~5% when stderr is not a terminal):
+    step, loss, tokens/s, elapsed time and the estimated time left.
+
+    The estimate is the wall time per step since the first step (which includes compiling),
+    evaluations and saves included, times the steps left.
+    """
 
     def __init__(self, total: int, start: int):
         self.total, self.start = total, start
@@ -578,19 +718,29 @@ class _Progress:
         self.every = max(1, total // 20)
         self.rate = None
         self.calls = 0
+        self.t_start = time.perf_counter()
+        self.t_first = None  # when the first (compiling) step ended
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         self.calls += 1
+        now = time.perf_counter()
         if self.calls > 1:  # the first step includes compilation
             self.rate = tokens_per_s if self.rate is None else 0.9 * self.rate + 0.1 * tokens_per_s
+        else:
+            self.t_first = now
+        eta = ""
+        if self.calls > 1:
+            per_step = (now - self.t_first) / (self.calls - 1)
+            eta = f" ETA {_clock(per_step * (self.total - step))}"
         width = 24
         filled = int(width * step / self.total)
         line = (
             f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} "
             f"loss {loss:.4f} " + (f"{self.rate:,.0f} tok/s" if self.rate else "compiling")
+            + f" elapsed {_clock(now - self.t_start)}{eta}"
         )
         if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
+            print("\r" + line + "\x1b[K", end="", file=sys.stderr, flush=True)
         elif step % self.every == 0 or step == self.total:
             _log(line)
 
@@ -625,8 +775,11 @@ def plot_losses(records: Sequence[dict], path: str | os.PathLike) -> Path | None
         return None
     tokens = [r["tokens_seen"] for r in records]
     evals = [r for r in records if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(tokens, [r["loss"] for r in records], label="Training loss", alpha=0.8)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    # Few points: mark each one, or a run of one step draws an empty line.
+    marker = "o" if len(records) <= 50 else None
+    ax.plot(tokens, [r["loss"] for r in records], marker=marker, markersize=3,
+            label="Training loss", alpha=0.8)
     if evals:
         ax.plot(
             [r["tokens_seen"] for r in evals],
@@ -638,20 +791,23 @@ def plot_losses(records: Sequence[dict], path: str | os.PathLike) -> Path | None
         )
     ax.set_xlabel("Tokens seen")
     ax.set_ylabel("Loss")
-    ax.legend(loc="upper right")
     top = ax.twiny()  # steps along the top, as the seeds show epochs beside tokens seen
     top.plot([r["step"] for r in records], [r["loss"] for r in records], alpha=0)
     top.set_xlabel("Step")
     top.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    # The legend goes below the axes, outside them: inside, it can cover the only points.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def _sample(params, cfg: GPTConfig, tc: TrainConfig) -> str | None:
-    from jaxgpt.generation import generate_text_simple
+    """`tc.sample_prompt` continued by `tc.sample_tokens` tokens drawn with temperature and top-k
+    and the key PRNGKey(tc.seed) (None without a GPT-2 vocabulary)."""
+    from jaxgpt.generation import generate
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     if tc.sample_tokens == 0 or not tc.sample_prompt:
@@ -660,8 +816,17 @@ def _sample(params, cfg: GPTConfig, tc: TrainConfig) -> str | None:
     idx = text_to_token_ids(tc.sample_prompt, tokenizer)
     if cfg.vocab_size < tokenizer.n_vocab or idx.shape[1] > cfg.context_length:
         return None  # a custom vocabulary: GPT-2 text has no meaning here
-    out = generate_text_simple(params, cfg, idx, tc.sample_tokens)
-    return token_ids_to_text(jax.device_get(out)[0], tokenizer)
+    sampled = tc.sample_temperature > 0
+    out = generate(
+        params,
+        cfg,
+        [[int(t) for t in jax.device_get(idx)[0]]],
+        tc.sample_tokens,
+        temperature=tc.sample_temperature,
+        top_k=min(tc.sample_top_k, cfg.vocab_size) if sampled and tc.sample_top_k else None,
+        key=jax.random.PRNGKey(tc.seed) if sampled else None,
+    )
+    return token_ids_to_text(out[0], tokenizer)
 
 
 def check_tokens(tokens: np.ndarray, cfg: GPTConfig, name: str) -> None:
@@ -673,6 +838,36 @@ def check_tokens(tokens: np.ndarray, cfg: GPTConfig, name: str) -> None:
         raise ValueError(
             f"{name} holds token id {hi}, outside the model's vocabulary [0, {cfg.vocab_size})"
         )
+
+
+def _prepare_run(
+    out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool
+) -> tuple[Path | None, list[str]]:
+    """Check `out` and the resume request: `(checkpoint to resume from or None, warnings)`."""
+    check_run_dir(out)
+    ckpt_dir = out / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints (newest {existing[-1].name}); "
+            f"pass resume=True (--resume) or choose another output directory"
+        )
+    if resume and not existing:
+        raise FileNotFoundError(
+            f"nothing to resume: {ckpt_dir} holds no complete checkpoint; "
+            f"run without --resume to start, or point --out at the run to continue"
+        )
+    if not existing:
+        return None, []
+    latest = existing[-1]
+    changes = resume_changes(latest, cfg, tc)
+    step = int(checkpoint.load_metadata(latest).get("step", 0))
+    if tc.steps <= step:
+        raise ValueError(
+            f"{latest} is at step {step}; --steps {tc.steps} leaves nothing to do "
+            f"(pass --steps > {step} to extend the run)"
+        )
+    return latest, changes
 
 
 def train_loop(
@@ -693,28 +888,30 @@ def train_loop(
     Writes `out_dir/metrics.jsonl` (one object per step: `step`, `loss`, `tokens_seen`, `lr`,
     `grad_norm`, `tokens_per_s`; plus `val_loss`, `val_perplexity` and `sample` where
     evaluated), `out_dir/checkpoints/step_NNNNNNNN` every `tc.save_every` steps and at the end
-    (the newest `tc.keep` kept), and `out_dir/loss.png`. With `resume`, continues from the
-    newest checkpoint with exactly the batches, dropout keys and optimizer state the
-    uninterrupted run would have had. `on_step(step, record)` is called after each step.
+    (the newest `tc.keep` kept), and `out_dir/loss.png`. `out_dir` must be new, empty or a run
+    directory (`check_run_dir`). With `resume`, continues from the newest checkpoint with
+    exactly the batches, dropout keys and optimizer state the uninterrupted run would have had;
+    optimisation settings may differ from the saved run's (each change is logged as a warning),
+    the model and data settings may not. `on_step(step, record)` is called after each step.
+
+    SIGINT/SIGTERM (in the main thread) stop the run after the step in flight: a checkpoint of
+    that step is saved, `metrics.jsonl` and `loss.png` are written, and TrainingInterrupted is
+    raised. A second signal exits the process at once.
 
     Raises TrainingDiverged (nothing saved for that step) on a NaN or infinite loss, gradient or
-    parameter; ValueError for settings that cannot work, before anything is compiled.
+    parameter; ValueError, FileExistsError or FileNotFoundError for settings that cannot work,
+    before anything is compiled or written.
 
     Returns:
       The records of this run's steps (those of `metrics.jsonl` written by this call).
     """
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not resume:
-        raise FileExistsError(
-            f"{out} already holds checkpoints (newest {existing[-1].name}); "
-            f"pass resume=True (--resume) or choose another output directory"
-        )
     if tc.seq_len > cfg.context_length:
         raise ValueError(
             f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
         )
+    latest, changes = _prepare_run(out, cfg, tc, resume)
     mesh = sharding.make_mesh(devices)
     n_dev = mesh.shape[sharding.DATA]
     micro = tc.batch_size // tc.grad_accum
@@ -738,9 +935,6 @@ def train_loop(
             f"jaxgpt train: the validation split ({len(val_tokens)} tokens) is shorter than one "
             f"window of {tc.seq_len + 1}; no validation loss"
         )
-    latest = existing[-1] if resume and existing else None
-    if latest is not None:
-        check_resumable(latest, cfg, tc)
 
     key = dropout_key(tc)
     state = init_train_state(cfg, tc, params)
@@ -760,6 +954,8 @@ def train_loop(
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if latest is not None:
         _log(f"jaxgpt train: resumed from {latest} (step {start}, {tokens_seen:,} tokens seen)")
+    for change in changes:
+        _log(f"jaxgpt train: warning: {change}")
     _log(
         f"jaxgpt train: {sharding.describe(mesh, tc.fsdp)}; {len(loader.windows):,} training "
         f"windows of {tc.seq_len} tokens, {loader.batches_per_epoch} batches per epoch"
@@ -767,8 +963,8 @@ def train_loop(
 
     bar = _Progress(tc.steps, start) if progress else None
     records: list[dict] = []
-    last_good = latest
-    with open(metrics_path, "a") as log_file:
+    last_good, saved_step = latest, start
+    with _StopOnSignal() as stop, open(metrics_path, "a") as log_file:
         for step in range(start + 1, tc.steps + 1):
             inputs, targets = loader.next()
             t0 = time.perf_counter()
@@ -799,31 +995,46 @@ def train_loop(
                 "grad_norm": float(m["grad_norm"]),
                 "tokens_per_s": inputs.size / dt,
             }
-            if step % tc.eval_every == 0 or step == tc.steps:
-                if val_batches:
-                    val = evaluate(eval_step, state.params, val_batches)
-                    record["val_loss"] = val
-                    record["val_perplexity"] = math.exp(min(val, 700.0))
-                sample = _sample(state.params, cfg, tc)
-                if sample is not None:
-                    record["sample"] = sample
-                if bar:
-                    val_txt = f"val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-                    bar.message(f"step {step}: train loss {loss:.4f} {val_txt}".rstrip())
-                    if sample is not None:
-                        bar.message("  sample: " + sample.replace("\n", " "))
+            if (step % tc.eval_every == 0 or step == tc.steps) and stop.signum is None:
+                _evaluate_into(record, state.params, cfg, tc, eval_step, val_batches, bar)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
-            if saving:
+            if saving or stop.signum is not None:
+                if not saving and not bool(_tree_all_finite(state.params)):
+                    raise TrainingDiverged(
+                        f"jaxgpt train: interrupted at step {step} with non-finite parameters; "
+                        f"not saved. Last good checkpoint: {last_good}"
+                    )
                 last_good = save_train_checkpoint(ckpt_dir, cfg, tc, state, loader, tokens_seen)
+                saved_step = step
             records.append(record)
             if bar:
                 bar.update(step, loss, record["tokens_per_s"])
             if on_step is not None:
                 on_step(step, record)
-    if bar and bar.tty:
-        print(file=sys.stderr)
-    png = plot_losses(_read_metrics(metrics_path), out / "loss.png")
-    if png:
-        _log(f"jaxgpt train: loss plot in {png}")
+            if stop.signum is not None:
+                break
+        if bar and bar.tty:
+            print(file=sys.stderr)
+        png = plot_losses(_read_metrics(metrics_path), out / "loss.png")
+        if png:
+            _log(f"jaxgpt train: loss plot in {png}")
+        if stop.signum is not None and saved_step < tc.steps:
+            raise TrainingInterrupted(stop.signum, saved_step, last_good)
     return records
+
+
+def _evaluate_into(record, params, cfg, tc, eval_step, val_batches, bar) -> None:
+    """Add `val_loss`, `val_perplexity` and `sample` to `record`; print them with `bar`."""
+    if val_batches:
+        val = evaluate(eval_step, params, val_batches)
+        record["val_loss"] = val
+        record["val_perplexity"] = math.exp(min(val, 700.0))
+    sample = _sample(params, cfg, tc)
+    if sample is not None:
+        record["sample"] = sample
+    if bar:
+        val_txt = f"val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        bar.message(f"step {record['step']}: train loss {record['loss']:.4f} {val_txt}".rstrip())
+        if sample is not None:
+            bar.message("  sample: " + sample.replace("\n", " "))

@@ -1,6 +1,10 @@
 """Orbax checkpoints: bit-identical round trip, config kept, atomic save, clear errors."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -54,15 +58,94 @@ def test_extra_state_round_trip(tmp_path, tiny_cfg):
 
 
 def test_save_refuses_an_existing_path_unless_overwrite(tmp_path, tiny_cfg):
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "mine.txt").write_text("keep")
+    checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
     with pytest.raises(FileExistsError, match="ckpt"):
         checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
-    assert (tmp_path / "ckpt" / "mine.txt").read_text() == "keep"
     params = random_params(tiny_cfg, seed=3)
     checkpoint.save(tmp_path / "ckpt", params, tiny_cfg, overwrite=True)
-    assert not (tmp_path / "ckpt" / "mine.txt").exists()
     assert_bit_identical(checkpoint.restore(tmp_path / "ckpt")[1], params)
+    (tmp_path / "empty").mkdir()
+    checkpoint.save(tmp_path / "empty", params, tiny_cfg, overwrite=True)
+    assert checkpoint.is_checkpoint(tmp_path / "empty")
+
+
+def _hf_like(path, *extra):
+    path.mkdir()
+    for name in ("config.json", "model.safetensors", *extra):
+        (path / name).write_text("x")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, held",
+    [
+        (lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "notes.txt"),
+        (lambda d: _hf_like(d, "tokenizer.json"), "tokenizer.json"),
+        (lambda d: (_hf_like(d), (d / "data").mkdir()), "data/"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "no checkpoint marker"),
+    ],
+)
+def test_overwrite_replaces_only_checkpoint_directories(tmp_path, tiny_cfg, make, held):
+    dst = tmp_path / "dst"
+    make(dst)
+    before = sorted(p.name for p in dst.iterdir())
+    with pytest.raises(FileExistsError, match=f"not a jaxgpt or Hugging Face checkpoint.*{held}"):
+        checkpoint.save(dst, random_params(tiny_cfg), tiny_cfg, overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == before  # nothing touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no temporary left
+
+
+def test_overwrite_replaces_a_hugging_face_directory_but_not_a_link(tmp_path, tiny_cfg):
+    hf = _hf_like(tmp_path / "hf", "generation_config.json", "model-00001-of-00002.safetensors")
+    checkpoint.check_replaceable(hf)
+    checkpoint.save(hf, random_params(tiny_cfg), tiny_cfg, overwrite=True)
+    assert checkpoint.is_checkpoint(hf) and not (hf / "model.safetensors").exists()
+    (tmp_path / "link").symlink_to(hf)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        checkpoint.save(tmp_path / "link", random_params(tiny_cfg), tiny_cfg, overwrite=True)
+    assert checkpoint.is_checkpoint(hf)
+
+
+def _dead_pid():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_a_save_removes_the_temporaries_of_killed_saves_and_nothing_else(tmp_path, tiny_cfg):
+    dead = _dead_pid()
+    stale = tmp_path / f".ckpt.tmp-{dead}-0123abcd"  # a save killed while orbax wrote params
+    (stale / "params").mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    legacy = tmp_path / ".ckpt.tmp-89abcdef"  # the name before the PID was part of it
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    live = tmp_path / f".ckpt.tmp-{os.getpid()}-0123abcd"  # a save in progress
+    live.mkdir()
+    foreign = tmp_path / f".ckpt.tmp-{dead}-fedcba98"  # a name that fits, content that does not
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    other = tmp_path / f".other.tmp-{dead}-0123abcd"  # another checkpoint's: left to its save
+    other.mkdir()
+    checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ckpt", live.name, foreign.name, other.name]
+    )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_have_the_modes_of_plain_files(tmp_path, tiny_cfg, umask):
+    from jaxgpt.weights import save_pretrained
+
+    old = os.umask(umask)
+    try:
+        save_pretrained(random_params(tiny_cfg), tiny_cfg, tmp_path / "hf")
+        checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "hf").rglob("*"), *(tmp_path / "ckpt").rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
 
 
 def test_interrupted_save_leaves_no_half_written_checkpoint(tmp_path, tiny_cfg, monkeypatch):

@@ -1,6 +1,7 @@
 """The `jaxgpt` command: info and generate, offline."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -9,8 +10,20 @@ import pytest
 from jaxgpt.cli import main
 
 
-def _run(*args, tmp_path):
-    env = dict(os.environ)
+@pytest.fixture(autouse=True)
+def _compile_cache_in_tmp(tmp_path, monkeypatch):
+    """The CLI turns JAX's persistent compilation cache on: keep it out of the home directory
+    and switch it off again for the tests that follow."""
+    import jax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _run(*args, tmp_path, env=None):
+    env = {**os.environ, **(env or {})}
     env.update({
         "TIKTOKEN_CACHE_DIR": str(tmp_path / "no-cache"),
         "HTTPS_PROXY": "http://127.0.0.1:9",  # any attempt to reach the network fails
@@ -61,3 +74,81 @@ def test_bad_arguments_exit_with_a_message(tmp_path, args, message):
     res = _run(*args, tmp_path=tmp_path)
     assert res.returncode != 0
     assert message in res.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-k", "5"], "--top-k only apply when sampling, and sampling needs a temperature "
+                           "above 0"),
+        (["--top-p", "0.9", "--top-k", "3"], "--top-k and --top-p only apply when sampling"),
+        (["--top-k", "0", "--temperature", "1"], r"top_k must be in \[1, 50257\]"),
+        (["--top-k", "50258", "--temperature", "1"], r"top_k must be in \[1, 50257\]"),
+        (["--top-p", "1.5", "--temperature", "1"], r"top_p must be in \(0, 1\]"),
+        (["--top-k", "0"], r"top_k must be in \[1, 50257\]"),  # a bad value is named first
+    ],
+)
+def test_sampling_flags_need_a_temperature_and_name_the_real_bounds(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", "--no-compile-cache", *flags])
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """A tiny model with GPT-2's vocabulary (the CLI tokenizes with it), context 16."""
+    from jaxgpt import checkpoint
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import init_params
+
+    cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
+                    drop_rate=0.0, qkv_bias=False)
+    return checkpoint.save(tmp_path_factory.mktemp("small") / "ckpt", init_params(cfg, 0), cfg)
+
+
+def test_generate_reports_timings_and_a_second_run_loads_every_program_from_the_cache(
+    tmp_path, small_checkpoint
+):
+    args = ("generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "4")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = _run(*args, tmp_path=tmp_path, env=env)
+    second = _run(*args, tmp_path=tmp_path, env=env)
+    off = _run(*args, "--no-compile-cache", tmp_path=tmp_path, env=env)
+    cache = tmp_path / "cache" / "jaxgpt" / "xla"
+    pattern = (
+        r"jaxgpt: load [\d.]+s, compile [\d.]+s \(XLA [\d.]+s, the rest tracing and lowering; "
+        r"(\d+) of (\d+) programs from the compile "
+        rf"cache {re.escape(str(cache))}\), generation [\d.]+s for 4 tokens: [\d.]+ tokens/s"
+    )
+    hits1, n1 = map(int, re.search(pattern, first.stderr).groups())
+    hits2, n2 = map(int, re.search(pattern, second.stderr).groups())
+    assert (hits1, n2, hits2) == (0, n1, n1) and n1 >= 1, (first.stderr, second.stderr)
+    assert any(cache.iterdir())
+    assert "compile cache off" in off.stderr
+    assert first.stdout == second.stdout == off.stdout
+
+
+def test_generation_past_the_context_warns_once_and_shows_progress(small_checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "20",
+                 "--no-compile-cache"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning:") == 1
+    assert ("warning: 8 of the 20 new tokens lie past context_length 16: from new token 13 on, "
+            "each one recomputes the whole 16-token window") in err
+    # 2 FLOP per parameter (1.6M: mostly embedding and head) and position, 16 positions
+    assert re.search(r"about 5\d.\d MFLOP per token instead of 3.\d\d MFLOP", err), err
+    assert "jaxgpt: generated 20/20 tokens" in err
+    assert out.startswith("Hello, I am")
+
+
+def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path, capsys):
+    from jaxgpt import checkpoint
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.model import init_params
+
+    cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
+    path = checkpoint.save(tmp_path / "ckpt", init_params(cfg, 0), cfg)
+    with pytest.raises(SystemExit, match=r"GPT-2 token id 15496, outside the model's vocabulary "
+                                         r"\[0, 100\)"):
+        main(["generate", "--checkpoint", str(path), "--max-new-tokens", "40",
+              "--no-compile-cache"])
+    assert "warning" not in capsys.readouterr().err

@@ -18,6 +18,18 @@ PROMPT = "Hello, I am"
 NEW = 6
 
 
+@pytest.fixture(autouse=True)
+def _compile_cache_in_tmp(tmp_path, monkeypatch):
+    """The CLI turns JAX's persistent compilation cache on: keep it out of the home directory
+    and switch it off again for the tests that follow."""
+    import jax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A small random GPT-2 with the real vocabulary (the CLI tokenizes with GPT-2's BPE)."""
@@ -122,3 +134,31 @@ def test_checkpoint_errors_are_clear(hf_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(SystemExit, match=r"cannot load .*config\.json: model_type='llama'"):
         main(["generate", "--checkpoint", str(bad)])
+
+
+def test_convert_never_deletes_the_source_or_other_files(hf_dir, tmp_path):
+    _, path = hf_dir
+    parent = tmp_path / "parent"
+    src = parent / "src"
+    parent.mkdir()
+    assert main(["convert", str(path), str(src), "--to", "hf"]) == 0
+    (parent / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(parent) for p in parent.rglob("*"))
+    with pytest.raises(SystemExit, match="DST .*parent contains SRC"):
+        main(["convert", str(src), str(parent), "--overwrite"])
+    with pytest.raises(SystemExit, match="DST .*inside SRC"):
+        main(["convert", str(src), str(src / "sub"), "--overwrite"])
+    with pytest.raises(SystemExit, match="SRC and DST are the same"):
+        main(["convert", str(src), str(src), "--overwrite"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--overwrite refused: .*other is not a jaxgpt or "
+                                         "Hugging Face checkpoint directory .*notes.txt"):
+        main(["convert", str(src), str(other), "--overwrite"])
+    assert (other / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(parent) for p in parent.rglob("*")) == before
+    assert load_pretrained(src)[0] == load_pretrained(path)[0]
+    # A checkpoint directory jaxgpt wrote is replaced.
+    assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", str(path), str(tmp_path / "ckpt"), "--overwrite"]) == 0

@@ -264,9 +264,13 @@ def test_save_pretrained_refuses_existing_path(tmp_path, tiny_cfg):
     with pytest.raises(FileExistsError, match="out"):
         save_pretrained(params, tiny_cfg, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    save_pretrained(params, tiny_cfg, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert load_pretrained(tmp_path / "out")[0] == tiny_cfg
+    # --overwrite replaces only a checkpoint directory: not one holding other files.
+    with pytest.raises(FileExistsError, match="not a jaxgpt or Hugging Face checkpoint.*keep.txt"):
+        save_pretrained(params, tiny_cfg, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save_pretrained(params, tiny_cfg, tmp_path / "hf")
+    save_pretrained(random_params(tiny_cfg, 1), tiny_cfg, tmp_path / "hf", overwrite=True)
+    assert load_pretrained(tmp_path / "hf")[0] == tiny_cfg
 
 
 def test_interrupted_save_pretrained_leaves_nothing(tmp_path, tiny_cfg, monkeypatch):

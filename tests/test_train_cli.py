@@ -1,6 +1,16 @@
 """`jaxgpt train`: flags, outputs (metrics.jsonl, loss.png, checkpoints, samples), resume."""
 
 import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +18,18 @@ from conftest import TINY
 
 from jaxgpt.cli import main
 from jaxgpt.data import save_token_file
+
+
+@pytest.fixture(autouse=True)
+def _compile_cache_in_tmp(tmp_path, monkeypatch):
+    """The CLI turns JAX's persistent compilation cache on: keep it out of the home directory
+    and switch it off again for the tests that follow."""
+    import jax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 @pytest.fixture
@@ -61,12 +83,7 @@ def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files
     assert [r["tokens_seen"] for r in lines] == [32 * s for s in range(1, 7)]
     assert all(np.isfinite(r["loss"]) for r in lines)
     assert [r["step"] for r in lines if "val_loss" in r] == [3, 6]
-    try:
-        import matplotlib  # noqa: F401  (optional: without it the plot is skipped with a note)
-    except ImportError:
-        assert not (run / "loss.png").exists()
-    else:
-        assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: a dependency
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000004",
         "step_00000006",
@@ -74,6 +91,8 @@ def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files
     out, err = capsys.readouterr()
     assert "step 6: loss" in out and "val loss" in out
     assert "tok/s" in err and "step 3: train loss" in err
+    assert re.search(r"step 1/6 loss [\d.]+ compiling elapsed \d+:\d\d\n", err), err
+    assert re.search(r"step 6/6 loss [\d.]+ [\d,]+ tok/s elapsed \d+:\d\d ETA 0:00\n", err), err
     # Running again into the same directory needs --resume.
     with pytest.raises(SystemExit, match="--resume"):
         _train(tmp_path, cfg, tokens, "--steps", "6")
@@ -96,8 +115,7 @@ def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_files,
         return real(*args, on_step=stop, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_loop", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "b", cfg, tokens, *flags)
+    assert _train(tmp_path / "b", cfg, tokens, *flags) == 130
     monkeypatch.setattr(train_mod, "train_loop", real)
     assert _train(tmp_path / "b", cfg, tokens, *flags, "--resume") == 0
     read = [
@@ -212,3 +230,162 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_files):
         )
     with pytest.raises(SystemExit):  # argparse: --preset and --config together
         main(["train", "--preset", "gpt2-small", "--config", str(cfg)])
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, tiny_files):
+    cfg, tokens = tiny_files
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("not mine to delete\n")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files that jaxgpt train did not write .notes.txt"):
+        _train(tmp_path, cfg, tokens, "--steps", "2")
+    assert (run / "metrics.jsonl").read_text() == "not mine to delete\n"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "notes.txt"]
+
+
+def test_resume_without_a_checkpoint_fails_naming_the_directory(tmp_path, tiny_files):
+    cfg, tokens = tiny_files
+    with pytest.raises(SystemExit, match=f"nothing to resume: {tmp_path / 'run' / 'checkpoints'}"):
+        _train(tmp_path, cfg, tokens, "--steps", "2", "--resume")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_loss_plot_legend_covers_no_data(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from jaxgpt.train import plot_losses
+
+    records = [  # two points: the legend must not sit on either
+        {"step": 1, "loss": 9.0, "tokens_seen": 32, "val_loss": 9.1},
+        {"step": 2, "loss": 8.0, "tokens_seen": 64, "val_loss": 8.5},
+    ]
+    seen = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # measure the drawn figure before plot_losses closes it
+        out = real_savefig(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        seen.append((ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer),
+                     [line.get_marker() for line in ax.get_lines()]))
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    assert plot_losses(records, tmp_path / "loss.png") == tmp_path / "loss.png"
+    ((legend, axes, markers),) = seen
+    assert not legend.overlaps(axes)
+    assert all(m not in (None, "None", "") for m in markers)  # each point is drawn
+    assert matplotlib.get_backend().lower() == "agg"
+
+
+class _Training:
+    """`jaxgpt train` in a subprocess (a long run of the tiny model); stderr read line by line."""
+
+    def __init__(self, tmp_path, cfg, tokens):
+        import jaxgpt
+
+        self.out = tmp_path / "run"
+        self.argv = ["train", "--config", str(cfg), "--token-file", str(tokens), "--seq-len", "8",
+                     "--batch-size", "4", "--steps", "100000", "--save-every", "100000",
+                     "--eval-every", "100000", "--out", str(self.out)]
+        root = str(Path(jaxgpt.__file__).resolve().parents[1])
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "jaxgpt", *self.argv], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        self.err = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.err.append(line)
+            self.lines.put(line)
+
+    def wait_for_steps(self, n, timeout=300):
+        """Block until metrics.jsonl has `n` steps (compiling takes most of the time)."""
+        metrics = self.out / "metrics.jsonl"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "".join(self.err)
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no {n} steps in {timeout}s: " + "".join(self.err))
+
+    def wait_for_line(self, text, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r} in {timeout}s: " + "".join(self.err))
+
+    def finish(self, timeout=120):
+        rc = self.proc.wait(timeout=timeout)
+        time.sleep(0.1)  # let the reader thread take the last lines
+        return rc, "".join(self.err)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_the_current_step_and_says_how_to_resume(tmp_path, tiny_files, sig, code):
+    cfg, tokens = tiny_files
+    run = _Training(tmp_path, cfg, tokens)
+    try:
+        run.wait_for_steps(3)
+        run.proc.send_signal(sig)
+        rc, err = run.finish()
+    finally:
+        run.kill()
+    assert rc == code, err
+    assert "Traceback" not in err
+    steps = [json.loads(x)["step"] for x in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    ckpts = sorted(p.name for p in (run.out / "checkpoints").iterdir())
+    assert ckpts == [f"step_{steps[-1]:08d}"]  # the step in flight, none before (save-every 1e5)
+    assert (run.out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    resume = [line for line in err.splitlines() if "Resume with:" in line]
+    assert len(resume) == 1, err
+    assert f"{signal.Signals(sig).name} at step {steps[-1]}" in resume[0]
+    assert resume[0].endswith(shlex.join(["jaxgpt", *run.argv, "--resume"]))
+    if sig == signal.SIGINT:  # the printed command works (here extended to two more steps)
+        argv = run.argv[:]
+        argv[argv.index("--steps") + 1] = str(steps[-1] + 2)
+        assert main([*argv, "--resume"]) == 0
+        lines = (run.out / "metrics.jsonl").read_text().splitlines()
+        again = [json.loads(x)["step"] for x in lines]
+        assert again == list(range(1, steps[-1] + 3))
+
+
+def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_files):
+    cfg, tokens = tiny_files
+    run = _Training(tmp_path, cfg, tokens)
+    try:
+        run.wait_for_steps(3)
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for_line("stopping after this step")
+        run.proc.send_signal(signal.SIGINT)  # while the first one's checkpoint is being saved
+        rc, err = run.finish()
+    finally:
+        run.kill()
+    assert rc == 130, err
+    assert "second interrupt: exiting now, without saving" in err
+    assert "Resume with" not in err and "Traceback" not in err
+
+
+def test_matplotlib_is_a_dependency_of_the_default_install():
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "matplotlib" for d in deps), deps
