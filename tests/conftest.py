@@ -39,6 +39,19 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_compile_cache(tmp_path_factory):
+    """In-process CLI calls turn on JAX's persistent compilation cache (under
+    $XDG_CACHE_HOME): point it at a directory of this test run, not the user's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 # The seeds' dict for a tiny model: vocab ~100, context 16, emb 32, 4 heads, 2 layers.
 TINY = {
     "vocab_size": 100,
