@@ -104,6 +104,107 @@ def cross_entropy_loss(
     return total / count
 
 
+def _strided_chunks(a: jax.Array, chunks: int, fill: Any) -> jax.Array:
+    """`[N, ...]` -> `[K, L, ...]`, chunk k holding rows k, k + K, k + 2K, ... (padded with
+    `fill` to K * L rows). Strided rather than contiguous: with the batch split over devices,
+    every chunk then holds rows of every device, so each scan step keeps them all busy."""
+    n = a.shape[0]
+    rows = -(-n // chunks)  # L
+    a = jnp.pad(a, [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    return a.reshape(rows, chunks, *a.shape[1:]).swapaxes(0, 1)
+
+
+def _unchunk(a: jax.Array, n: int) -> jax.Array:
+    """The inverse of `_strided_chunks`: `[K, L, ...]` -> the first `n` rows `[n, ...]`."""
+    a = a.swapaxes(0, 1)  # [L, K, ...]
+    return a.reshape(-1, *a.shape[2:])[:n]
+
+
+def _head_chunk(x, kernel, targets, dtype, ignore_index):
+    """One chunk through the head: float32 logits `[L, V]` (computed as the plain head does),
+    their logsumexp `[L]`, the one-hot targets `[L, V]`, the NLL `[L]` (0 where ignored)."""
+    logits = jnp.dot(x.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)  # [L, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [L]
+    # Picked by comparison with an iota, not a gather (see cross_entropy_sum).
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]  # [L, V]
+    nll = lse - jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return logits, lse, onehot, jnp.where(targets != ignore_index, nll, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_nll_sum(x, kernel, targets, chunks, dtype, ignore_index):
+    def body(total, xs):
+        xc, tc = xs  # [L, D], [L]
+        return total + jnp.sum(_head_chunk(xc, kernel, tc, dtype, ignore_index)[3]), None
+
+    xs = (_strided_chunks(x, chunks, 0), _strided_chunks(targets, chunks, ignore_index))
+    total, _ = lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def _chunked_nll_sum_fwd(x, kernel, targets, chunks, dtype, ignore_index):
+    # The gradients are computed here, chunk by chunk, while each chunk's logits exist; the
+    # backward pass only scales them by the incoming cotangent. Same FLOPs as autodiff of the
+    # plain path (logits, dx and dW: three matmuls of the head's size), no recomputation.
+    def body(carry, xs):
+        total, dw = carry  # [], [D, V] float32
+        xc, tc = xs  # [L, D], [L]
+        logits, lse, onehot, nll = _head_chunk(xc, kernel, tc, dtype, ignore_index)
+        probs = jnp.exp(logits - lse[:, None])  # softmax, [L, V]
+        valid = (tc != ignore_index)[:, None]
+        dlogits = jnp.where(valid, probs - onehot.astype(jnp.float32), 0.0).astype(dtype)
+        dx = jnp.dot(dlogits, kernel.astype(dtype).T)  # [L, D]
+        dw = dw + jnp.dot(xc.astype(dtype).T, dlogits, preferred_element_type=jnp.float32)
+        return (total + jnp.sum(nll), dw), dx
+
+    xs = (_strided_chunks(x, chunks, 0), _strided_chunks(targets, chunks, ignore_index))
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    (total, dw), dx = lax.scan(body, init, xs)  # dx [K, L, D]
+    dx = _unchunk(dx, x.shape[0]).astype(x.dtype)  # [N, D]
+    return total, (dx, dw.astype(kernel.dtype))
+
+
+def _chunked_nll_sum_bwd(chunks, dtype, ignore_index, residuals, g):
+    dx, dw = residuals
+    return dx * g.astype(dx.dtype), dw * g.astype(dw.dtype), None
+
+
+_chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
+
+
+def chunked_cross_entropy_sum(
+    x: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    chunk_tokens: int,
+    dtype: Any = jnp.float32,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum(x @ kernel, targets)` without ever holding all the logits.
+
+    The output head and the loss run together over chunks of at most `chunk_tokens` tokens in
+    a `lax.scan`, and a custom VJP computes the gradients inside the same scan, so neither the
+    `[N, V]` logits nor their gradient exists at once (the idea of Liger's fused linear
+    cross-entropy): the largest temporaries are a few `[chunk_tokens, V]` arrays. The loss and
+    gradients are those of the plain path up to float32 summation order.
+
+    Args:
+      x: `[N, D]` hidden states after the final LayerNorm.
+      kernel: `[D, V]` output-head kernel (float32 parameters; cast to `dtype` as the head does).
+      targets: int `[N]`; entries equal to `ignore_index` are left out.
+      chunk_tokens: the most tokens whose logits exist at once (>= 1).
+      dtype: the matmuls' compute dtype; logits and the loss are float32.
+
+    Returns:
+      `(sum, count)` as `cross_entropy_sum`: float32 scalar, int32 scalar.
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    chunks = -(-x.shape[0] // chunk_tokens)  # K
+    total = _chunked_nll_sum(x, kernel, targets, chunks, jnp.dtype(dtype), ignore_index)
+    return total, jnp.sum(targets != ignore_index, dtype=jnp.int32)
+
+
 def perplexity(loss: float | jax.Array) -> float | jax.Array:
     """exp(loss): the effective number of equally likely next tokens."""
     if isinstance(loss, jax.Array):
@@ -122,7 +223,9 @@ class TrainConfig:
     then cosine decay to `min_lr` at `steps` (`min_lr=None` means `lr / 10`; `min_lr=lr` gives
     the seeds' constant rate). `grad_clip` is the global-norm clip (None: off). `batch_size` is
     the global batch, split into `grad_accum` micro-batches. `dtype` is the compute dtype;
-    parameters and optimizer state stay float32.
+    parameters and optimizer state stay float32. `loss_chunk` runs the output head and the loss
+    over chunks of that many tokens (`chunked_cross_entropy_sum`), so the `[B * T, V]` logits
+    never exist at once; 0 computes them all (the plain path; same loss and gradients).
     """
 
     steps: int = 1000
@@ -143,6 +246,7 @@ class TrainConfig:
     dtype: str = "float32"
     remat: bool = False
     fsdp: bool = False
+    loss_chunk: int = 1024  # tokens whose logits exist at once in the loss; 0: all (plain head)
     eval_every: int = 100
     eval_iters: int = 5
     save_every: int = 500
@@ -167,7 +271,7 @@ class TrainConfig:
             "keep",
         ):
             positive_int(name)
-        for name in ("warmup_steps", "seed", "sample_tokens"):
+        for name in ("warmup_steps", "seed", "sample_tokens", "loss_chunk"):
             positive_int(name, 0)
         if self.stride is not None:
             positive_int("stride")
@@ -327,6 +431,25 @@ def _flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs) -> j
     return model.apply(variables, hidden, method=GPTModel.head)  # [B * T, V]
 
 
+def _loss_sum(
+    model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int, **kwargs
+) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL and target count of `inputs`/`targets` `[B, T]`: with `chunk` > 0 the head
+    runs inside the chunked loss (`chunked_cross_entropy_sum`), else on all tokens at once."""
+    if not chunk:
+        logits = _flat_logits(model, params, inputs, **kwargs)  # [B * T, V]
+        return cross_entropy_sum(logits, targets.reshape(-1))
+    variables = {"params": params}
+    hidden = model.apply(variables, inputs, method=GPTModel.hidden, **kwargs)  # [B, T, D]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
+    x = model.apply(variables, hidden, method=lambda m, h: m.final_norm(h))  # [B * T, D]
+    if model.cfg.tie_embeddings:
+        kernel = params["tok_emb"]["embedding"].T  # [D, V]: Embed.attend's x @ embedding.T
+    else:
+        kernel = params["out_head"]["kernel"]  # [D, V]
+    return chunked_cross_entropy_sum(x, kernel, targets.reshape(-1), chunk, model.dtype)
+
+
 def make_train_step(
     cfg: GPTConfig,
     tc: TrainConfig,
@@ -353,14 +476,15 @@ def make_train_step(
     train_dropout = cfg.drop_rate > 0
 
     def loss_part(params, inputs, targets, key, denom):
-        logits = _flat_logits(
+        total, _ = _loss_sum(
             model,
             params,
             inputs,
+            targets,
+            tc.loss_chunk,
             deterministic=not train_dropout,
             rngs={"dropout": key} if train_dropout else None,
-        )  # [b * T, V]
-        total, _ = cross_entropy_sum(logits, targets.reshape(-1))
+        )
         return total / denom
 
     grad_fn = jax.value_and_grad(loss_part)
