@@ -427,6 +427,11 @@ class Instruction(NamedTuple):
     opcode: str
     shape: str  # the result's shape text, e.g. "bf16[12,24,64]{2,1,0}" or a tuple
     rest: str  # operands and attributes
+    root: bool = False
+
+    def operands(self) -> list[str]:
+        head = self.rest.split(")", 1)[0]
+        return re.findall(r"%([\w.\-]+)", head)
 
     def attr(self, key: str) -> str | None:
         m = re.search(rf"\b{key}=%?([\w.\-]+)", self.rest)
@@ -462,7 +467,8 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
             continue
         m = _INST_RE.match(line)
         if m:
-            comps[current].append(Instruction(m.group(2), m.group(4), m.group(3), m.group(5)))
+            comps[current].append(
+                Instruction(m.group(2), m.group(4), m.group(3), m.group(5), bool(m.group(1))))
     return comps, entry
 
 
@@ -516,7 +522,8 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     step writes each token's keys and values into the cache. Kernels are the body's and
     condition's fusions, library calls (custom-calls) and every other instruction that is not
     free (parameters, tuples, bitcasts, constants). A copy is any `copy` or `transpose` (also
-    inside a fusion) whose result holds at least `cache_elements` elements.
+    inside a fusion) whose result holds at least `cache_elements` elements, and any launch
+    that writes such an array other than by a dynamic-update-slice.
     """
     comps, _ = parse_hlo(hlo_text)
     loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
@@ -543,4 +550,30 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     copies = [f"{i.opcode} {i.name} {i.shape.split('{')[0]}"
               for c in _called(comps, body) + _called(comps, cond) for i in comps[c]
               if i.opcode in ("copy", "transpose") and i.largest_array() >= cache_elements]
-    return LoopStats(len(launches), kernels, copies, len(loops))
+    # A launch that writes a whole cache-sized array, other than an in-place update, is a
+    # copy too (e.g. a fusion that adds to, or re-lays out, every element).
+    copies += [f"{i.opcode} {i.name} {i.shape.split('{')[0]}" for i in launches
+               if i.largest_array() >= cache_elements and i.opcode not in ("copy", "transpose")
+               and not _only_updates(comps, i, cache_elements)]
+    return LoopStats(len(launches), kernels, sorted(set(copies)), len(loops))
+
+
+def _only_updates(comps, inst: Instruction, cache_elements: int) -> bool:
+    """Whether every cache-sized result of `inst` is a dynamic-update-slice (which XLA runs in
+    place), looking through a fusion's root tuple and bitcasts."""
+    if inst.opcode == "dynamic-update-slice":
+        return True
+    if inst.opcode != "fusion":
+        return False
+    insts = {i.name: i for i in comps.get(inst.attr("calls"), [])}
+    roots = [i for i in insts.values() if i.root]
+    todo = [r.name for r in roots]
+    while todo:
+        i = insts.get(todo.pop())
+        if i is None or i.largest_array() < cache_elements:
+            continue
+        if i.opcode in ("tuple", "bitcast"):
+            todo += i.operands()
+        elif i.opcode != "dynamic-update-slice":
+            return False
+    return True

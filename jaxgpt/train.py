@@ -436,7 +436,7 @@ def _loss_sum(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and target count of `inputs`/`targets` `[B, T]`: with `chunk` > 0 the head
     runs inside the chunked loss (`chunked_cross_entropy_sum`), else on all tokens at once."""
-    if not chunk:
+    if not chunk or inputs.size <= chunk:  # one chunk: the plain path is the same, and faster
         logits = _flat_logits(model, params, inputs, **kwargs)  # [B * T, V]
         return cross_entropy_sum(logits, targets.reshape(-1))
     variables = {"params": params}

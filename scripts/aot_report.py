@@ -126,32 +126,36 @@ def train_report(cfg, dtype_name, devices, info, find_max_batch):
     out["temp_bytes_saved_by_chunked_head"] = round(1 - mem["temp_bytes"] / plain_mem["temp_bytes"],
                                                     3)
     if find_max_batch and info.memory_bytes:
+        _log(f"  largest batch that fits {info.memory_bytes / 1e9:.1f} GB ...")
         out["max_batch"] = max_batch(one, tc.loss_chunk, mem["peak_bytes"], info.memory_bytes)
         out["device_memory_bytes"] = info.memory_bytes
     return out
 
 
 def max_batch(one, chunk, peak_at_b, limit):
-    """The largest batch whose step fits `limit` bytes: a line through the peaks at B and 2B,
-    then checked by compiling (and stepping down or up until the boundary is exact)."""
+    """The largest batch whose step fits `limit` bytes: from a line through the peaks at B and
+    2B, doubling until a batch does not fit, then bisecting, each candidate compiled (XLA
+    schedules and rematerializes to fit the device's memory, so the peak is not linear in B)."""
     peak2 = aot.memory_stats(one(2 * TRAIN_B, chunk)[0])["peak_bytes"]
-    per_row = (peak2 - peak_at_b) / TRAIN_B
-    guess = max(1, int((limit - (peak_at_b - per_row * TRAIN_B)) // per_row))
+    per_row = max((peak2 - peak_at_b) / TRAIN_B, 1.0)
+    guess = max(2 * TRAIN_B, int((limit - (peak_at_b - per_row * TRAIN_B)) // per_row))
 
     def fits(b):
-        peak = aot.memory_stats(one(b, chunk)[0])["peak_bytes"]
+        try:
+            peak = aot.memory_stats(one(b, chunk)[0])["peak_bytes"]
+        except Exception as e:  # XLA refuses a program that cannot fit
+            _log(f"  batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
+            return False
         _log(f"  batch {b}: peak {peak / 1e9:.2f} GB ({'fits' if peak <= limit else 'too big'})")
         return peak <= limit
 
-    b = guess
-    if fits(b):
-        while fits(b + 1):
-            b += 1
-        return b
-    b -= 1
-    while b > 0 and not fits(b):
-        b -= 1
-    return b
+    lo, hi = 2 * TRAIN_B, guess  # lo fits (checked by the caller's line), hi to be tested
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def _fmt_bytes(n):
@@ -179,6 +183,22 @@ def print_table(target, report):
               f"{_fmt_bytes(t['peak_bytes'])}, {t['flops'] / 1e12:.2f} TFLOP{fit}")
 
 
+def write(args, report) -> None:
+    """Write the JSON so far (after every section: a long run leaves its results behind).
+
+    The issue's layout: per target and config, `generate.*` and `train_step.*` side by side.
+    """
+    if not args.json:
+        return
+    configs = {name: {"generate": gen, "train_step": report["train_step"].get(name.split("/")[1])}
+               for name, gen in report["generate"].items()}
+    meta = {k: v for k, v in report.items() if k not in ("generate", "train_step")}
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({args.target: configs, "meta": meta}, f, indent=1)
+    os.replace(tmp, args.json)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True, choices=aot.TARGETS)
@@ -186,8 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bfloat16", "float32"])
     p.add_argument("--no-train", action="store_true", help="skip the training step")
-    p.add_argument("--no-max-batch", action="store_true",
-                   help="skip the search for the largest training batch")
+    p.add_argument("--max-batch-dtypes", nargs="*", choices=sorted(DTYPES), default=["bfloat16"],
+                   help="search the largest training batch for these compute dtypes "
+                        "(default bfloat16; each search compiles the step several times)")
     args = p.parse_args(argv)
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
@@ -197,29 +218,21 @@ def main(argv=None) -> int:
               "n_layers": cfg.n_layers, "prompt_len": PROMPT_LEN, "max_new_tokens": NEW_TOKENS,
               "memory_bytes": info.memory_bytes,
               "bandwidth_bytes_per_s": info.bandwidth_bytes_per_s, "generate": {},
-              "train_step": {}, "configs": {}}
+              "train_step": {}}
     for dtype_name in args.dtypes:
         for batch in args.batches:
             name = f"124M/{dtype_name}/B={batch}"
             _log(f"{args.target}: generation {name} ...")
             report["generate"][name] = generation_report(cfg, dtype_name, batch, devices, info,
                                                          with_blocks=batch == 1)
+            write(args, report)
         if not args.no_train:
             _log(f"{args.target}: train step 124M/{dtype_name} ...")
-            report["train_step"][dtype_name] = train_report(cfg, dtype_name, devices, info,
-                                                            not args.no_max_batch)
-    # The issue's layout: per config, `generate.*` and `train_step.*` side by side.
-    for name, gen in report["generate"].items():
-        dtype_name = name.split("/")[1]
-        report["configs"][name] = {"generate": gen,
-                                   "train_step": report["train_step"].get(dtype_name)}
+            report["train_step"][dtype_name] = train_report(
+                cfg, dtype_name, devices, info, dtype_name in args.max_batch_dtypes)
+            write(args, report)
     print_table(args.target, report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({args.target: report["configs"], "meta": {
-                k: v for k, v in report.items() if k not in ("generate", "train_step", "configs")
-            }}, f, indent=1)
-        _log(f"wrote {args.json}")
+    write(args, report)
     return 0
 
 
