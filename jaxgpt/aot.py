@@ -31,6 +31,7 @@ import functools
 import importlib.metadata
 import importlib.resources
 import importlib.util
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -510,20 +511,32 @@ def _called(comps, name: str) -> list[str]:
 class LoopStats(NamedTuple):
     kernels_per_step: int  # launches in the loop body and its condition, per iteration
     kernels: list[tuple[str, str]]  # (opcode or fusion kind, op_name) of each launch
-    cache_copies: list[str]  # copies/transposes of cache-sized arrays inside the loop
+    cache_copies: list[str]  # writes of whole cache-sized arrays inside the loop (not updates)
+    large_writes: list[str]  # other writes of arrays larger than the cache (e.g. weights)
+    async_copies_per_step: int  # copy-start / slice-start (TPU: DMAs, e.g. to on-chip memory)
     loops: int  # while loops in the program
 
 
+_DMA = ("copy-start", "slice-start")
+
+
+def _sizes(inst: Instruction) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            for _, dims in _SHAPE_RE.findall(inst.shape)]
+
+
 def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
-    """Kernels per iteration of the decoding loop and cache-sized copies inside it.
+    """Kernels per iteration of the decoding loop, and big arrays it writes whole.
 
     The decoding loop is the while loop whose body updates an array of at least
-    `cache_elements` elements in place (a `dynamic-update-slice`, fused or not): the cached
-    step writes each token's keys and values into the cache. Kernels are the body's and
+    `cache_elements` elements (one layer's keys) with a `dynamic-update-slice`: the cached step
+    writes each token's keys and values into the cache. Kernels are the body's and
     condition's fusions, library calls (custom-calls) and every other instruction that is not
-    free (parameters, tuples, bitcasts, constants). A copy is any `copy` or `transpose` (also
-    inside a fusion) whose result holds at least `cache_elements` elements, and any launch
-    that writes such an array other than by a dynamic-update-slice.
+    free (parameters, tuples, bitcasts, constants) or an asynchronous copy (counted apart).
+    A cache copy is a `copy`, `transpose` or `copy-start` (also inside a fusion) of an array
+    of exactly `cache_elements` elements, or a launch that writes such an array other than by
+    a dynamic-update-slice (which XLA runs in place). Launches that write larger arrays whole
+    (e.g. a weight matrix re-laid out every step) are listed as `large_writes`.
     """
     comps, _ = parse_hlo(hlo_text)
     loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
@@ -538,6 +551,8 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     loop = decoding[0]
     body, cond = loop.attr("body"), loop.attr("condition")
     launches = _launches(comps, body) + _launches(comps, cond)
+    dmas = [i for i in launches if i.opcode in _DMA]
+    launches = [i for i in launches if i.opcode not in _DMA]
     kernels = []
     for inst in launches:
         kind = inst.opcode
@@ -547,15 +562,22 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
             m = re.search(r'custom_call_target="([^"]*)"', inst.rest)
             kind = f"custom-call:{m.group(1) if m else ''}"
         kernels.append((kind, inst.label()))
-    copies = [f"{i.opcode} {i.name} {i.shape.split('{')[0]}"
-              for c in _called(comps, body) + _called(comps, cond) for i in comps[c]
-              if i.opcode in ("copy", "transpose") and i.largest_array() >= cache_elements]
-    # A launch that writes a whole cache-sized array, other than an in-place update, is a
-    # copy too (e.g. a fusion that adds to, or re-lays out, every element).
-    copies += [f"{i.opcode} {i.name} {i.shape.split('{')[0]}" for i in launches
-               if i.largest_array() >= cache_elements and i.opcode not in ("copy", "transpose")
-               and not _only_updates(comps, i, cache_elements)]
-    return LoopStats(len(launches), kernels, sorted(set(copies)), len(loops))
+
+    def describe(i: Instruction) -> str:
+        return f"{i.opcode} {i.name} {i.shape.split('{')[0]}"
+
+    inside = [i for c in _called(comps, body) + _called(comps, cond) for i in comps[c]]
+    copies = [describe(i) for i in inside
+              if i.opcode in ("copy", "transpose", "copy-start") and cache_elements in _sizes(i)]
+    large = []
+    for i in launches + dmas:
+        if (i.opcode == "slice-start"  # its shape names the source; it writes only a slice
+                or i.largest_array() < cache_elements
+                or _only_updates(comps, i, cache_elements)):
+            continue
+        (copies if cache_elements in _sizes(i) else large).append(describe(i))
+    return LoopStats(len(launches), kernels, sorted(set(copies)), sorted(set(large)), len(dmas),
+                     len(loops))
 
 
 def _only_updates(comps, inst: Instruction, cache_elements: int) -> bool:

@@ -14,7 +14,8 @@ one decoding step alone (`aot.lower_decode_step`), and reports:
 - kernels per decoding step: launches in the loop's body and condition (fusions, library
   calls, other non-fused instructions), and how they split into a per-block part and a fixed
   part (the same loop compiled with 1 layer);
-- copies or transposes of cache-sized arrays inside the loop;
+- copies or transposes of cache-sized arrays inside the loop, and other arrays larger than
+  the cache written whole each step (e.g. weight matrices re-laid out);
 - a bandwidth floor: bytes per step / the target's memory bandwidth (µs per step, per token).
 
 And the training step for 124M at T=1024, B=8 (memory, flops; with the chunked loss head and,
@@ -86,6 +87,9 @@ def generation_report(cfg, dtype_name, batch, devices, info, with_blocks):
         "kernels_per_step": loop.kernels_per_step,
         "cache_copies_in_loop": len(loop.cache_copies),
         "cache_copies": loop.cache_copies,
+        "large_writes_in_loop": len(loop.large_writes),
+        "large_writes": loop.large_writes,
+        "async_copies_per_step": loop.async_copies_per_step,
         "loops": loop.loops,
         "cost_source": cost["source"],
         "decode_step": {"compile_s": round(step_s, 1), **step_mem},
@@ -165,20 +169,23 @@ def _fmt_bytes(n):
 def print_table(target, report):
     print(f"\n{target}: 124M, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens")
     print("| config | compile s | bytes/step | weight bytes read | ratio | flops/step | "
-          "kernels/step (per block + fixed) | cache copies in loop | temp | floor µs/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "kernels/step (per block + fixed) | cache copies in loop | larger arrays written "
+          "per step | temp | floor µs/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in report["generate"].items():
         blocks = (f" ({r['kernels_per_block']:g} x {report['n_layers']} + "
                   f"{r['kernels_fixed']:g})" if "kernels_per_block" in r else "")
         print(f"| {name} | {r['compile_s']} | {_fmt_bytes(r['bytes_per_step'])} | "
               f"{_fmt_bytes(r['weight_bytes'])} | {r['bytes_per_step_over_weight_bytes']} | "
               f"{r['flops_per_step'] / 1e6:,.0f} M | {r['kernels_per_step']}{blocks} | "
-              f"{r['cache_copies_in_loop']} | {_fmt_bytes(r['temp_bytes'])} | "
+              f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']} | "
+              f"{_fmt_bytes(r['temp_bytes'])} | "
               f"{r.get('floor_us_per_token', '-')} |")
     for dtype_name, t in report["train_step"].items():
         fit = f", largest batch that fits: {t['max_batch']}" if "max_batch" in t else ""
+        plain = t["plain_head"]["temp_bytes"]
         print(f"train step {dtype_name} B={t['batch']} T={t['seq_len']}: temp "
-              f"{_fmt_bytes(t['temp_bytes'])} (plain head {_fmt_bytes(t['plain_head']['temp_bytes'])}, "
+              f"{_fmt_bytes(t['temp_bytes'])} (plain head {_fmt_bytes(plain)}, "
               f"{t['temp_bytes_saved_by_chunked_head']:.0%} less), peak "
               f"{_fmt_bytes(t['peak_bytes'])}, {t['flops'] / 1e12:.2f} TFLOP{fit}")
 
@@ -205,20 +212,28 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report here as JSON")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bfloat16", "float32"])
-    p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--no-train", action="store_true",
+                   help="skip the training step (keeping its figures from an existing --json)")
     p.add_argument("--max-batch-dtypes", nargs="*", choices=sorted(DTYPES), default=["bfloat16"],
                    help="search the largest training batch for these compute dtypes "
                         "(default bfloat16; each search compiles the step several times)")
     args = p.parse_args(argv)
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
+    kept_train = {}
+    if args.no_train and args.json and os.path.exists(args.json):
+        # Keep the training figures of an earlier run (they take the longest to compile).
+        with open(args.json) as f:
+            for name, c in json.load(f).get(args.target, {}).items():
+                if c.get("train_step"):
+                    kept_train[name.split("/")[1]] = c["train_step"]
     devices = aot.target_devices(args.target)
     info = aot.target_info(args.target)
     report = {"target": args.target, "device": devices[0].device_kind, "jax": jax.__version__,
               "n_layers": cfg.n_layers, "prompt_len": PROMPT_LEN, "max_new_tokens": NEW_TOKENS,
               "memory_bytes": info.memory_bytes,
               "bandwidth_bytes_per_s": info.bandwidth_bytes_per_s, "generate": {},
-              "train_step": {}}
+              "train_step": kept_train}
     for dtype_name in args.dtypes:
         for batch in args.batches:
             name = f"124M/{dtype_name}/B={batch}"
