@@ -264,9 +264,10 @@ def _add_train(sub) -> None:
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--fsdp", action="store_true",
                    help="also shard weights and AdamW moments over the devices")
-    p.add_argument("--loss-chunk", type=int, default=1024, metavar="N",
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="N",
                    help="run the output head and loss over N tokens at a time, so the logits "
-                        "of the whole batch never exist at once; 0: all at once (default 1024)")
+                        "of the whole batch never exist at once; 0: all at once (default: "
+                        "1024 on GPU/TPU, 0 on CPU)")
     p.add_argument("--prompt", default="Every effort moves you",
                    help="start of the sample generated at each evaluation")
     p.add_argument("--sample-tokens", type=int, default=30, help="0 turns the samples off")

@@ -92,6 +92,7 @@ def generation_report(cfg, dtype_name, batch, devices, info, with_blocks):
         "async_copies_per_step": loop.async_copies_per_step,
         "loops": loop.loops,
         "cost_source": cost["source"],
+        "bytes_per_step_hlo_cost_analysis": cost["bytes_accessed_hlo"],
         "decode_step": {"compile_s": round(step_s, 1), **step_mem},
     }
     if info.bandwidth_bytes_per_s:

@@ -15,6 +15,7 @@ from conftest import TINY, torch_reference
 from jaxgpt.config import GPTConfig
 from jaxgpt.model import GPTModel, init_params
 from jaxgpt.train import (
+    AUTO_LOSS_CHUNK,
     IGNORE_INDEX,
     TrainConfig,
     _loss_sum,
@@ -22,6 +23,7 @@ from jaxgpt.train import (
     cross_entropy_sum,
     init_train_state,
     make_train_step,
+    resolve_loss_chunk,
 )
 from jaxgpt.weights import from_torch_state_dict
 
@@ -115,8 +117,15 @@ def test_chunked_loss_grads_match_torch():
     )
 
 
-def test_train_step_uses_the_chunked_head_by_default_and_matches_the_plain_step(tiny_cfg, rng):
-    assert TrainConfig().loss_chunk > 0
+def test_loss_chunk_default_is_on_for_accelerators_and_off_on_cpu():
+    tc = TrainConfig()
+    assert tc.loss_chunk is None
+    assert resolve_loss_chunk(tc, "cpu") == 0
+    assert resolve_loss_chunk(tc, "gpu") == resolve_loss_chunk(tc, "tpu") == AUTO_LOSS_CHUNK > 0
+    assert resolve_loss_chunk(tc.replace(loss_chunk=7), "cpu") == 7
+
+
+def test_train_step_with_chunks_matches_the_plain_step(tiny_cfg, rng):
     batch = tuple(jnp.asarray(rng.integers(0, tiny_cfg.vocab_size, size=(4, 8)), jnp.int32)
                   for _ in range(2))
     losses = {}
