@@ -100,6 +100,19 @@ def test_a_missing_plugin_names_the_pip_packages(monkeypatch):
         aot._topology_devices.cache_clear()
 
 
+def test_under_ci_a_missing_plugin_fails_instead_of_skipping(monkeypatch):
+    def missing(name, count=1):
+        raise ImportError(f"no plugin for {name}")
+
+    monkeypatch.setattr(aot, "target_devices", missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have the h100 plugin"):
+        _devices("h100")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no plugin for h100"):
+        _devices("h100")
+
+
 def test_target_info_reads_memory_and_bandwidth_from_the_shipped_configs():
     h100 = aot.target_info("h100")
     assert h100.platform == "cuda" and h100.memory_bytes == 84942979072
