@@ -500,6 +500,10 @@ def _add_train(sub) -> None:
     p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
     p.add_argument("--fsdp", action="store_true",
                    help="also shard weights and AdamW moments over the devices")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="N",
+                   help="run the output head and loss over N tokens at a time, so the logits "
+                        "of the whole batch never exist at once; 0: all at once (default: "
+                        "1024 on GPU/TPU, 0 on CPU)")
     p.add_argument("--prompt", default="Every effort moves you",
                    help="start of the sample generated at each evaluation")
     p.add_argument("--sample-tokens", type=int, default=30, help="0 turns the samples off")
@@ -585,7 +589,8 @@ def _cmd_train(args) -> int:
             lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip or None,
             grad_accum=args.grad_accum, train_ratio=1.0 - args.val_ratio, seed=args.seed,
-            dtype=args.dtype, remat=args.remat, fsdp=args.fsdp, eval_every=args.eval_every,
+            dtype=args.dtype, remat=args.remat, fsdp=args.fsdp, loss_chunk=args.loss_chunk,
+            eval_every=args.eval_every,
             eval_iters=args.eval_iters, save_every=args.save_every, keep=args.keep,
             sample_prompt=args.prompt, sample_tokens=args.sample_tokens)
     except ValueError as e:

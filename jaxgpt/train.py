@@ -106,6 +106,109 @@ def cross_entropy_loss(
     return total / count
 
 
+def _strided_chunks(a: jax.Array, chunks: int, fill: Any) -> jax.Array:
+    """`[N, ...]` -> `[K, L, ...]`, chunk k holding rows k, k + K, k + 2K, ... (padded with
+    `fill` to K * L rows). Strided rather than contiguous: with the batch split over devices,
+    every chunk then holds rows of every device, so each scan step keeps them all busy."""
+    n = a.shape[0]
+    rows = -(-n // chunks)  # L
+    a = jnp.pad(a, [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    return a.reshape(rows, chunks, *a.shape[1:]).swapaxes(0, 1)
+
+
+def _unchunk(a: jax.Array, n: int) -> jax.Array:
+    """The inverse of `_strided_chunks`: `[K, L, ...]` -> the first `n` rows `[n, ...]`."""
+    a = a.swapaxes(0, 1)  # [L, K, ...]
+    return a.reshape(-1, *a.shape[2:])[:n]
+
+
+def _nll(logits: jax.Array, targets: jax.Array, ignore_index: int):
+    """float32 logits `[L, V]` -> (their logsumexp `[L]`, one-hot targets `[L, V]`, the NLL
+    `[L]`, 0 where ignored)."""
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [L]
+    # Picked by comparison with an iota, not a gather (see cross_entropy_sum).
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]  # [L, V]
+    nll = lse - jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return lse, onehot, jnp.where(targets != ignore_index, nll, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_nll_sum(head_params, x, targets, head, chunks, ignore_index):
+    def body(total, xs):
+        xc, tc = xs  # [L, D], [L]
+        return total + jnp.sum(_nll(head(head_params, xc), tc, ignore_index)[2]), None
+
+    xs = (_strided_chunks(x, chunks, 0), _strided_chunks(targets, chunks, ignore_index))
+    total, _ = lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+def _chunked_nll_sum_fwd(head_params, x, targets, head, chunks, ignore_index):
+    # The gradients are computed here, chunk by chunk, while each chunk's logits exist; the
+    # backward pass only scales them by the incoming cotangent. Same FLOPs as autodiff of the
+    # plain path (logits, dx and dW: three matmuls of the head's size), no recomputation.
+    def body(carry, xs):
+        total, grads = carry  # [], head_params' float32 gradient so far
+        xc, tc = xs  # [L, D], [L]
+        logits, pull = jax.vjp(head, head_params, xc)  # [L, V] float32
+        lse, onehot, nll = _nll(logits, tc, ignore_index)
+        probs = jnp.exp(logits - lse[:, None])  # softmax, [L, V]
+        valid = (tc != ignore_index)[:, None]
+        dp, dx = pull(jnp.where(valid, probs - onehot.astype(jnp.float32), 0.0))
+        grads = jax.tree_util.tree_map(lambda g, d: g + d.astype(jnp.float32), grads, dp)
+        return (total + jnp.sum(nll), grads), dx
+
+    xs = (_strided_chunks(x, chunks, 0), _strided_chunks(targets, chunks, ignore_index))
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), head_params)
+    (total, grads), dx = lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)  # dx [K, L, D]
+    dx = _unchunk(dx, x.shape[0]).astype(x.dtype)  # [N, D]
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, head_params)
+    return total, (grads, dx)
+
+
+def _chunked_nll_sum_bwd(head, chunks, ignore_index, residuals, g):
+    grads, dx = residuals
+    scale = lambda a: a * g.astype(a.dtype)  # noqa: E731
+    return jax.tree_util.tree_map(scale, grads), scale(dx), None
+
+
+_chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
+
+
+def chunked_cross_entropy_sum(
+    head: Callable[[Any, jax.Array], jax.Array],
+    head_params: Any,
+    x: jax.Array,
+    targets: jax.Array,
+    chunk_tokens: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum(head(head_params, x), targets)` without ever holding all the logits.
+
+    The output head and the loss run together over chunks of at most `chunk_tokens` tokens in
+    a `lax.scan`, and a custom VJP computes the gradients inside the same scan, so neither the
+    `[N, V]` logits nor their gradient exists at once (the idea of Liger's fused linear
+    cross-entropy): the largest temporaries are a few `[chunk_tokens, V]` arrays. The loss and
+    gradients are those of the plain path up to float32 summation order.
+
+    Args:
+      head: `(head_params, x [L, D]) -> float32 logits [L, V]`, row-wise (training passes
+        `GPTModel.head`: final_norm and the output head); hashable.
+      head_params: the parameters `head` reads (differentiated).
+      x: `[N, D]` hidden states (the last block's output).
+      targets: int `[N]`; entries equal to `ignore_index` are left out.
+      chunk_tokens: the most tokens whose logits exist at once (>= 1).
+
+    Returns:
+      `(sum, count)` as `cross_entropy_sum`: float32 scalar, int32 scalar.
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+    chunks = -(-x.shape[0] // chunk_tokens)  # K
+    total = _chunked_nll_sum(head_params, x, targets, head, chunks, ignore_index)
+    return total, jnp.sum(targets != ignore_index, dtype=jnp.int32)
+
+
 def perplexity(loss: float | jax.Array) -> float | jax.Array:
     """exp(loss): the effective number of equally likely next tokens."""
     if isinstance(loss, jax.Array):
@@ -124,7 +227,11 @@ class TrainConfig:
     then cosine decay to `min_lr` at `steps` (`min_lr=None` means `lr / 10`; `min_lr=lr` gives
     the seeds' constant rate). `grad_clip` is the global-norm clip (None: off). `batch_size` is
     the global batch, split into `grad_accum` micro-batches. `dtype` is the compute dtype;
-    parameters and optimizer state stay float32.
+    parameters and optimizer state stay float32. `loss_chunk` runs the output head and the loss
+    over chunks of that many tokens (`chunked_cross_entropy_sum`), so the `[B * T, V]` logits
+    never exist at once; 0 computes them all (the plain path; same loss and gradients); None
+    (default) is `AUTO_LOSS_CHUNK` on GPUs and TPUs and 0 on the CPU, where the chunks cost
+    about 10% of a step's time and memory is not what limits a run.
     """
 
     steps: int = 1000
@@ -145,6 +252,7 @@ class TrainConfig:
     dtype: str = "float32"
     remat: bool = False
     fsdp: bool = False
+    loss_chunk: int | None = None  # tokens whose logits exist at once; 0: all; None: auto
     eval_every: int = 100
     eval_iters: int = 5
     save_every: int = 500
@@ -181,6 +289,8 @@ class TrainConfig:
                 f"TrainConfig.sample_temperature must be a finite number >= 0 (0 = greedy), "
                 f"got {self.sample_temperature!r}"
             )
+        if self.loss_chunk is not None:
+            positive_int("loss_chunk", 0)
         if self.stride is not None:
             positive_int("stride")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
@@ -351,6 +461,41 @@ def _flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs) -> j
     return model.apply(variables, hidden, method=GPTModel.head)  # [B * T, V]
 
 
+AUTO_LOSS_CHUNK = 1024
+
+
+def resolve_loss_chunk(tc: TrainConfig, platform: str) -> int:
+    """`tc.loss_chunk`, with None resolved for devices of `platform` ("cpu", "gpu", "tpu")."""
+    if tc.loss_chunk is not None:
+        return tc.loss_chunk
+    return 0 if platform == "cpu" else AUTO_LOSS_CHUNK
+
+
+def _loss_sum(
+    model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int, **kwargs
+) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL and target count of `inputs`/`targets` `[B, T]`: with `chunk` > 0 the head
+    runs inside the chunked loss (`chunked_cross_entropy_sum`), else on all tokens at once."""
+    if not chunk or inputs.size <= chunk:  # one chunk: the plain path is the same, and faster
+        logits = _flat_logits(model, params, inputs, **kwargs)  # [B * T, V]
+        return cross_entropy_sum(logits, targets.reshape(-1))
+    variables = {"params": params}
+    hidden = model.apply(variables, inputs, method=GPTModel.hidden, **kwargs)  # [B, T, D]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
+    head_params = {name: params[name] for name in _head_param_names(model.cfg)}
+    return chunked_cross_entropy_sum(functools.partial(_apply_head, model), head_params, hidden,
+                                     targets.reshape(-1), chunk)
+
+
+def _head_param_names(cfg: GPTConfig) -> tuple[str, ...]:
+    """The parameters `GPTModel.head` reads: final_norm and the output head (tok_emb if tied)."""
+    return ("final_norm", "tok_emb" if cfg.tie_embeddings else "out_head")
+
+
+def _apply_head(model: GPTModel, head_params: Any, x: jax.Array) -> jax.Array:
+    return model.apply({"params": head_params}, x, method=GPTModel.head)  # [L, V] float32
+
+
 def make_train_step(
     cfg: GPTConfig,
     tc: TrainConfig,
@@ -382,16 +527,19 @@ def make_train_step(
     schedule = make_schedule(tc)
     accum = tc.grad_accum
     train_dropout = cfg.drop_rate > 0
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    loss_chunk = resolve_loss_chunk(tc, platform)
 
     def loss_part(params, inputs, targets, key, denom):
-        logits = _flat_logits(
+        total, _ = _loss_sum(
             model,
             params,
             inputs,
+            targets,
+            loss_chunk,
             deterministic=not train_dropout,
             rngs={"dropout": key} if train_dropout else None,
-        )  # [b * T, V]
-        total, _ = cross_entropy_sum(logits, targets.reshape(-1))
+        )
         return total / denom
 
     grad_fn = jax.value_and_grad(loss_part)

@@ -1,0 +1,221 @@
+"""Compiling for an H100 and a TPU v5e without either (`jaxgpt.aot`): the tiny config's
+generation loop and train step compile, the cache is donated and never copied inside the
+loop, the loop's kernel count stays bounded, and FSDP on 4 TPU chips all-gathers.
+
+The targets need `jax-cuda12-plugin`/`jax-cuda12-pjrt` and `libtpu` (the `test` extra). Outside
+CI a missing plugin skips these tests; under CI=true it fails them.
+"""
+
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+from jax._src import xla_bridge
+
+from jaxgpt import aot
+from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.model import count_params, param_shapes
+from jaxgpt.train import TrainConfig
+
+# The CUDA plugin can only give compile-only devices while JAX's backends are limited to the
+# CPU (otherwise it tries to open a GPU). CI and the README run the suite with
+# JAX_PLATFORMS=cpu; a bare `pytest` gets the same here, before any test starts a backend.
+if not os.environ.get("JAX_PLATFORMS") and not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")
+
+TARGETS = ["h100", "tpu-v5e"]
+SIZES = dict(batch=2, prompt_len=8, max_new_tokens=16, dtype=jnp.bfloat16)
+# Kernels per decoding step of the tiny config at B=2, as compiled today (the 1-layer loop
+# against the 2-layer one): H100 14 per block + 11 (embedding, head, greedy choice, loop
+# condition); TPU v5e 21 per block + 34 (it also counts its scalar-unit instructions), and up
+# to 88 in all for the same program in some processes here (12 more reshapes and copies: XLA:TPU
+# picked other layouts). The bounds leave room for 2 more per block, so a change that adds a
+# cache copy or two unfused ops to every layer fails here, while a change of tiles alone does
+# not.
+KERNEL_BOUND = {"h100": 2 * (14 + 2) + 11, "tpu-v5e": 88 + 2 * 2}
+
+
+def _devices(target, count=1):
+    try:
+        return aot.target_devices(target, count)
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must have the {target} plugin: {e}")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def compiled_generation(request):
+    cache = {}
+
+    def get(target, tiny):
+        if target not in cache:
+            cfg = GPTConfig(**tiny)
+            devices = _devices(target)
+            gen = aot.lower_generate(cfg, devices=devices, **SIZES).compile()
+            step = aot.lower_decode_step(cfg, devices=devices, **SIZES)
+            cache[target] = (cfg, gen, step, step.compile())
+        return cache[target]
+
+    return get
+
+
+def test_target_devices_rejects_unknown_names_and_bad_counts():
+    with pytest.raises(ValueError, match="unknown target 'h1000'.*h100, h200, a100"):
+        aot.target_devices("h1000")
+    for bad in (0, -1, 1.0, True):
+        with pytest.raises(ValueError, match="count must be an int >= 1"):
+            aot.target_devices("cpu", bad)
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
+        aot.target_devices("cpu", len(jax.devices("cpu")) + 1)
+    assert aot.target_devices("cpu") == jax.devices("cpu")[:1]
+
+
+def test_a_missing_plugin_names_the_pip_packages(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    real_find, real_version = importlib.util.find_spec, importlib.metadata.version
+
+    def find_spec(name, *args):
+        return None if name == "jax_plugins.xla_cuda12" else real_find(name, *args)
+
+    def version(name):
+        if name == "libtpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    aot._topology_devices.cache_clear()
+    try:
+        v = jax.__version__
+        with pytest.raises(ImportError, match=f"jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v}"):
+            aot.target_devices("a100", 3)
+        with pytest.raises(ImportError, match=rf"jax\[tpu\]=={v}.*libtpu"):
+            aot.target_devices("tpu-v6e", 3)
+    finally:
+        aot._topology_devices.cache_clear()
+
+
+def test_under_ci_a_missing_plugin_fails_instead_of_skipping(monkeypatch):
+    def missing(name, count=1):
+        raise ImportError(f"no plugin for {name}")
+
+    monkeypatch.setattr(aot, "target_devices", missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must have the h100 plugin"):
+        _devices("h100")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no plugin for h100"):
+        _devices("h100")
+
+
+def test_target_info_reads_memory_and_bandwidth_from_the_shipped_configs():
+    h100 = aot.target_info("h100")
+    assert h100.platform == "cuda" and h100.memory_bytes == 84942979072
+    assert h100.bandwidth_bytes_per_s == pytest.approx(3.35e12, rel=1e-3)
+    assert aot.target_info("a100").memory_bytes > 80e9
+    assert aot.target_info("tpu-v5e").memory_bytes == 16 * 2**30
+
+
+def test_weight_and_cache_bytes_of_124m():
+    cfg = GPTConfig(**GPT_CONFIG_124M)
+    total, read = aot.weight_bytes(cfg, jnp.bfloat16)
+    # 163,009,536 parameters; LayerNorm's 2 * 768 * 25 stay float32 (4 bytes).
+    norms = 2 * 768 * (2 * 12 + 1)
+    assert total == 2 * (163_009_536 - norms) + 4 * norms
+    # A step reads one row of each embedding table, not the tables.
+    assert read == total - 2 * (50257 + 1024 - 2) * 768
+    nbytes, shape = aot.cache_bytes(cfg, batch=1, prompt_len=8, max_new_tokens=200,
+                                    dtype=jnp.bfloat16)
+    assert shape == (12, 8 + 256, 64)  # [B * H, P + bucketed new tokens, Dh]
+    # keys and values of 12 layers in bf16, and each slot's position (int32 [B, S])
+    assert nbytes == 2 * 12 * 2 * math.prod(shape) + 4 * (8 + 256)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_generation_loop_compiles_without_cache_copies_and_few_kernels(
+    target, compiled_generation, tiny_dict
+):
+    cfg, gen, _, _ = compiled_generation(target, tiny_dict)
+    _, layer = aot.cache_bytes(cfg, **SIZES)
+    loop = aot.loop_stats(gen.as_text(), math.prod(layer))
+    assert loop.cache_copies == []
+    assert 0 < loop.kernels_per_step <= KERNEL_BOUND[target], loop.kernels
+    assert all("/while/" in name or not name for _, name in loop.kernels)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_decode_step_donates_the_cache(target, compiled_generation, tiny_dict):
+    cfg, _, lowered, step = compiled_generation(target, tiny_dict)
+    cache_total, _ = aot.cache_bytes(cfg, **SIZES)
+    mem = aot.memory_stats(step)
+    # Every cache buffer is an input aliased to an output (TPU pads layouts: >=).
+    assert mem["alias_bytes"] >= cache_total
+    cost = aot.cost_stats(lowered, step)
+    _, read = aot.weight_bytes(cfg, SIZES["dtype"])
+    assert cost["flops"] > 0
+    assert cost["bytes_accessed"] >= read  # a step reads every weight matrix at least once
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
+    """Positive control of the copy check: a loop that updates its cache and also carries the
+    cache as it was, so the update cannot happen in place (XLA copies the cache each step)."""
+    devices = _devices(target)
+    shape = (8, 64, 16)
+
+    def f(cache, x):  # cache [8, 64, 16], x [8, 16]
+        def body(c):
+            i, cache, _ = c
+            new = lax.dynamic_update_slice(cache, x[:, None, :] * i.astype(x.dtype), (0, i, 0))
+            return i + 1, new, cache
+
+        return lax.while_loop(lambda c: c[0] < 64, body, (0, cache, cache))[1:]
+
+    sh = jax.sharding.SingleDeviceSharding(devices[0])
+    args = (jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
+            jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh))
+    text = jax.jit(f).lower(*args).compile().as_text()
+    assert aot.loop_stats(text, math.prod(shape)).cache_copies
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_train_step_compiles_with_its_state_donated(target, tiny_cfg):
+    devices = _devices(target)
+    tc = TrainConfig(loss_chunk=5)
+    lowered = aot.lower_train_step(tiny_cfg, tc, batch=4, seq_len=8, devices=devices)
+    mem = aot.memory_stats(lowered.compile())
+    params = 4 * count_params(param_shapes(tiny_cfg))
+    # Params and both AdamW moments are updated in place: 3x the float32 parameters.
+    assert mem["alias_bytes"] >= 3 * params
+
+
+def test_fsdp_train_step_on_4_tpu_chips_all_gathers_its_weights(tiny_cfg):
+    devices = _devices("tpu-v5e", 4)
+    assert len(devices) == 4
+    texts = {}
+    for fsdp in (False, True):
+        lowered = aot.lower_train_step(tiny_cfg, TrainConfig(), batch=8, seq_len=8,
+                                       devices=devices, fsdp=fsdp)
+        texts[fsdp] = lowered.compile().as_text()
+    # FSDP gathers each split weight matrix before use (the gradients come back through
+    # all-reduces or reduce-scatters, as XLA chooses); data parallel only all-reduces.
+    gathers = len(re.findall(r"\ball-gather(?:-start)?\(", texts[True]))
+    assert gathers >= tiny_cfg.n_layers * 6  # 6 matrices per block: Q, K, V, out, fc, proj
+    assert "all-gather" not in texts[False]  # the weights are replicated
+    assert "all-reduce" in texts[False]
+
+
+def test_lower_functions_reject_bad_sizes(tiny_cfg):
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        aot.lower_generate(tiny_cfg, batch=0, prompt_len=4, max_new_tokens=4)
+    with pytest.raises(ValueError, match="seq_len 17 exceeds the model's context_length 16"):
+        aot.lower_train_step(tiny_cfg, TrainConfig(), batch=1, seq_len=17)
+    with pytest.raises(ValueError, match="devices is empty"):
+        aot.lower_decode_step(tiny_cfg, batch=1, prompt_len=4, max_new_tokens=4, devices=[])
