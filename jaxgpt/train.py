@@ -19,6 +19,7 @@ Shapes: B batch, T sequence length, V vocab_size, A gradient-accumulation micro-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -539,12 +540,15 @@ def save_train_checkpoint(
 ) -> Path:
     """Write `ckpt_dir/step_NNNNNNNN` (atomic), then delete all but the newest `tc.keep`.
 
-    Only complete jaxgpt checkpoints holding nothing else are rotated out, and temporaries of
+    Collective with several processes (each writes its own shards; process 0 rotates). Only
+    complete jaxgpt checkpoints holding nothing else are rotated out, and temporaries of
     saves killed earlier are removed (see `checkpoint.remove_stale_temporaries`).
     """
     step = int(state.step)
     path = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
-    checkpoint.remove_stale_temporaries(ckpt_dir)
+    main = jax.process_index() == 0
+    if main:
+        checkpoint.remove_stale_temporaries(ckpt_dir)
     checkpoint.save(
         path,
         state.params,
@@ -553,7 +557,9 @@ def save_train_checkpoint(
         metadata={"step": step, "tokens_seen": tokens_seen, "train": tc.to_dict()},
         overwrite=True,
     )
-    for old in list_checkpoints(ckpt_dir)[: -tc.keep]:
+    # One process rotates (the others return once the save is committed); a directory holding
+    # anything but what `save` wrote is kept.
+    for old in list_checkpoints(ckpt_dir)[: -tc.keep] if main else []:
         if old != path and not checkpoint.foreign_entries(old):
             shutil.rmtree(old, ignore_errors=True)
     return path
@@ -625,8 +631,14 @@ def check_run_dir(out: Path) -> None:
 def restore_train_checkpoint(
     path: Path, state: TrainState, loader: BatchLoader
 ) -> tuple[TrainState, int]:
-    """`(state, tokens_seen)` from `path`, with `loader.state` set to where the run stood."""
-    _, params = checkpoint.restore(path)
+    """`(state, tokens_seen)` from `path`, with `loader.state` set to where the run stood.
+
+    `state` gives the structure and the placement: its leaves (arrays or
+    `jax.ShapeDtypeStruct`s) carry the shardings the restored arrays get, on any mesh, whatever
+    the devices or processes that saved them.
+    """
+    shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), state.params)
+    _, params = checkpoint.restore(path, shardings)
     extra = checkpoint.restore_extra(path, _extra(state, loader, 0))
     loader.state = LoaderState.from_array(extra["loader"])
     restored = TrainState(
@@ -693,7 +705,20 @@ class _StopOnSignal:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A message on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _agreed_signal(signum: int | None) -> int | None:
+    """The stop signal as every process sees it: with several processes, a signal any of them
+    received (a collective, so all of them stop after the same step and save together)."""
+    if jax.process_count() == 1:
+        return signum
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.array(signum or 0, np.int32))
+    return int(np.max(got)) or None
 
 
 def _clock(seconds: float) -> str:
@@ -816,6 +841,12 @@ def _sample(params, cfg: GPTConfig, tc: TrainConfig) -> str | None:
     idx = text_to_token_ids(tc.sample_prompt, tokenizer)
     if cfg.vocab_size < tokenizer.n_vocab or idx.shape[1] > cfg.context_length:
         return None  # a custom vocabulary: GPT-2 text has no meaning here
+    if jax.process_count() > 1:
+        # generate runs on this process's devices: every process gets all the weights (the
+        # same in each, so they all draw the same sample).
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
     sampled = tc.sample_temperature > 0
     out = generate(
         params,
@@ -914,6 +945,7 @@ def train_loop(
     latest, changes = _prepare_run(out, cfg, tc, resume)
     mesh = sharding.make_mesh(devices)
     n_dev = mesh.shape[sharding.DATA]
+    sharding.check_batch_split(tc.batch_size)
     micro = tc.batch_size // tc.grad_accum
     if micro % n_dev:
         raise ValueError(
@@ -929,7 +961,12 @@ def train_loop(
     val_batches = []
     if len(val_windows):
         val_bs = min(tc.batch_size, len(val_windows))
-        val_batches = BatchLoader(val_windows, val_bs, shuffle=False).first(tc.eval_iters)
+        # Split over the devices when the rows divide evenly, else replicated.
+        val_sh = sharding.batch_sharding(mesh) if val_bs % n_dev == 0 else sharding.replicated(mesh)
+        val_batches = [
+            sharding.put_batch(b, val_sh)
+            for b in BatchLoader(val_windows, val_bs, shuffle=False).first(tc.eval_iters)
+        ]
     else:
         _log(
             f"jaxgpt train: the validation split ({len(val_tokens)} tokens) is shorter than one "
@@ -937,21 +974,29 @@ def train_loop(
         )
 
     key = dropout_key(tc)
-    state = init_train_state(cfg, tc, params)
+    train_step, shardings = sharded_train_step(cfg, tc, mesh)
     tokens_seen = 0
     if latest is not None:
-        state, tokens_seen = restore_train_checkpoint(latest, state, loader)
-    train_step, shardings = sharded_train_step(cfg, tc, mesh)
-    state = jax.device_put(state, shardings)
+        # Straight into this mesh's shardings: each process reads only its own shards.
+        abstract = jax.eval_shape(lambda: init_train_state(cfg, tc))
+        abstract = jax.tree_util.tree_map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+        )
+        state, tokens_seen = restore_train_checkpoint(latest, abstract, loader)
+    else:
+        state = jax.device_put(init_train_state(cfg, tc, params), shardings)
     eval_step = make_eval_step(cfg, tc.dtype)
     batch_sh = sharding.batch_sharding(mesh)
+    batch_tokens = tc.batch_size * tc.seq_len
 
     start = int(state.step)
     metrics_path = out / "metrics.jsonl"
+    main = jax.process_index() == 0  # the one writer of metrics, plot and messages
     out.mkdir(parents=True, exist_ok=True)
-    # An interrupted run may have logged steps past its last checkpoint: they are redone.
-    kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start] if latest else []
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if main:
+        # An interrupted run may have logged steps past its last checkpoint: they are redone.
+        kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start] if latest else []
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     if latest is not None:
         _log(f"jaxgpt train: resumed from {latest} (step {start}, {tokens_seen:,} tokens seen)")
     for change in changes:
@@ -961,14 +1006,18 @@ def train_loop(
         f"windows of {tc.seq_len} tokens, {loader.batches_per_epoch} batches per epoch"
     )
 
-    bar = _Progress(tc.steps, start) if progress else None
+    bar = _Progress(tc.steps, start) if progress and main else None
     records: list[dict] = []
     last_good, saved_step = latest, start
-    with _StopOnSignal() as stop, open(metrics_path, "a") as log_file:
+    log_file = open(metrics_path, "a") if main else contextlib.nullcontext()
+    with _StopOnSignal() as stop, log_file:
         for step in range(start + 1, tc.steps + 1):
-            inputs, targets = loader.next()
             t0 = time.perf_counter()
-            batch = sharding.put_batch((inputs, targets), batch_sh)
+            # Each process builds only the rows its devices hold.
+            idx = loader.next_indices()  # [B] window indices of the global batch
+            batch = sharding.global_rows(
+                lambda rows, idx=idx: loader.windows.get(idx[rows]), tc.batch_size, batch_sh
+            )
             state, metrics = train_step(state, batch, key)
             m = jax.device_get(metrics)
             dt = time.perf_counter() - t0
@@ -986,20 +1035,22 @@ def train_loop(
                 if bar:
                     bar.message(msg)
                 raise TrainingDiverged(msg)
-            tokens_seen += inputs.size
+            tokens_seen += batch_tokens
             record = {
                 "step": step,
                 "loss": loss,
                 "tokens_seen": tokens_seen,
                 "lr": float(m["lr"]),
                 "grad_norm": float(m["grad_norm"]),
-                "tokens_per_s": inputs.size / dt,
+                "tokens_per_s": batch_tokens / dt,
             }
-            if (step % tc.eval_every == 0 or step == tc.steps) and stop.signum is None:
+            signum = _agreed_signal(stop.signum)  # every process stops after the same step
+            if (step % tc.eval_every == 0 or step == tc.steps) and signum is None:
                 _evaluate_into(record, state.params, cfg, tc, eval_step, val_batches, bar)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if saving or stop.signum is not None:
+            if main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if saving or signum is not None:
                 if not saving and not bool(_tree_all_finite(state.params)):
                     raise TrainingDiverged(
                         f"jaxgpt train: interrupted at step {step} with non-finite parameters; "
@@ -1012,15 +1063,15 @@ def train_loop(
                 bar.update(step, loss, record["tokens_per_s"])
             if on_step is not None:
                 on_step(step, record)
-            if stop.signum is not None:
+            if signum is not None:
                 break
         if bar and bar.tty:
             print(file=sys.stderr)
-        png = plot_losses(_read_metrics(metrics_path), out / "loss.png")
+        png = plot_losses(_read_metrics(metrics_path), out / "loss.png") if main else None
         if png:
             _log(f"jaxgpt train: loss plot in {png}")
-        if stop.signum is not None and saved_step < tc.steps:
-            raise TrainingInterrupted(stop.signum, saved_step, last_good)
+        if signum is not None and saved_step < tc.steps:
+            raise TrainingInterrupted(signum, saved_step, last_good)
     return records
 
 

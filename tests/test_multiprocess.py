@@ -1,0 +1,241 @@
+"""Several processes for real: `jaxgpt train` as 2 processes x 2 CPU devices on localhost.
+
+Each run starts real processes (`--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I`,
+gloo collectives, the same --out) and compares them with one process over 4 devices: the same
+global batch on the same 4-device mesh, so the losses agree to float32 reduction-order noise.
+Every process is started with a time limit and killed in a `finally`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint
+from jaxgpt.train import list_checkpoints
+
+STEPS, SAVE_EVERY = 6, 3
+LIMIT_S = 240  # per run; a healthy run takes well under a minute on 2 loaded cores
+CFG = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+       "drop_rate": 0.1, "qkv_bias": False}
+# The child: optionally arm a fault (the process with id KILL_PID kills itself right after its
+# shards of the step-KILL_STEP checkpoint are written, before the commit), then run the CLI.
+CHILD = """
+import os, signal, sys
+from jaxgpt import checkpoint
+from jaxgpt.cli import main
+kill = os.environ.get("KILL_AT")
+if kill:
+    pid, step = (int(v) for v in kill.split(":"))
+    write = checkpoint._write_arrays
+    def write_then_die(tmp, params, extra):
+        write(tmp, params, extra)
+        import jax
+        if jax.process_index() == pid and tmp.name.startswith(f".step_{step:08d}."):
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint._write_arrays = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.getcwd() + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    return env
+
+
+def _launch(args, env, log):
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _end(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def run(tmp_path, name, flags, *, processes=1, devices=4, kill_at=None):
+    """Run `jaxgpt train` as `processes` processes of `devices` CPU devices each; return the
+    exit codes. `kill_at=(process_id, step)` makes that process die mid-save of that step."""
+    base = ["train", "--token-file", str(tmp_path / "tokens.bin"),
+            "--config", str(tmp_path / "cfg.json"), "--steps", str(STEPS), "--batch-size", "8",
+            "--seq-len", "16", "--eval-every", str(SAVE_EVERY), "--eval-iters", "2",
+            "--save-every", str(SAVE_EVERY), "--sample-tokens", "0",
+            "--compile-cache", str(tmp_path.parent / "xla-multiprocess"), *flags]
+    extra = {"KILL_AT": f"{kill_at[0]}:{kill_at[1]}"} if kill_at else {}
+    procs, logs = [], []
+    try:
+        if processes == 1:
+            log = open(tmp_path / f"{name}.log", "w")
+            logs.append(log)
+            procs.append(_launch(base, _env(devices, **extra), log))
+        else:
+            port = _free_port()
+            for i in range(processes):
+                log = open(tmp_path / f"{name}.{i}.log", "w")
+                logs.append(log)
+                dist = ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                        str(processes), "--process-id", str(i), "--distributed-timeout", "60"]
+                procs.append(_launch(base + dist, _env(devices, **extra), log))
+        deadline = time.monotonic() + LIMIT_S
+        if kill_at:
+            # The faulty process dies; the others then wait at the commit barrier forever.
+            victim = procs[kill_at[0]]
+            victim.wait(timeout=LIMIT_S)
+            time.sleep(1.0)
+        else:
+            for p in procs:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+        return [p.returncode for p in procs]
+    finally:
+        _end(procs)
+        for log in logs:
+            log.close()
+
+
+def _log_text(tmp_path, name) -> str:
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob(f"{name}*.log")))
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "one metrics row per step"
+    return np.array([r["loss"] for r in rows]), rows
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(CFG))
+    rng = np.random.default_rng(0)
+    rng.integers(0, CFG["vocab_size"], 6000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    return tmp_path
+
+
+# 1 process x 4 devices vs 2 x 2: the same mesh of 4, the same rows on each device, so only the
+# order of the cross-device sums can differ (float32, ~1e-7 relative on losses of ~4.6); 1e-5
+# is the issue's bound. One process on one device sums the 4 shards in another order too.
+LOSS_TOL = 1e-5
+# Weights after 6 AdamW steps: an update is lr * m / (sqrt(v) + eps) with |m / sqrt(v)| <= ~1;
+# where a gradient component is near 0, reduction noise can flip its sign, so a component can
+# differ by up to 2 * lr per step. The bound is 2 * steps * lr (4.8e-3); most agree to 1e-6.
+LR = 4e-4
+
+
+def _weights_close(a, b) -> float:
+    worst = 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        worst = max(worst, float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
+    return worst
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
+def test_two_processes_match_one_and_resume_exactly(files, fsdp):
+    tmp = files
+    flags = ["--fsdp"] if fsdp else []
+    ref, multi = tmp / "ref", tmp / "multi"
+    assert run(tmp, "ref", [*flags, "--out", str(ref)]) == [0], _log_text(tmp, "ref")
+    ref_losses, _ = _losses(ref)
+
+    # Process 1 dies after writing its shards of step 6, before the commit.
+    codes = run(tmp, "killed", [*flags, "--out", str(multi)], processes=2, devices=2,
+                kill_at=(1, STEPS))
+    assert codes[1] == -signal.SIGKILL, _log_text(tmp, "killed")
+    ckpts = multi / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000003"]
+    # Process 0 fails at the commit barrier and removes the temporary (a process killed there
+    # too would leave it for the next save to remove): nothing else is there.
+    assert all(p.name.startswith(".step_00000006.tmp-") for p in ckpts.iterdir()
+               if p.name != "step_00000003")
+    assert "another process failed" in (tmp / "killed.0.log").read_text()
+
+    # --resume on 2 x 2 from the step-3 checkpoint (written by the 2 processes).
+    codes = run(tmp, "resumed", [*flags, "--resume", "--out", str(multi)], processes=2,
+                devices=2)
+    assert codes == [0, 0], _log_text(tmp, "resumed")
+    multi_losses, rows = _losses(multi)
+    print(f"fsdp={fsdp}\n  1x4 losses {ref_losses.tolist()}\n  2x2 losses "
+          f"{multi_losses.tolist()}\n  max |diff| {np.max(np.abs(multi_losses - ref_losses)):.2e}")
+    np.testing.assert_allclose(multi_losses, ref_losses, rtol=0, atol=LOSS_TOL)
+    assert "val_loss" in rows[SAVE_EVERY - 1] and "val_loss" in rows[-1]
+    np.testing.assert_allclose([rows[-1]["val_loss"]], [_losses(ref)[1][-1]["val_loss"]],
+                               rtol=0, atol=LOSS_TOL)
+    names = sorted(p.name for p in (multi / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000006"], names  # the killed save's temporary gone
+    assert (multi / "loss.png").is_file()
+    # Process 1 wrote no messages: only process 0's log speaks of the run.
+    assert "jaxgpt train:" not in (tmp / "resumed.1.log").read_text()
+
+    # The 2-process checkpoint restores in this single process, equal to the 1-process run's.
+    final = multi / "checkpoints" / "step_00000006"
+    meta = checkpoint.load_metadata(final)
+    assert checkpoint.is_checkpoint(final) and meta["processes"] == 2 and meta["step"] == STEPS
+    _, params_multi = checkpoint.restore(final)
+    _, params_ref = checkpoint.restore(ref / "checkpoints" / "step_00000006")
+    worst = _weights_close(params_multi, params_ref)
+    print(f"  max |weight diff| 2x2 vs 1x4 after {STEPS} steps: {worst:.2e}")
+    assert worst <= 2 * STEPS * LR
+
+    if fsdp:
+        # --resume on 1 process x 1 device from the step-3 checkpoint of the 2 x 2 run.
+        single = tmp / "single"
+        (single / "checkpoints").mkdir(parents=True)
+        shutil.copytree(multi / "checkpoints" / "step_00000003",
+                        single / "checkpoints" / "step_00000003")
+        assert run(tmp, "single", [*flags, "--resume", "--out", str(single)], devices=1) == [0]
+        single_rows = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+        single_losses = np.array([r["loss"] for r in single_rows])
+        print(f"  1x1 resumed losses (steps 4-6) {single_losses.tolist()}")
+        assert [r["step"] for r in single_rows] == list(range(SAVE_EVERY + 1, STEPS + 1))
+        np.testing.assert_allclose(single_losses, ref_losses[SAVE_EVERY:], rtol=0, atol=LOSS_TOL)
+
+
+def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
+    port = _free_port()  # nothing listens there
+    args = ["train", "--token-file", str(files / "tokens.bin"), "--config",
+            str(files / "cfg.json"), "--out", str(files / "x"), "--coordinator",
+            f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+            "--distributed-timeout", "3"]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt", *args], env=_env(1),
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not start within 3s" in lines[0], proc.stderr
+    assert elapsed < 60
+    assert not (files / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+         r"--process-id must be in \[0, 1\]"),
+        (["--coordinator", "127.0.0.1:1", "--num-processes", "0", "--process-id", "0"],
+         "--num-processes must be >= 1"),
+    ],
+)
+def test_bad_distributed_flags_fail_clearly(files, flags, message):
+    from jaxgpt.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--token-file", str(files / "tokens.bin"), "--config",
+              str(files / "cfg.json"), "--out", str(files / "x"), *flags])
