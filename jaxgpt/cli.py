@@ -695,10 +695,14 @@ def _cmd_train(args) -> int:
 
         if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
             raise
-        # A collective failed: another process died or was killed (its log says why).
-        raise fail(f"another process failed or was killed (process {jax.process_index()} "
-                   f"stopped: {str(e).splitlines()[0]}); checkpoints committed before are "
-                   f"intact, resume with --resume") from e
+        # A collective failed: another process died or was killed (its log says why). Exit
+        # at once: JAX's shutdown at exit would wait for the dead process, then abort.
+        import os
+
+        print(f"jaxgpt train: another process failed or was killed (process "
+              f"{jax.process_index()} stopped: {str(e).splitlines()[0]}); checkpoints committed "
+              f"before are intact, resume with --resume", file=sys.stderr, flush=True)
+        os._exit(1)
     if records:
         last = records[-1]
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""

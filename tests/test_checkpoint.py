@@ -193,3 +193,14 @@ def test_restore_errors_name_the_path(tmp_path, tiny_cfg):
     (path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"config\.json: not a valid jaxgpt config"):
         checkpoint.load_config(path)
+
+
+def test_a_directory_without_params_is_not_a_checkpoint(tmp_path, tiny_cfg):
+    path = checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    assert checkpoint.is_checkpoint(path)
+    import shutil
+
+    shutil.rmtree(path / "params")  # the marker alone (as a racing writer could leave it)
+    assert not checkpoint.is_checkpoint(path)
+    with pytest.raises(ValueError, match="not a jaxgpt checkpoint"):
+        checkpoint.restore(path)
