@@ -198,6 +198,9 @@ def _add_generate(sub) -> None:
                    help="sample from the smallest most-likely set with probability >= p, "
                         "0 < p <= 1")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K",
+                   help="K continuations of the prompt, generated as one batch (split over the "
+                        "visible devices); they differ only when sampling (default 1)")
     p.add_argument("--eos", action="store_true",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
     _add_model_args(p)
@@ -277,6 +280,10 @@ def _cmd_generate(args) -> int:
         raise fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt:
         raise fail("--prompt is empty; give at least one character")
+    if args.num_samples < 1:
+        raise fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1 and args.stream:
+        raise fail("--stream prints one sample as it grows; drop it or --num-samples")
     t_start = time.perf_counter()
     cfg = _peek_config(args)  # config.json only: the flags are checked before the weights load
     try:
@@ -312,11 +319,12 @@ def _cmd_generate(args) -> int:
              f"context_length {cfg.context_length}: from new token {first} on, each one "
              f"recomputes the whole {cfg.context_length}-token window as the book does (a cache "
              f"cannot slide), about {_flop_text(flops * cfg.context_length)} per token instead "
-             f"of {_flop_text(flops)}; progress follows")
+             f"of {_flop_text(flops)}" + ("; progress follows" if args.num_samples == 1 else ""))
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    key=jax.random.key(args.seed) if args.temperature > 0 else None,
                    eos_id=tok.EOT_ID if args.eos else None)
-    progress = _TokenProgress(args.max_new_tokens) if past > 0 and args.max_new_tokens else None
+    progress = (_TokenProgress(args.max_new_tokens)
+                if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
     t0 = time.perf_counter()
     try:
         with clock:
@@ -344,10 +352,17 @@ def _cmd_generate(args) -> int:
                 text = token_ids_to_text(ids, tokenizer)
                 print(text[len(shown):] if text.startswith(shown) else "", flush=True)
                 n_new = len(ids) - len(prompt)
-            else:
+            elif args.num_samples == 1:
                 out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
                 print(token_ids_to_text(out[0], tokenizer))
                 n_new = len(out[0]) - len(prompt)
+            else:  # one batch of K rows: one row per sample, each with its own random draws
+                out = generate(params, cfg, [prompt] * args.num_samples, args.max_new_tokens,
+                               **options)
+                for i, row in enumerate(out, 1):
+                    print(f"--- sample {i} of {args.num_samples} ---")
+                    print(token_ids_to_text(row, tokenizer))
+                n_new = sum(len(row) - len(prompt) for row in out)
     except ValueError as e:
         raise fail(str(e)) from e
     wall = time.perf_counter() - t0

@@ -28,8 +28,16 @@ CFG = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_l
        "drop_rate": 0.1, "qkv_bias": False}
 # The child: optionally arm a fault (the process with id KILL_PID kills itself right after its
 # shards of the step-KILL_STEP checkpoint are written, before the commit), then run the CLI.
+# With PYTHON_ROUTE=ADDR:N:I it starts the runtime itself, as the README shows, instead of
+# passing --coordinator/--num-processes/--process-id.
 CHILD = """
 import os, signal, sys
+import jax
+route = os.environ.get("PYTHON_ROUTE")
+if route:
+    addr, n, i = route.rsplit(":", 2)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(i))
 from jaxgpt import checkpoint
 from jaxgpt.cli import main
 kill = os.environ.get("KILL_AT")
@@ -72,24 +80,29 @@ class Runs:
         self.procs: list[subprocess.Popen] = []
         self.logs = []
 
-    def start(self, name, flags, *, processes=1, devices=4, kill_at=None):
+    def start(self, name, flags, *, processes=1, devices=4, kill_at=None, python_route=False):
         """Start `processes` processes of `devices` CPU devices each; `kill_at=(process_id,
-        step)` makes that process kill itself mid-save of that step. Returns the processes."""
+        step)` makes that process kill itself mid-save of that step; `python_route` starts
+        the runtime in Python rather than by flags. Returns the processes."""
         tmp = self.tmp
         base = ["train", "--token-file", str(tmp / "tokens.bin"),
                 "--config", str(tmp / "cfg.json"), "--steps", str(STEPS), "--batch-size", "8",
                 "--seq-len", "16", "--eval-every", str(SAVE_EVERY), "--eval-iters", "2",
                 "--save-every", str(SAVE_EVERY), "--sample-tokens", "0",
                 "--compile-cache", str(tmp.parent / "xla-multiprocess"), *flags]
-        env = _env(devices, **({"KILL_AT": f"{kill_at[0]}:{kill_at[1]}"} if kill_at else {}))
         port = _free_port()
         procs = []
         for i in range(processes):
-            dist = [] if processes == 1 else [
-                "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-                "--process-id", str(i), "--distributed-timeout", "60"]
+            extra, dist = {}, []
+            if kill_at:
+                extra["KILL_AT"] = f"{kill_at[0]}:{kill_at[1]}"
+            if processes > 1 and python_route:
+                extra["PYTHON_ROUTE"] = f"127.0.0.1:{port}:{processes}:{i}"
+            elif processes > 1:
+                dist = ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                        str(processes), "--process-id", str(i), "--distributed-timeout", "60"]
             self.logs.append(open(tmp / f"{name}.{i}.log", "w"))
-            procs.append(_launch(base + dist, env, self.logs[-1]))
+            procs.append(_launch(base + dist, _env(devices, **extra), self.logs[-1]))
             self.procs.append(procs[-1])
         return procs
 
@@ -187,8 +200,9 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     single = tmp / "single"
     (single / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpts / "step_00000003", single / "checkpoints" / "step_00000003")
+    # (This run starts the distributed runtime the README's Python way, the others by flags.)
     resumed = runs.start("resumed", [*flags, "--resume", "--out", str(multi)], processes=2,
-                         devices=2)
+                         devices=2, python_route=True)
     one = runs.start("single", [*flags, "--resume", "--out", str(single)], devices=1)
     assert runs.wait(resumed) == [0, 0], _log_text(tmp, "resumed")
     assert runs.wait(one) == [0], _log_text(tmp, "single")
