@@ -1009,8 +1009,10 @@ def train_loop(
     bar = _Progress(tc.steps, start) if progress and main else None
     records: list[dict] = []
     last_good, saved_step = latest, start
-    log_file = open(metrics_path, "a") if main else contextlib.nullcontext()
-    with _StopOnSignal() as stop, log_file:
+    with (
+        _StopOnSignal() as stop,
+        open(metrics_path, "a") if main else contextlib.nullcontext() as log_file,
+    ):
         for step in range(start + 1, tc.steps + 1):
             t0 = time.perf_counter()
             # Each process builds only the rows its devices hold.

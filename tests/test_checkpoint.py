@@ -117,6 +117,9 @@ def test_a_save_removes_the_temporaries_of_killed_saves_and_nothing_else(tmp_pat
     stale = tmp_path / f".ckpt.tmp-{dead}-0123abcd"  # a save killed while orbax wrote params
     (stale / "params").mkdir(parents=True)
     (stale / "config.json").write_text("{}")
+    # killed before orbax renamed its own temporary (a multi-process save waits longer there)
+    in_orbax = tmp_path / f".ckpt.tmp-{dead}-4567abcd"
+    (in_orbax / "params.orbax-checkpoint-tmp").mkdir(parents=True)
     legacy = tmp_path / ".ckpt.tmp-89abcdef"  # the name before the PID was part of it
     legacy.mkdir()
     (legacy / "config.json").write_text("{}")

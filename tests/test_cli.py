@@ -171,13 +171,13 @@ def test_generate_num_samples_prints_k_differing_samples_of_one_batch(small_chec
     assert main([*args, "--temperature", "1.0", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert batches == [3]  # one batch of 3 rows
-    parts = re.split(r"^--- sample (\d) of 3 ---\n", out, flags=re.M)
+    parts = re.split(r"^--- sample (\d) of 3 ---\n", out, flags=re.MULTILINE)
     assert parts[0] == "" and parts[1::2] == ["1", "2", "3"]
     samples = [p.rstrip("\n") for p in parts[2::2]]
     assert all(s.startswith("Hello, I am") for s in samples)
     assert len(set(samples)) == 3  # sampled rows draw their own tokens
     assert main(args) == 0  # greedy: the same continuation K times
-    greedy = re.split(r"^--- sample \d of 3 ---\n", capsys.readouterr().out, flags=re.M)[1:]
+    greedy = re.split(r"^--- sample \d of 3 ---\n", capsys.readouterr().out, flags=re.MULTILINE)[1:]
     assert len(greedy) == 3 and len(set(greedy)) == 1
     with pytest.raises(SystemExit, match="--num-samples must be >= 1, got 0"):
         main(["generate", "--num-samples", "0"])
