@@ -147,60 +147,22 @@ def train_loop(
       The records of this run's steps (those of `metrics.jsonl` written by this call).
     """
     out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
     if tc.seq_len > cfg.context_length:
         raise ValueError(
             f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
         )
     latest, changes = _prepare_run(out, cfg, tc, resume)
     mesh = sharding.make_mesh(devices)
-    n_dev = mesh.shape[sharding.DATA]
-    sharding.check_batch_split(tc.batch_size)
-    micro = tc.batch_size // tc.grad_accum
-    if micro % n_dev:
-        raise ValueError(
-            f"the micro-batch (batch_size {tc.batch_size} / grad_accum "
-            f"{tc.grad_accum} = {micro}) must be divisible by the {n_dev} devices"
-        )
-    check_tokens(train_tokens, cfg, "the training data")
-    check_tokens(val_tokens, cfg, "the validation data")
-    loader = BatchLoader(
-        SlidingWindows(train_tokens, tc.seq_len, tc.window_stride), tc.batch_size, seed=tc.seed
-    )
-    val_windows = SlidingWindows(val_tokens, tc.seq_len, tc.seq_len)
-    val_batches = []
-    if len(val_windows):
-        val_bs = min(tc.batch_size, len(val_windows))
-        # Split over the devices when the rows divide evenly, else replicated.
-        val_sh = sharding.batch_sharding(mesh) if val_bs % n_dev == 0 else sharding.replicated(mesh)
-        val_batches = [
-            sharding.put_batch(b, val_sh)
-            for b in BatchLoader(val_windows, val_bs, shuffle=False).first(tc.eval_iters)
-        ]
-    else:
-        _log(
-            f"jaxgpt train: the validation split ({len(val_tokens)} tokens) is shorter than one "
-            f"window of {tc.seq_len + 1}; no validation loss"
-        )
-
+    _check_split(tc, mesh)
+    loader, val_batches = _data(cfg, tc, train_tokens, val_tokens, mesh)
     key = dropout_key(tc)
-    train_step, shardings = sharded_train_step(cfg, tc, mesh)
-    tokens_seen = 0
-    if latest is not None:
-        # Straight into this mesh's shardings: each process reads only its own shards.
-        abstract = jax.eval_shape(lambda: init_train_state(cfg, tc))
-        abstract = jax.tree_util.tree_map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
-        )
-        state, tokens_seen = restore_train_checkpoint(latest, abstract, loader)
-    else:
-        state = jax.device_put(init_train_state(cfg, tc, params), shardings)
+    train_step, state, tokens_seen = _initial_state(cfg, tc, mesh, params, latest, loader)
     eval_step = make_eval_step(cfg, tc.dtype)
     batch_sh = sharding.batch_sharding(mesh)
     batch_tokens = tc.batch_size * tc.seq_len
 
     start = int(state.step)
-    metrics_path = out / "metrics.jsonl"
     main = jax.process_index() == 0  # the one writer of metrics, plot and messages
     out.mkdir(parents=True, exist_ok=True)
     if main:
@@ -218,7 +180,7 @@ def train_loop(
 
     bar = _Progress(tc.steps, start) if progress and main else None
     records: list[dict] = []
-    last_good, saved_step = latest, start
+    last_good, saved_step, signum = latest, start, None
     with (
         _StopOnSignal() as stop,
         open(metrics_path, "a") if main else contextlib.nullcontext() as log_file,
@@ -233,24 +195,12 @@ def train_loop(
             state, metrics = train_step(state, batch, key)
             m = jax.device_get(metrics)
             dt = time.perf_counter() - t0
-            loss = float(m["loss"])
             saving = step % tc.save_every == 0 or step == tc.steps
-            # Parameters are checked only before they are saved: a full pass over them each
-            # step costs more than the check is worth (a bad update shows in the next loss).
-            if not bool(m["finite"]) or (saving and not bool(_tree_all_finite(state.params))):
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved"
-                msg = (
-                    f"jaxgpt train: non-finite values at step {step} (loss {loss}, grad norm "
-                    f"{float(m['grad_norm'])}); stopped. {where}. Try a lower --lr or "
-                    f"--grad-clip, then --resume"
-                )
-                if bar:
-                    bar.message(msg)
-                raise TrainingDiverged(msg)
+            _check_finite(m, state, step, saving, last_good, bar)
             tokens_seen += batch_tokens
             record = {
                 "step": step,
-                "loss": loss,
+                "loss": float(m["loss"]),
                 "tokens_seen": tokens_seen,
                 "lr": float(m["lr"]),
                 "grad_norm": float(m["grad_norm"]),
@@ -272,7 +222,7 @@ def train_loop(
                 saved_step = step
             records.append(record)
             if bar:
-                bar.update(step, loss, record["tokens_per_s"])
+                bar.update(step, record["loss"], record["tokens_per_s"])
             if on_step is not None:
                 on_step(step, record)
             if signum is not None:
@@ -285,6 +235,83 @@ def train_loop(
         if signum is not None and saved_step < tc.steps:
             raise TrainingInterrupted(signum, saved_step, last_good)
     return records
+
+
+def _check_split(tc: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """Raise ValueError unless the batch splits over the processes and each micro-batch over
+    the devices."""
+    sharding.check_batch_split(tc.batch_size)
+    n_dev = mesh.shape[sharding.DATA]
+    micro = tc.batch_size // tc.grad_accum
+    if micro % n_dev:
+        raise ValueError(
+            f"the micro-batch (batch_size {tc.batch_size} / grad_accum "
+            f"{tc.grad_accum} = {micro}) must be divisible by the {n_dev} devices"
+        )
+
+
+def _data(
+    cfg: GPTConfig,
+    tc: TrainConfig,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    mesh: jax.sharding.Mesh,
+) -> tuple[BatchLoader, list]:
+    """The training batches' loader and the validation batches, placed on `mesh` (split over
+    the devices when their rows divide evenly, else replicated)."""
+    check_tokens(train_tokens, cfg, "the training data")
+    check_tokens(val_tokens, cfg, "the validation data")
+    loader = BatchLoader(
+        SlidingWindows(train_tokens, tc.seq_len, tc.window_stride), tc.batch_size, seed=tc.seed
+    )
+    val_windows = SlidingWindows(val_tokens, tc.seq_len, tc.seq_len)
+    if not len(val_windows):
+        _log(
+            f"jaxgpt train: the validation split ({len(val_tokens)} tokens) is shorter than one "
+            f"window of {tc.seq_len + 1}; no validation loss"
+        )
+        return loader, []
+    val_bs = min(tc.batch_size, len(val_windows))
+    split = val_bs % mesh.shape[sharding.DATA] == 0
+    val_sh = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+    val_batches = [
+        sharding.put_batch(b, val_sh)
+        for b in BatchLoader(val_windows, val_bs, shuffle=False).first(tc.eval_iters)
+    ]
+    return loader, val_batches
+
+
+def _initial_state(cfg, tc, mesh, params, latest, loader) -> tuple[Callable, Any, int]:
+    """`(train_step, state, tokens_seen)`: the step for `mesh` and the state placed with its
+    shardings, fresh (from `params` if given) or restored from the checkpoint `latest`."""
+    train_step, shardings = sharded_train_step(cfg, tc, mesh)
+    if latest is None:
+        return train_step, jax.device_put(init_train_state(cfg, tc, params), shardings), 0
+    # Straight into this mesh's shardings: each process reads only its own shards.
+    abstract = jax.eval_shape(lambda: init_train_state(cfg, tc))
+    abstract = jax.tree_util.tree_map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+    )
+    state, tokens_seen = restore_train_checkpoint(latest, abstract, loader)
+    return train_step, state, tokens_seen
+
+
+def _check_finite(m: dict, state: Any, step: int, saving: bool, last_good, bar) -> None:
+    """Raise TrainingDiverged if the step's loss or gradients (or, before a save, the
+    parameters) are not finite; the same decision in every process (replicated values)."""
+    # Parameters are checked only before they are saved: a full pass over them each step
+    # costs more than the check is worth (a bad update shows in the next loss).
+    if bool(m["finite"]) and not (saving and not bool(_tree_all_finite(state.params))):
+        return
+    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved"
+    msg = (
+        f"jaxgpt train: non-finite values at step {step} (loss {float(m['loss'])}, grad norm "
+        f"{float(m['grad_norm'])}); stopped. {where}. Try a lower --lr or --grad-clip, then "
+        f"--resume"
+    )
+    if bar:
+        bar.message(msg)
+    raise TrainingDiverged(msg)
 
 
 def _evaluate_into(record, params, cfg, tc, eval_step, val_batches, bar) -> None:
