@@ -253,6 +253,21 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
     assert not (files / "x").exists()
 
 
+def test_the_environment_route_without_a_process_count_is_one_line(files):
+    # JAX_COORDINATOR_ADDRESS alone: jax.distributed.initialize looks for the rest in a cluster
+    # environment (Slurm, Open MPI), finds none here, and says so; the CLI makes it one line.
+    args = ["train", "--token-file", str(files / "tokens.bin"), "--config",
+            str(files / "cfg.json"), "--out", str(files / "x")]
+    proc = subprocess.run([sys.executable, "-m", "jaxgpt", *args],
+                          env=_env(1, JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "jaxgpt train: cannot start the distributed runtime: Number of processes must be defined."
+    ], proc.stderr
+    assert not (files / "x").exists()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
