@@ -24,7 +24,8 @@ from jaxgpt.train import list_checkpoints
 
 STEPS, SAVE_EVERY = 6, 3
 LIMIT_S = 240  # per run; a healthy run takes well under a minute on 2 loaded cores
-CFG = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+# GPT-2's vocabulary, so each evaluation also draws a sample (the runs' text: ids below 97).
+CFG = {"vocab_size": 50257, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
        "drop_rate": 0.1, "qkv_bias": False}
 # The child: optionally arm a fault (the process with id KILL_PID kills itself right after its
 # shards of the step-KILL_STEP checkpoint are written, before the commit), then run the CLI.
@@ -88,7 +89,7 @@ class Runs:
         base = ["train", "--token-file", str(tmp / "tokens.bin"),
                 "--config", str(tmp / "cfg.json"), "--steps", str(STEPS), "--batch-size", "8",
                 "--seq-len", "16", "--eval-every", str(SAVE_EVERY), "--eval-iters", "2",
-                "--save-every", str(SAVE_EVERY), "--sample-tokens", "0",
+                "--save-every", str(SAVE_EVERY), "--sample-tokens", "4",
                 "--compile-cache", str(tmp.parent / "xla-multiprocess"), *flags]
         port = _free_port()
         procs = []
@@ -152,7 +153,7 @@ def _losses(out):
 def files(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(CFG))
     rng = np.random.default_rng(0)
-    rng.integers(0, CFG["vocab_size"], 6000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    rng.integers(0, 97, 6000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
     return tmp_path
 
 
@@ -217,6 +218,11 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     np.testing.assert_allclose(multi_losses, ref_losses, rtol=0, atol=LOSS_TOL)
     np.testing.assert_allclose([rows[-1]["val_loss"]], [ref_rows[-1]["val_loss"]], rtol=0,
                                atol=LOSS_TOL)
+    # The sample (drawn from all the weights, gathered to every process) is the 1-process
+    # run's: the weights differ by < 1e-7, so a token could only change if a uniform draw fell
+    # within ~1e-7 of a boundary of the top-k distribution.
+    assert rows[-1]["sample"].startswith("Every effort moves you")
+    assert [r.get("sample") for r in rows] == [r.get("sample") for r in ref_rows]
     assert [r["step"] for r in single_rows] == list(range(SAVE_EVERY + 1, STEPS + 1))
     np.testing.assert_allclose(single_losses, ref_losses[SAVE_EVERY:], rtol=0, atol=LOSS_TOL)
     names = sorted(p.name for p in ckpts.iterdir())
