@@ -9,6 +9,14 @@ A checkpoint is a directory:
 
 Saving writes into a temporary sibling directory and renames it into place, so an
 interrupted save never leaves a half-written checkpoint under the final name.
+
+With several processes (`jax.distributed.initialize`), `save` and the restores are collective:
+every process calls them with the same path on a shared filesystem. The arrays are handed to
+orbax as the global `jax.Array`s they are (each process writes the shards it holds; nothing is
+gathered to one host), all processes write into one temporary directory named by process 0,
+and process 0 writes the marker and renames the directory only after a barrier that every
+process reaches once its shards are on disk. Restores place every array straight into the
+shardings asked for, so a checkpoint written by N processes or devices loads on M.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 
 from jaxgpt.config import GPTConfig
 
@@ -48,6 +57,32 @@ HF_ENTRY_PATTERNS = (
 # Temporary siblings: `.NAME.tmp-PID-HEX` while writing, `.NAME.old-PID-HEX` while replacing
 # (`.NAME.tmp-HEX` from versions before the PID was part of the name).
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+# What orbax leaves inside a temporary when killed while writing `params` or `extra`.
+_ORBAX_TEMP_RE = re.compile(r"^(?:params|extra)\.orbax-checkpoint-tmp(?:-\d+)?$")
+
+
+def _multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process reaches `name` (nothing with one process)."""
+    if _multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _shared_tag() -> str:
+    """`PID-HEX` for a temporary name: process 0's pid and random bits, the same in every
+    process (so all processes write into one directory, which only process 0 may clean up)."""
+    pid, rnd = os.getpid(), uuid.uuid4().int & 0x7FFFFFFF
+    if _multi_process():
+        from jax.experimental import multihost_utils
+
+        pid, rnd = (int(v) for v in multihost_utils.broadcast_one_to_all(
+            np.array([pid, rnd], np.int32)))
+    return f"{pid}-{rnd:08x}"
 
 
 def _is_hf_entry(entry: Path) -> bool:
@@ -132,7 +167,10 @@ def remove_stale_temporaries(parent: str | os.PathLike, name: str | None = None)
             continue
         if m["pid"] is not None and _pid_alive(int(m["pid"])):
             continue  # another save may be writing it right now
-        if not all(e.name in ORBAX_ENTRIES or _is_hf_entry(e) for e in entry.iterdir()):
+        if not all(
+            e.name in ORBAX_ENTRIES or _is_hf_entry(e) or _ORBAX_TEMP_RE.match(e.name)
+            for e in entry.iterdir()
+        ):
             continue  # not (only) what a save writes: not ours to delete
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
@@ -158,6 +196,25 @@ def _set_default_modes(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        check_replaceable(path)
+
+
+def _commit(tmp: Path, path: Path, tag: str) -> None:
+    """Rename the finished temporary `tmp` to `path` (replacing a checkpoint there)."""
+    _set_default_modes(tmp)
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{tag}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `path`; on success rename it to `path`.
@@ -167,12 +224,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     `.NAME.tmp-PID-*` sibling, never a partial `path`, and the next save of `path` removes it.
     Raises FileExistsError before anything is written if `path` exists and `overwrite` is
     False, or if it is not a directory `check_replaceable` allows replacing.
+
+    One process only: `save` coordinates several.
     """
     path = Path(path).absolute()
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        check_replaceable(path)
+    _check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -180,28 +236,36 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         tmp.mkdir()
         yield tmp
-        _set_default_modes(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{tag}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        _commit(tmp, path, tag)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True if `path` is a directory written by `save`."""
+    """True if `path` is a complete directory written by `save`.
+
+    Complete: the marker `jaxgpt.json` (written only after every process's arrays are on disk)
+    names the format, and `params/` is there.
+    """
     marker = Path(path) / "jaxgpt.json"
-    if not marker.is_file():
+    if not marker.is_file() or not (Path(path) / "params").is_dir():
         return False
     try:
         return json.loads(marker.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
+
+
+def _write_arrays(tmp: Path, params: Any, extra: Any) -> None:
+    """Every process writes its shards of `params` (and `extra`) under `tmp`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:  # closed (threads joined) on error too
+        ckptr.save(tmp / "params", params)
+        if extra is not None:
+            ckptr.save(tmp / "extra", extra)
+        ckptr.wait_until_finished()
 
 
 def save(
@@ -215,21 +279,46 @@ def save(
 ) -> Path:
     """Save `params` (and optionally the pytree `extra`) with `cfg` to the directory `path`.
 
+    The arrays may be sharded over any devices, of this process or of all processes: each
+    process writes the shards it holds. With several processes every one must call `save`
+    with the same arguments (`path` on a filesystem they share); it returns once the
+    checkpoint is complete and in place.
+
     Raises FileExistsError if `path` exists and `overwrite` is False.
     """
-    import orbax.checkpoint as ocp
-
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        with ocp.StandardCheckpointer() as ckptr:  # closed (threads joined) on error too
-            ckptr.save(tmp / "params", jax.device_get(params))
-            if extra is not None:
-                ckptr.save(tmp / "extra", jax.device_get(extra))
-            ckptr.wait_until_finished()
-        # The marker is written last: a directory without it is never taken for a checkpoint.
-        marker = {"format": FORMAT, "version": VERSION, **(metadata or {})}
-        (tmp / "jaxgpt.json").write_text(json.dumps(marker, indent=2) + "\n")
-    return Path(path).absolute()
+    path = Path(path).absolute()
+    main = jax.process_index() == 0
+    _check_destination(path, overwrite)  # every process, before anything is written
+    tag = _shared_tag()
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    committed = False
+    try:
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, path.name)
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _barrier(f"jaxgpt-save-start-{tag}")
+        _write_arrays(tmp, params, extra)
+        # Every process's shards are on disk past this point.
+        _barrier(f"jaxgpt-save-written-{tag}")
+        if main:
+            # The marker is written last: a directory without it is never taken for a
+            # checkpoint.
+            marker = {
+                "format": FORMAT,
+                "version": VERSION,
+                "processes": jax.process_count(),
+                **(metadata or {}),
+            }
+            (tmp / "jaxgpt.json").write_text(json.dumps(marker, indent=2) + "\n")
+            _commit(tmp, path, tag)
+        committed = True
+        _barrier(f"jaxgpt-save-done-{tag}")
+    finally:
+        if main and not committed and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _check(path: Path) -> None:
@@ -258,11 +347,28 @@ def load_metadata(path: str | os.PathLike) -> dict:
     return json.loads((path / "jaxgpt.json").read_text())
 
 
-def restore(path: str | os.PathLike) -> tuple[GPTConfig, Any]:
+def _abstract(tree: Any, shardings: Any = None) -> Any:
+    """`ShapeDtypeStruct`s of `tree`'s arrays, with `shardings` (a matching tree) if given,
+    else with the leaves' own shardings where they have one."""
+
+    def one(x, sh=None):
+        if not hasattr(x, "shape"):
+            return x
+        sh = sh if sh is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    if shardings is None:
+        return jax.tree_util.tree_map(one, tree)
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def restore(path: str | os.PathLike, shardings: Any = None) -> tuple[GPTConfig, Any]:
     """`(cfg, params)` from a checkpoint written by `save`, bit for bit.
 
-    The params are jax arrays on the default device, in the structure `param_shapes(cfg)`
-    gives; a checkpoint whose arrays do not fit its config.json raises ValueError.
+    The params have the structure `param_shapes(cfg)` gives; each array is placed with the
+    matching sharding of `shardings` (a tree of `jax.sharding.Sharding`s, e.g. over the current
+    mesh; every process then reads only its own shards), by default on this process's first
+    device. A checkpoint whose arrays do not fit its config.json raises ValueError.
     """
     import orbax.checkpoint as ocp
 
@@ -272,10 +378,14 @@ def restore(path: str | os.PathLike) -> tuple[GPTConfig, Any]:
     cfg = load_config(path)
     if not (path / "params").is_dir():
         raise FileNotFoundError(f"{path / 'params'} is missing: the checkpoint is incomplete")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), param_shapes(cfg)
-    )
+    shapes = param_shapes(cfg)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    try:
+        target = _abstract(shapes, shardings)
+    except ValueError as e:  # tree_map: structures differ
+        raise ValueError(f"the shardings do not match the params of {cfg}: {e}") from e
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path / "params", target)
@@ -289,7 +399,8 @@ def restore(path: str | os.PathLike) -> tuple[GPTConfig, Any]:
 def restore_extra(path: str | os.PathLike, target: Any) -> Any:
     """The `extra` pytree of a checkpoint, restored into the structure of `target`.
 
-    `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`).
+    `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); leaves
+    with a sharding are restored into it, NumPy leaves as NumPy arrays.
     """
     import orbax.checkpoint as ocp
 
@@ -297,8 +408,13 @@ def restore_extra(path: str | os.PathLike, target: Any) -> Any:
     _check(path)
     if not (path / "extra").exists():
         raise ValueError(f"{path} was saved without extra state")
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, target
-    )
+
+    def one(x):
+        if isinstance(x, (np.ndarray, np.generic)):
+            return np.zeros(x.shape, x.dtype)  # restored as NumPy, identical on every process
+        if not hasattr(x, "shape"):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / "extra", abstract)
+        return ckptr.restore(path / "extra", jax.tree_util.tree_map(one, target))

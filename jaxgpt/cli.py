@@ -15,6 +15,10 @@ from jaxgpt.config import PRESETS, GPTConfig
 
 
 def _log(msg: str) -> None:
+    """A message on stderr; with several processes, from process 0 only."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
+        return
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -194,6 +198,9 @@ def _add_generate(sub) -> None:
                    help="sample from the smallest most-likely set with probability >= p, "
                         "0 < p <= 1")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K",
+                   help="K continuations of the prompt, generated as one batch (split over the "
+                        "visible devices); they differ only when sampling (default 1)")
     p.add_argument("--eos", action="store_true",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
     _add_model_args(p)
@@ -273,6 +280,10 @@ def _cmd_generate(args) -> int:
         raise fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt:
         raise fail("--prompt is empty; give at least one character")
+    if args.num_samples < 1:
+        raise fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1 and args.stream:
+        raise fail("--stream prints one sample as it grows; drop it or --num-samples")
     t_start = time.perf_counter()
     cfg = _peek_config(args)  # config.json only: the flags are checked before the weights load
     try:
@@ -308,11 +319,12 @@ def _cmd_generate(args) -> int:
              f"context_length {cfg.context_length}: from new token {first} on, each one "
              f"recomputes the whole {cfg.context_length}-token window as the book does (a cache "
              f"cannot slide), about {_flop_text(flops * cfg.context_length)} per token instead "
-             f"of {_flop_text(flops)}; progress follows")
+             f"of {_flop_text(flops)}" + ("; progress follows" if args.num_samples == 1 else ""))
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    key=jax.random.key(args.seed) if args.temperature > 0 else None,
                    eos_id=tok.EOT_ID if args.eos else None)
-    progress = _TokenProgress(args.max_new_tokens) if past > 0 and args.max_new_tokens else None
+    progress = (_TokenProgress(args.max_new_tokens)
+                if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
     t0 = time.perf_counter()
     try:
         with clock:
@@ -340,10 +352,17 @@ def _cmd_generate(args) -> int:
                 text = token_ids_to_text(ids, tokenizer)
                 print(text[len(shown):] if text.startswith(shown) else "", flush=True)
                 n_new = len(ids) - len(prompt)
-            else:
+            elif args.num_samples == 1:
                 out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
                 print(token_ids_to_text(out[0], tokenizer))
                 n_new = len(out[0]) - len(prompt)
+            else:  # one batch of K rows: one row per sample, each with its own random draws
+                out = generate(params, cfg, [prompt] * args.num_samples, args.max_new_tokens,
+                               **options)
+                for i, row in enumerate(out, 1):
+                    print(f"--- sample {i} of {args.num_samples} ---")
+                    print(token_ids_to_text(row, tokenizer))
+                n_new = sum(len(row) - len(prompt) for row in out)
     except ValueError as e:
         raise fail(str(e)) from e
     wall = time.perf_counter() - t0
@@ -513,8 +532,73 @@ def _add_train(sub) -> None:
                    help="continue from the newest checkpoint in --out (an error if there is "
                         "none); changed optimisation flags (--lr, --steps, ...) are allowed "
                         "with a warning, changed model or data flags are not")
+    dist = p.add_argument_group(
+        "several processes", "run the same command once per process (e.g. one per host), all "
+        "with the same --out on a shared filesystem; without these flags, JAX_COORDINATOR_ADDRESS "
+        "and a cluster environment (Slurm, Open MPI) are read as jax.distributed.initialize does")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0, which serves the coordination service")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    dist.add_argument("--distributed-timeout", type=float, default=300.0, metavar="S",
+                      help="seconds to wait for every process to join (default 300)")
     _add_cache_args(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _start_distributed(args, fail) -> None:
+    """`jax.distributed.initialize` from --coordinator/--num-processes/--process-id (or the
+    environment), before anything touches a device; one line and exit 1 if it cannot start
+    within --distributed-timeout (JAX itself would abort with a stack trace)."""
+    import os
+    import threading
+
+    import jax
+
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if jax.distributed.is_initialized():  # started by the caller (the README's Python route)
+        if any(f is not None for f in flags):
+            raise fail("the distributed runtime is already running; drop --coordinator, "
+                       "--num-processes and --process-id")
+        return
+    if all(f is None for f in flags) and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return  # one process
+    if not args.distributed_timeout > 0:
+        raise fail(f"--distributed-timeout must be > 0 seconds, got {args.distributed_timeout}")
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise fail(f"--coordinator must be HOST:PORT with a port in 1..65535, "
+                       f"got {args.coordinator!r}")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise fail(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and args.num_processes is not None and not (
+            0 <= args.process_id < args.num_processes):
+        raise fail(f"--process-id must be in [0, {args.num_processes - 1}] for --num-processes "
+                   f"{args.num_processes}, got {args.process_id}")
+    where = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    timeout = args.distributed_timeout
+
+    def give_up():
+        os.write(2, (f"jaxgpt train: the distributed runtime did not start within {timeout:g}s "
+                     f"(coordinator {where}): process 0 unreachable or not every process "
+                     f"joined; check --coordinator, --num-processes and that all processes "
+                     f"run\n").encode())
+        os._exit(1)
+
+    # CPU devices talk over gloo (the default CPU client cannot run cross-process collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes,
+            process_id=args.process_id, initialization_timeout=int(timeout) + 60)
+    except (RuntimeError, ValueError, TypeError) as e:  # e.g. no process count from anywhere
+        raise fail(f"cannot start the distributed runtime: {str(e).splitlines()[0]}") from e
+    finally:
+        watchdog.cancel()
 
 
 def _train_model_config(args):
@@ -578,6 +662,7 @@ def _cmd_train(args) -> int:
     if args.init_from and Path(args.out).resolve() in Path(args.init_from).resolve().parents:
         raise fail(f"--init-from {args.init_from} is inside --out {args.out}, where checkpoints "
                    f"are rotated out; copy it elsewhere or choose another --out")
+    _start_distributed(args, fail)
     _enable_compile_cache(args)
     cfg, params, desc = _train_model_config(args)
     seq_len = args.seq_len if args.seq_len is not None else min(256, cfg.context_length)
@@ -625,6 +710,19 @@ def _cmd_train(args) -> int:
         return 130
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from e
+    except Exception as e:
+        import jax
+
+        if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+            raise
+        # A collective failed: another process died or was killed (its log says why). Exit
+        # at once: JAX's shutdown at exit would wait for the dead process, then abort.
+        import os
+
+        print(f"jaxgpt train: another process failed or was killed (process "
+              f"{jax.process_index()} stopped: {str(e).splitlines()[0]}); checkpoints committed "
+              f"before are intact, resume with --resume", file=sys.stderr, flush=True)
+        os._exit(1)
     if records:
         last = records[-1]
         val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""

@@ -226,17 +226,21 @@ class BatchLoader:
             self._order_epoch = epoch
         return self._order
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        """The next batch; advances `state`."""
+    def next_indices(self) -> np.ndarray:
+        """The window indices `[B]` of the next batch (`windows.get` builds any rows of it);
+        advances `state`."""
         st = self.state
         order = self._epoch_order(st.epoch)
         idx = order[st.batch * self.batch_size : (st.batch + 1) * self.batch_size]
-        batch = self.windows.get(idx)
         if st.batch + 1 == self.batches_per_epoch:
             self.state = LoaderState(st.epoch + 1, 0)
         else:
             self.state = LoaderState(st.epoch, st.batch + 1)
-        return batch
+        return idx
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch; advances `state`."""
+        return self.windows.get(self.next_indices())
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         while True:

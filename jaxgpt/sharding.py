@@ -5,12 +5,13 @@ with `fsdp=True` every weight matrix is also split along it (on its largest dime
 divides evenly), and so are the AdamW moments that mirror it, while vectors (biases, LayerNorm)
 stay replicated. XLA inserts the all-gathers and reduce-scatters. The same code runs on one
 device (a mesh of one), on 8 simulated CPU devices, and across hosts after
-`jax.distributed.initialize()` (each process then feeds its own rows of the global batch).
+`jax.distributed.initialize()` (each process then builds and feeds only the rows of the global
+batch that its devices hold).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -66,23 +67,55 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: Any, sharding: NamedSharding) -> Any:
-    """Place a pytree of host arrays `[B, ...]` (the global batch) with `sharding`.
+    """Place a pytree of host arrays `[B, ...]` (the whole global batch, the same in every
+    process) with `sharding`; each process contributes the rows its devices hold."""
+    return jax.tree_util.tree_map(
+        lambda x: global_rows(lambda rows: (np.asarray(x)[rows],), len(x), sharding)[0], batch
+    )
 
-    With several processes, each process passes the same global batch and contributes its own
-    contiguous rows (the mesh from `make_mesh` orders devices by process).
+
+def global_rows(
+    make_rows: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+    num_rows: int,
+    sharding: jax.sharding.Sharding,
+) -> tuple[jax.Array, ...]:
+    """Global arrays `[num_rows, ...]` with `sharding`, each process building only its rows.
+
+    `make_rows(rows)` returns a tuple of host arrays `[len(rows), ...]` for the global row
+    numbers `rows` (int `[n]`); it is called once for each distinct block of rows that this
+    process's devices hold (read from `sharding.addressable_devices_indices_map`, not from an
+    assumed device order), never for rows that live only on other processes' devices.
     """
+    blocks: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def block(index: tuple) -> tuple[np.ndarray, ...]:
+        start, stop, _ = index[0].indices(num_rows) if index else (0, num_rows, 1)
+        if (start, stop) not in blocks:
+            blocks[start, stop] = tuple(np.asarray(a) for a in make_rows(np.arange(start, stop)))
+        return blocks[start, stop]
+
+    probe = sharding.addressable_devices_indices_map((num_rows,))
+    first = block(next(iter(probe.values())))
+    out = []
+    for k, sample in enumerate(first):
+        shape = (num_rows, *sample.shape[1:])
+        out.append(
+            jax.make_array_from_callback(
+                shape, sharding, lambda index, k=k: block(index)[k][(slice(None), *index[1:])]
+            )
+        )
+    return tuple(out)
+
+
+def check_batch_split(batch_size: int) -> None:
+    """Raise ValueError unless `batch_size` rows split evenly over the processes and devices."""
     n_proc = jax.process_count()
-    if n_proc == 1:
-        return jax.device_put(batch, sharding)
-    pid = jax.process_index()
-
-    def put(x):
-        x = np.asarray(x)
-        rows = x.shape[0] // n_proc
-        local = x[pid * rows : (pid + 1) * rows]
-        return jax.make_array_from_process_local_data(sharding, local, x.shape)
-
-    return jax.tree_util.tree_map(put, batch)
+    if batch_size % n_proc:
+        raise ValueError(
+            f"the batch of {batch_size} rows does not divide by the {n_proc} processes: each "
+            f"process must feed the same number of rows; use a --batch-size that is a multiple "
+            f"of {n_proc}"
+        )
 
 
 def describe(mesh: Mesh, fsdp: bool) -> str:

@@ -1,5 +1,9 @@
-"""Training: the text-generation loss, AdamW with warmup + cosine decay, a pure jitted train step,
-and the loop around it (evaluation, samples, metrics, plots, rotating checkpoints, exact resume).
+"""Training: the text-generation loss, AdamW with warmup + cosine decay, a pure jitted train step.
+
+The loop around it lives beside this module, one concern each: `jaxgpt.loop` (`train_loop`),
+`jaxgpt.run_checkpoints` (a run's checkpoints, rotation, resume), `jaxgpt.progress` (progress
+line, metrics file, loss plot) and `jaxgpt.samples` (the sample text at each evaluation). Their
+public names stay importable from here (`from jaxgpt.train import train_loop`).
 
 The pure part:
 
@@ -12,7 +16,7 @@ Weight decay applies to weight matrices only (every parameter with ndim >= 2: De
 and the embedding tables), never to biases or LayerNorm scale/shift, as GPT-2 practice and
 nanoGPT do; the PyTorch equivalent is two AdamW param groups split on `p.dim() >= 2`.
 Dropout keys are `fold_in(fold_in(key, step), micro_batch)`, so a resumed run draws the same
-masks. `train_loop` is the only impure part.
+masks. `train_loop` (in `jaxgpt.loop`) is the only impure part.
 
 Shapes: B batch, T sequence length, V vocab_size, A gradient-accumulation micro-batches.
 """
@@ -21,17 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import importlib
 import math
-import os
-import shutil
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -41,9 +38,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxgpt import checkpoint, sharding
+from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.data import BatchLoader, LoaderState, SlidingWindows
 from jaxgpt.model import GPTModel, init_params
 
 IGNORE_INDEX = -100
@@ -339,38 +335,6 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# What a resumed run must share with the checkpoint's: the data it reads, in the same order.
-_RESUME_DATA_FIELDS = ("batch_size", "seq_len", "stride", "train_ratio", "seed")
-# Settings a resumed run may change (a diverged run retried with a lower --lr, a run extended
-# with more --steps): the first group changes the losses from there on, the second only when
-# the loop evaluates, samples or saves.
-_RESUME_OPTIM_FIELDS = (
-    "steps",
-    "lr",
-    "min_lr",
-    "warmup_steps",
-    "weight_decay",
-    "b1",
-    "b2",
-    "eps",
-    "grad_clip",
-    "grad_accum",
-    "dtype",
-    "remat",
-    "fsdp",
-)
-_RESUME_LOOP_FIELDS = (
-    "eval_every",
-    "eval_iters",
-    "save_every",
-    "keep",
-    "sample_prompt",
-    "sample_tokens",
-    "sample_top_k",
-    "sample_temperature",
-)
-
-
 def make_schedule(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     """Learning rate of update `step` (0-based): linear warmup, then cosine decay to `min_lr`.
 
@@ -647,542 +611,23 @@ def evaluate(
     return total / count if count else float("nan")
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-
-CKPT_PREFIX = "step_"
-
-
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints `ckpt_dir/step_NNNNNNNN`, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = [
-        p
-        for p in ckpt_dir.iterdir()
-        if p.name.startswith(CKPT_PREFIX)
-        and p.name[len(CKPT_PREFIX) :].isdigit()
-        and checkpoint.is_checkpoint(p)
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
-
-
-def _extra(state: TrainState, loader: BatchLoader, tokens_seen: int) -> dict:
-    # The dropout key is not saved: it derives from the seed, which a resume must match.
-    return {
-        "step": state.step,
-        "opt_state": state.opt_state,
-        "loader": loader.state.to_array(),
-        "tokens_seen": np.array(tokens_seen, np.int64),
-    }
-
-
-def save_train_checkpoint(
-    ckpt_dir: Path,
-    cfg: GPTConfig,
-    tc: TrainConfig,
-    state: TrainState,
-    loader: BatchLoader,
-    tokens_seen: int,
-) -> Path:
-    """Write `ckpt_dir/step_NNNNNNNN` (atomic), then delete all but the newest `tc.keep`.
-
-    Only complete jaxgpt checkpoints holding nothing else are rotated out, and temporaries of
-    saves killed earlier are removed (see `checkpoint.remove_stale_temporaries`).
-    """
-    step = int(state.step)
-    path = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
-    checkpoint.remove_stale_temporaries(ckpt_dir)
-    checkpoint.save(
-        path,
-        state.params,
-        cfg,
-        extra=_extra(state, loader, tokens_seen),
-        metadata={"step": step, "tokens_seen": tokens_seen, "train": tc.to_dict()},
-        overwrite=True,
-    )
-    for old in list_checkpoints(ckpt_dir)[: -tc.keep]:
-        if old != path and not checkpoint.foreign_entries(old):
-            shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
-    """What this run changes from the run saved at `path`, one warning line each.
-
-    Raises ValueError naming the field if the model config or a data setting
-    (`_RESUME_DATA_FIELDS`) differs: the checkpoint's weights or data position would not fit.
-    Optimisation and loop settings may change; the warnings say so.
-    """
-    saved_cfg = checkpoint.load_config(path)
-    if saved_cfg != cfg:
-        diff = [
-            f"{k}: {saved_cfg.to_dict().get(k)!r} -> {v!r}"
-            for k, v in cfg.to_dict().items()
-            if saved_cfg.to_dict().get(k) != v
-        ]
-        raise ValueError(
-            f"{path} was trained with another model config ({'; '.join(diff)}); "
-            f"resume with the same --preset/--config/--init-from"
-        )
-    saved = checkpoint.load_metadata(path).get("train", {})
-    for name in _RESUME_DATA_FIELDS:
-        if saved.get(name) != getattr(tc, name):
-            raise ValueError(
-                f"{path} was trained with {name}={saved.get(name)!r}, this run has "
-                f"{name}={getattr(tc, name)!r}: the data (order, windows, split) must stay the "
-                f"same to resume; use --{name.replace('_', '-')} {saved.get(name)!r} or a new --out"
-            )
-    changes = []
-    for name in _RESUME_OPTIM_FIELDS + _RESUME_LOOP_FIELDS:
-        old, new = saved.get(name), getattr(tc, name)
-        if name not in saved or old == new:
-            continue
-        if name in _RESUME_OPTIM_FIELDS:
-            why = "the run is no longer an exact replay of an uninterrupted one"
-        else:
-            why = "changes only when the loop evaluates, samples or saves"
-        changes.append(f"--{name.replace('_', '-')} changed from {old!r} to {new!r}: {why}")
-    return changes
-
-
-_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints")
-
-
-def check_run_dir(out: Path) -> None:
-    """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes.
-
-    A run rewrites `metrics.jsonl` and `loss.png` and rotates `checkpoints/`, so a directory
-    holding anything else (a project, someone's notes) is refused rather than mixed into.
-    """
-    if out.is_symlink() and not out.exists():
-        raise FileExistsError(f"{out} is a dangling symbolic link")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
-    if foreign:
-        raise FileExistsError(
-            f"{out} holds files that jaxgpt train did not write "
-            f"({checkpoint.describe_names(foreign)}); a run directory holds "
-            f"only {', '.join(_RUN_ENTRIES)}: choose a new or empty output directory"
-        )
-
-
-def restore_train_checkpoint(
-    path: Path, state: TrainState, loader: BatchLoader
-) -> tuple[TrainState, int]:
-    """`(state, tokens_seen)` from `path`, with `loader.state` set to where the run stood."""
-    _, params = checkpoint.restore(path)
-    extra = checkpoint.restore_extra(path, _extra(state, loader, 0))
-    loader.state = LoaderState.from_array(extra["loader"])
-    restored = TrainState(
-        step=jnp.asarray(extra["step"], jnp.int32), params=params, opt_state=extra["opt_state"]
-    )
-    return restored, int(extra["tokens_seen"])
-
-
-# --- the loop -----------------------------------------------------------------------------------
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, the gradients or the parameters became NaN or infinite."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after a checkpoint of the current step was saved.
-
-    `signum` is the signal, `step` the last completed step and `checkpoint` its directory.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
-        name = signal.Signals(signum).name
-        where = f"saved {checkpoint}" if checkpoint else "no step completed, nothing saved"
-        super().__init__(f"{name} at step {step}: {where}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class _StopOnSignal:
-    """While active, the first SIGINT/SIGTERM only sets `signum` (the loop stops after the
-    step in flight and saves); a second one exits the process at once, without saving.
-
-    Handlers are installed only in the main thread (Python allows no other); elsewhere the
-    signals keep their default behaviour.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            os.write(2, b"\njaxgpt train: second interrupt: exiting now, without saving\n")
-            os._exit(128 + signum)
-        self.signum = signum
-        os.write(
-            2,
-            f"\njaxgpt train: {signal.Signals(signum).name} received: stopping after this step "
-            f"and saving a checkpoint (Ctrl-C again to quit at once)\n".encode(),
-        )
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _clock(seconds: float) -> str:
-    """`m:ss` or `h:mm:ss`."""
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class _Progress:
-    """A one-line progress bar on stderr (a plain line every ~5% when stderr is not a terminal):
-    step, loss, tokens/s, elapsed time and the estimated time left.
-
-    The estimate is the wall time per step since the first step (which includes compiling),
-    evaluations and saves included, times the steps left.
-    """
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start = total, start
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 20)
-        self.rate = None
-        self.calls = 0
-        self.t_start = time.perf_counter()
-        self.t_first = None  # when the first (compiling) step ended
-
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.calls += 1
-        now = time.perf_counter()
-        if self.calls > 1:  # the first step includes compilation
-            self.rate = tokens_per_s if self.rate is None else 0.9 * self.rate + 0.1 * tokens_per_s
-        else:
-            self.t_first = now
-        eta = ""
-        if self.calls > 1:
-            per_step = (now - self.t_first) / (self.calls - 1)
-            eta = f" ETA {_clock(per_step * (self.total - step))}"
-        width = 24
-        filled = int(width * step / self.total)
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} "
-            f"loss {loss:.4f} " + (f"{self.rate:,.0f} tok/s" if self.rate else "compiling")
-            + f" elapsed {_clock(now - self.t_start)}{eta}"
-        )
-        if self.tty:
-            print("\r" + line + "\x1b[K", end="", file=sys.stderr, flush=True)
-        elif step % self.every == 0 or step == self.total:
-            _log(line)
-
-    def message(self, msg: str) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-        _log(msg)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_losses(records: Sequence[dict], path: str | os.PathLike) -> Path | None:
-    """Training and validation loss against tokens seen (the seeds' chapter-5 plot) as a PNG.
-
-    Returns the path, or None (with a message) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        _log(
-            "jaxgpt train: matplotlib is not installed; skipping the loss plot "
-            "(pip install matplotlib)"
-        )
-        return None
-    tokens = [r["tokens_seen"] for r in records]
-    evals = [r for r in records if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    # Few points: mark each one, or a run of one step draws an empty line.
-    marker = "o" if len(records) <= 50 else None
-    ax.plot(tokens, [r["loss"] for r in records], marker=marker, markersize=3,
-            label="Training loss", alpha=0.8)
-    if evals:
-        ax.plot(
-            [r["tokens_seen"] for r in evals],
-            [r["val_loss"] for r in evals],
-            linestyle="-.",
-            marker="o",
-            markersize=3,
-            label="Validation loss",
-        )
-    ax.set_xlabel("Tokens seen")
-    ax.set_ylabel("Loss")
-    top = ax.twiny()  # steps along the top, as the seeds show epochs beside tokens seen
-    top.plot([r["step"] for r in records], [r["loss"] for r in records], alpha=0)
-    top.set_xlabel("Step")
-    top.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    # The legend goes below the axes, outside them: inside, it can cover the only points.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _sample(params, cfg: GPTConfig, tc: TrainConfig) -> str | None:
-    """`tc.sample_prompt` continued by `tc.sample_tokens` tokens drawn with temperature and top-k
-    and the key PRNGKey(tc.seed) (None without a GPT-2 vocabulary)."""
-    from jaxgpt.generation import generate
-    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-
-    if tc.sample_tokens == 0 or not tc.sample_prompt:
-        return None
-    tokenizer = get_tokenizer()
-    idx = text_to_token_ids(tc.sample_prompt, tokenizer)
-    if cfg.vocab_size < tokenizer.n_vocab or idx.shape[1] > cfg.context_length:
-        return None  # a custom vocabulary: GPT-2 text has no meaning here
-    sampled = tc.sample_temperature > 0
-    out = generate(
-        params,
-        cfg,
-        [[int(t) for t in jax.device_get(idx)[0]]],
-        tc.sample_tokens,
-        temperature=tc.sample_temperature,
-        top_k=min(tc.sample_top_k, cfg.vocab_size) if sampled and tc.sample_top_k else None,
-        key=jax.random.PRNGKey(tc.seed) if sampled else None,
-    )
-    return token_ids_to_text(out[0], tokenizer)
-
-
-def check_tokens(tokens: np.ndarray, cfg: GPTConfig, name: str) -> None:
-    """Every id in `tokens` must be < vocab_size (a pass over the data, chunked for memmaps)."""
-    hi = 0
-    for start in range(0, len(tokens), 1 << 24):
-        hi = max(hi, int(np.max(tokens[start : start + (1 << 24)])))
-    if len(tokens) and hi >= cfg.vocab_size:
-        raise ValueError(
-            f"{name} holds token id {hi}, outside the model's vocabulary [0, {cfg.vocab_size})"
-        )
-
-
-def _prepare_run(
-    out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool
-) -> tuple[Path | None, list[str]]:
-    """Check `out` and the resume request: `(checkpoint to resume from or None, warnings)`."""
-    check_run_dir(out)
-    ckpt_dir = out / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not resume:
-        raise FileExistsError(
-            f"{out} already holds checkpoints (newest {existing[-1].name}); "
-            f"pass resume=True (--resume) or choose another output directory"
-        )
-    if resume and not existing:
-        raise FileNotFoundError(
-            f"nothing to resume: {ckpt_dir} holds no complete checkpoint; "
-            f"run without --resume to start, or point --out at the run to continue"
-        )
-    if not existing:
-        return None, []
-    latest = existing[-1]
-    changes = resume_changes(latest, cfg, tc)
-    step = int(checkpoint.load_metadata(latest).get("step", 0))
-    if tc.steps <= step:
-        raise ValueError(
-            f"{latest} is at step {step}; --steps {tc.steps} leaves nothing to do "
-            f"(pass --steps > {step} to extend the run)"
-        )
-    return latest, changes
-
-
-def train_loop(
-    cfg: GPTConfig,
-    tc: TrainConfig,
-    train_tokens: np.ndarray,
-    val_tokens: np.ndarray,
-    out_dir: str | os.PathLike,
-    *,
-    resume: bool = False,
-    params: Any | None = None,
-    devices: Sequence[jax.Device] | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Train `cfg` on `train_tokens` for `tc.steps` updates; write everything under `out_dir`.
-
-    Writes `out_dir/metrics.jsonl` (one object per step: `step`, `loss`, `tokens_seen`, `lr`,
-    `grad_norm`, `tokens_per_s`; plus `val_loss`, `val_perplexity` and `sample` where
-    evaluated), `out_dir/checkpoints/step_NNNNNNNN` every `tc.save_every` steps and at the end
-    (the newest `tc.keep` kept), and `out_dir/loss.png`. `out_dir` must be new, empty or a run
-    directory (`check_run_dir`). With `resume`, continues from the newest checkpoint with
-    exactly the batches, dropout keys and optimizer state the uninterrupted run would have had;
-    optimisation settings may differ from the saved run's (each change is logged as a warning),
-    the model and data settings may not. `on_step(step, record)` is called after each step.
-
-    SIGINT/SIGTERM (in the main thread) stop the run after the step in flight: a checkpoint of
-    that step is saved, `metrics.jsonl` and `loss.png` are written, and TrainingInterrupted is
-    raised. A second signal exits the process at once.
-
-    Raises TrainingDiverged (nothing saved for that step) on a NaN or infinite loss, gradient or
-    parameter; ValueError, FileExistsError or FileNotFoundError for settings that cannot work,
-    before anything is compiled or written.
-
-    Returns:
-      The records of this run's steps (those of `metrics.jsonl` written by this call).
-    """
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    if tc.seq_len > cfg.context_length:
-        raise ValueError(
-            f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
-        )
-    latest, changes = _prepare_run(out, cfg, tc, resume)
-    mesh = sharding.make_mesh(devices)
-    n_dev = mesh.shape[sharding.DATA]
-    micro = tc.batch_size // tc.grad_accum
-    if micro % n_dev:
-        raise ValueError(
-            f"the micro-batch (batch_size {tc.batch_size} / grad_accum "
-            f"{tc.grad_accum} = {micro}) must be divisible by the {n_dev} devices"
-        )
-    check_tokens(train_tokens, cfg, "the training data")
-    check_tokens(val_tokens, cfg, "the validation data")
-    loader = BatchLoader(
-        SlidingWindows(train_tokens, tc.seq_len, tc.window_stride), tc.batch_size, seed=tc.seed
-    )
-    val_windows = SlidingWindows(val_tokens, tc.seq_len, tc.seq_len)
-    val_batches = []
-    if len(val_windows):
-        val_bs = min(tc.batch_size, len(val_windows))
-        val_batches = BatchLoader(val_windows, val_bs, shuffle=False).first(tc.eval_iters)
-    else:
-        _log(
-            f"jaxgpt train: the validation split ({len(val_tokens)} tokens) is shorter than one "
-            f"window of {tc.seq_len + 1}; no validation loss"
-        )
-
-    key = dropout_key(tc)
-    state = init_train_state(cfg, tc, params)
-    tokens_seen = 0
-    if latest is not None:
-        state, tokens_seen = restore_train_checkpoint(latest, state, loader)
-    train_step, shardings = sharded_train_step(cfg, tc, mesh)
-    state = jax.device_put(state, shardings)
-    eval_step = make_eval_step(cfg, tc.dtype)
-    batch_sh = sharding.batch_sharding(mesh)
-
-    start = int(state.step)
-    metrics_path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    # An interrupted run may have logged steps past its last checkpoint: they are redone.
-    kept = [r for r in _read_metrics(metrics_path) if r["step"] <= start] if latest else []
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    if latest is not None:
-        _log(f"jaxgpt train: resumed from {latest} (step {start}, {tokens_seen:,} tokens seen)")
-    for change in changes:
-        _log(f"jaxgpt train: warning: {change}")
-    _log(
-        f"jaxgpt train: {sharding.describe(mesh, tc.fsdp)}; {len(loader.windows):,} training "
-        f"windows of {tc.seq_len} tokens, {loader.batches_per_epoch} batches per epoch"
-    )
-
-    bar = _Progress(tc.steps, start) if progress else None
-    records: list[dict] = []
-    last_good, saved_step = latest, start
-    with _StopOnSignal() as stop, open(metrics_path, "a") as log_file:
-        for step in range(start + 1, tc.steps + 1):
-            inputs, targets = loader.next()
-            t0 = time.perf_counter()
-            batch = sharding.put_batch((inputs, targets), batch_sh)
-            state, metrics = train_step(state, batch, key)
-            m = jax.device_get(metrics)
-            dt = time.perf_counter() - t0
-            loss = float(m["loss"])
-            saving = step % tc.save_every == 0 or step == tc.steps
-            # Parameters are checked only before they are saved: a full pass over them each
-            # step costs more than the check is worth (a bad update shows in the next loss).
-            if not bool(m["finite"]) or (saving and not bool(_tree_all_finite(state.params))):
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved"
-                msg = (
-                    f"jaxgpt train: non-finite values at step {step} (loss {loss}, grad norm "
-                    f"{float(m['grad_norm'])}); stopped. {where}. Try a lower --lr or "
-                    f"--grad-clip, then --resume"
-                )
-                if bar:
-                    bar.message(msg)
-                raise TrainingDiverged(msg)
-            tokens_seen += inputs.size
-            record = {
-                "step": step,
-                "loss": loss,
-                "tokens_seen": tokens_seen,
-                "lr": float(m["lr"]),
-                "grad_norm": float(m["grad_norm"]),
-                "tokens_per_s": inputs.size / dt,
-            }
-            if (step % tc.eval_every == 0 or step == tc.steps) and stop.signum is None:
-                _evaluate_into(record, state.params, cfg, tc, eval_step, val_batches, bar)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if saving or stop.signum is not None:
-                if not saving and not bool(_tree_all_finite(state.params)):
-                    raise TrainingDiverged(
-                        f"jaxgpt train: interrupted at step {step} with non-finite parameters; "
-                        f"not saved. Last good checkpoint: {last_good}"
-                    )
-                last_good = save_train_checkpoint(ckpt_dir, cfg, tc, state, loader, tokens_seen)
-                saved_step = step
-            records.append(record)
-            if bar:
-                bar.update(step, loss, record["tokens_per_s"])
-            if on_step is not None:
-                on_step(step, record)
-            if stop.signum is not None:
-                break
-        if bar and bar.tty:
-            print(file=sys.stderr)
-        png = plot_losses(_read_metrics(metrics_path), out / "loss.png")
-        if png:
-            _log(f"jaxgpt train: loss plot in {png}")
-        if stop.signum is not None and saved_step < tc.steps:
-            raise TrainingInterrupted(stop.signum, saved_step, last_good)
-    return records
-
-
-def _evaluate_into(record, params, cfg, tc, eval_step, val_batches, bar) -> None:
-    """Add `val_loss`, `val_perplexity` and `sample` to `record`; print them with `bar`."""
-    if val_batches:
-        val = evaluate(eval_step, params, val_batches)
-        record["val_loss"] = val
-        record["val_perplexity"] = math.exp(min(val, 700.0))
-    sample = _sample(params, cfg, tc)
-    if sample is not None:
-        record["sample"] = sample
-    if bar:
-        val_txt = f"val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-        bar.message(f"step {record['step']}: train loss {record['loss']:.4f} {val_txt}".rstrip())
-        if sample is not None:
-            bar.message("  sample: " + sample.replace("\n", " "))
+# --- the loop and its helpers, moved to their own modules ---------------------------------------
+
+_MOVED = {
+    "jaxgpt.loop": ("TrainingDiverged", "TrainingInterrupted", "train_loop", "check_tokens",
+                    "_StopOnSignal", "_agreed_signal", "_evaluate_into"),
+    "jaxgpt.run_checkpoints": ("CKPT_PREFIX", "list_checkpoints", "save_train_checkpoint",
+                               "restore_train_checkpoint", "resume_changes", "check_run_dir",
+                               "_extra", "_prepare_run", "_RESUME_DATA_FIELDS",
+                               "_RESUME_OPTIM_FIELDS", "_RESUME_LOOP_FIELDS", "_RUN_ENTRIES"),
+    "jaxgpt.progress": ("plot_losses", "_Progress", "_read_metrics", "_log", "_clock"),
+    "jaxgpt.samples": ("_sample",),
+}
+_MOVED_FROM = {name: module for module, names in _MOVED.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: those modules import this one.
+    if name in _MOVED_FROM:
+        return getattr(importlib.import_module(_MOVED_FROM[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

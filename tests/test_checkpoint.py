@@ -117,6 +117,9 @@ def test_a_save_removes_the_temporaries_of_killed_saves_and_nothing_else(tmp_pat
     stale = tmp_path / f".ckpt.tmp-{dead}-0123abcd"  # a save killed while orbax wrote params
     (stale / "params").mkdir(parents=True)
     (stale / "config.json").write_text("{}")
+    # killed before orbax renamed its own temporary (a multi-process save waits longer there)
+    in_orbax = tmp_path / f".ckpt.tmp-{dead}-4567abcd"
+    (in_orbax / "params.orbax-checkpoint-tmp").mkdir(parents=True)
     legacy = tmp_path / ".ckpt.tmp-89abcdef"  # the name before the PID was part of it
     legacy.mkdir()
     (legacy / "config.json").write_text("{}")
@@ -193,3 +196,14 @@ def test_restore_errors_name_the_path(tmp_path, tiny_cfg):
     (path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"config\.json: not a valid jaxgpt config"):
         checkpoint.load_config(path)
+
+
+def test_a_directory_without_params_is_not_a_checkpoint(tmp_path, tiny_cfg):
+    path = checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
+    assert checkpoint.is_checkpoint(path)
+    import shutil
+
+    shutil.rmtree(path / "params")  # the marker alone (as a racing writer could leave it)
+    assert not checkpoint.is_checkpoint(path)
+    with pytest.raises(ValueError, match="not a jaxgpt checkpoint"):
+        checkpoint.restore(path)

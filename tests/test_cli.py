@@ -152,3 +152,32 @@ def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path
         main(["generate", "--checkpoint", str(path), "--max-new-tokens", "40",
               "--no-compile-cache"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_generate_num_samples_prints_k_differing_samples_of_one_batch(small_checkpoint, capsys,
+                                                                       monkeypatch):
+    from jaxgpt import generation
+
+    batches = []
+    real = generation.generate
+
+    def spy(params, cfg, prompts, *args, **kwargs):
+        batches.append(len(prompts))
+        return real(params, cfg, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    args = ["generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "6",
+            "--no-compile-cache", "--num-samples", "3"]
+    assert main([*args, "--temperature", "1.0", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert batches == [3]  # one batch of 3 rows
+    parts = re.split(r"^--- sample (\d) of 3 ---\n", out, flags=re.MULTILINE)
+    assert parts[0] == "" and parts[1::2] == ["1", "2", "3"]
+    samples = [p.rstrip("\n") for p in parts[2::2]]
+    assert all(s.startswith("Hello, I am") for s in samples)
+    assert len(set(samples)) == 3  # sampled rows draw their own tokens
+    assert main(args) == 0  # greedy: the same continuation K times
+    greedy = re.split(r"^--- sample \d of 3 ---\n", capsys.readouterr().out, flags=re.MULTILINE)[1:]
+    assert len(greedy) == 3 and len(set(greedy)) == 1
+    with pytest.raises(SystemExit, match="--num-samples must be >= 1, got 0"):
+        main(["generate", "--num-samples", "0"])

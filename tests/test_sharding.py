@@ -50,6 +50,21 @@ SCRIPT = textwrap.dedent("""
             "mu_shard": list(mu.addressable_shards[0].data.shape),
             "kernel_devices": len(kernel.sharding.device_set),
         }
+    # Rows come from the sharding, not from an assumed device order: on a mesh of the devices
+    # in reverse, device d holds rows (7 - d) * 2 .. + 2, and each block is built once.
+    from jaxgpt.sharding import global_rows
+    rev = make_mesh(jax.devices()[::-1])
+    calls = []
+    def rows(r):
+        calls.append(r.tolist())
+        return (np.stack([r * 10, r * 10 + 1], axis=1),)
+    (arr,) = global_rows(rows, 16, batch_sharding(rev))
+    out["rows"] = {
+        "calls": sorted(calls),
+        "values": np.asarray(arr).tolist(),
+        "device0": np.asarray(arr.addressable_shards[[s.device for s in arr.addressable_shards]
+                                                     .index(jax.devices()[0])].data).tolist(),
+    }
     print(json.dumps(out))
 """)
 
@@ -113,3 +128,10 @@ def test_param_spec_shards_the_largest_divisible_dimension_of_matrices_only():
     assert param_spec((128,), 8, fsdp=True) == P()  # vectors stay replicated
     assert param_spec((32, 128), 8, fsdp=False) == P()
     assert param_spec((32, 128), 1, fsdp=True) == P()
+
+
+def test_global_rows_builds_each_devices_rows_from_the_sharding(runs):
+    got = runs["rows"]
+    assert got["calls"] == [[2 * i, 2 * i + 1] for i in range(8)]  # one block per device
+    assert got["values"] == [[10 * r, 10 * r + 1] for r in range(16)]
+    assert got["device0"] == [[140, 141], [150, 151]]  # the first device holds the last rows
