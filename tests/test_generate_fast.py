@@ -61,8 +61,8 @@ def _cached_logits(model, params, tokens, prefill, slots):
 @pytest.mark.parametrize(
     "layout",
     [kv_cache.Layout(), kv_cache.Layout.for_batch(1, "cpu"), kv_cache.Layout.for_batch(8, "cpu"),
-     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "gpu")],
-    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "gpu"],
+     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "tpu")],
+    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "tpu"],
 )
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
@@ -89,8 +89,10 @@ def test_padding_and_own_positions_match_the_row_alone(tiny, rng):
     np.testing.assert_allclose(got[0, 3:], want, atol=1e-5)
 
 
-def test_layouts_are_for_cpu_only():
-    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout(fused_qkv=True)
+def test_layouts_per_backend():
+    rows = kv_cache.Layout(True, True, True, True, True, True)
+    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout.for_batch(32, "gpu") == rows
+    assert kv_cache.Layout.for_batch(1, "tpu") == kv_cache.Layout(fused_qkv=True)
     assert kv_cache.Layout.for_batch(32, "tpu") == kv_cache.Layout(fused_qkv=True)
     assert kv_cache.Layout.for_batch(1, "cpu").proj and not kv_cache.Layout.for_batch(1, "cpu").head
     assert all(kv_cache.Layout.for_batch(8, "cpu"))
