@@ -359,7 +359,7 @@ class GPTModel(nn.Module):
         allowed = (k_pos >= 0)[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
         mask = AttentionMask(allowed, positions, k_pos)  # allowed [B, T, S]
         keys, values = [], []
-        for block, kc, vc in zip(self.trf_blocks, cache.keys, cache.values):
+        for block, kc, vc in zip(self.trf_blocks, cache.keys, cache.values, strict=True):
             x, (kc, vc) = block(x, deterministic, mask, (kc, vc), slot)
             keys.append(kc)
             values.append(vc)

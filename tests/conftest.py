@@ -39,17 +39,16 @@ def pytest_configure(config):
     )
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_compile_cache(tmp_path_factory):
-    """In-process CLI calls turn on JAX's persistent compilation cache (under
-    $XDG_CACHE_HOME): point it at a directory of this test run, not the user's ~/.cache."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+@pytest.fixture(autouse=True)
+def _compile_cache_in_tmp(tmp_path, monkeypatch):
+    """In-process CLI calls turn JAX's persistent compilation cache on: keep it in the test's own
+    directory, not the user's ~/.cache, and switch it off again for the tests that follow."""
+    import jax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    before = jax.config.jax_compilation_cache_dir
     yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 # The seeds' dict for a tiny model: vocab ~100, context 16, emb 32, 4 heads, 2 layers.

@@ -18,18 +18,6 @@ PROMPT = "Hello, I am"
 NEW = 6
 
 
-@pytest.fixture(autouse=True)
-def _compile_cache_in_tmp(tmp_path, monkeypatch):
-    """The CLI turns JAX's persistent compilation cache on: keep it out of the home directory
-    and switch it off again for the tests that follow."""
-    import jax
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    before = jax.config.jax_compilation_cache_dir
-    yield
-    jax.config.update("jax_compilation_cache_dir", before)
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A small random GPT-2 with the real vocabulary (the CLI tokenizes with GPT-2's BPE)."""

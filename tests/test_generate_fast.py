@@ -1,7 +1,6 @@
 """`jaxgpt.generate`: KV cache = recomputing = the seeds, past the context, ragged rows, EOS,
 sampling, bounded compiles, streaming, argument errors."""
 
-import re
 
 import jax
 import jax.numpy as jnp

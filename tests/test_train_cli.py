@@ -20,18 +20,6 @@ from jaxgpt.cli import main
 from jaxgpt.data import save_token_file
 
 
-@pytest.fixture(autouse=True)
-def _compile_cache_in_tmp(tmp_path, monkeypatch):
-    """The CLI turns JAX's persistent compilation cache on: keep it out of the home directory
-    and switch it off again for the tests that follow."""
-    import jax
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    before = jax.config.jax_compilation_cache_dir
-    yield
-    jax.config.update("jax_compilation_cache_dir", before)
-
-
 @pytest.fixture
 def tiny_files(tmp_path):
     cfg = tmp_path / "tiny.json"
