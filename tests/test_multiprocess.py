@@ -8,6 +8,7 @@ Every process is started with a time limit and killed in a `finally`.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -243,6 +244,27 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     assert worst <= WEIGHT_TOL
 
 
+# What a child prints that is not jaxgpt's: the C++ log lines of XLA's plugins (with the test
+# extra's CUDA plugin installed, loading it logs "Could not find cuda drivers" even under
+# JAX_PLATFORMS=cpu), in absl's format `I0000 00:00:... file.cc:31] ...` and its preamble.
+_NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|"
+                         r"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ )")
+
+
+def _jaxgpt_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that jaxgpt printed (native libraries' log lines left out)."""
+    return [line for line in stderr.strip().splitlines() if not _NATIVE_LOG.match(line)]
+
+
+def test_native_log_lines_are_told_apart():
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to "
+             "STDERR\nI0000 00:00:1795349516.904213   26241 cudart_stub.cc:31] Could not find "
+             "cuda drivers on your machine, GPU will not be used.\n")
+    assert _jaxgpt_lines(noise + "jaxgpt train: stop\n") == ["jaxgpt train: stop"]
+    assert _jaxgpt_lines("Traceback (most recent call last):\nI0 boom") == [
+        "Traceback (most recent call last):", "I0 boom"]
+
+
 def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
     port = _free_port()  # nothing listens there
     args = ["train", "--token-file", str(files / "tokens.bin"), "--config",
@@ -254,7 +276,7 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
                           capture_output=True, text=True, timeout=120, check=False)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
+    lines = _jaxgpt_lines(proc.stderr)
     assert len(lines) == 1 and "did not start within 3s" in lines[0], proc.stderr
     assert elapsed < 60
     assert not (files / "x").exists()
@@ -269,7 +291,7 @@ def test_the_environment_route_without_a_process_count_is_one_line(files):
                           env=_env(1, JAX_COORDINATOR_ADDRESS="127.0.0.1:1"),
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
+    assert _jaxgpt_lines(proc.stderr) == [
         "jaxgpt train: cannot start the distributed runtime: Number of processes must be defined."
     ], proc.stderr
     assert not (files / "x").exists()
