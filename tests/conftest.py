@@ -3,9 +3,11 @@
 import importlib.util
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgpt import kv_cache
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 
 # What the parity tests compare against. A missing one would silently skip the parity suite,
@@ -89,3 +91,17 @@ def torch_reference(cfg_dict, seed=0):
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
     torch.manual_seed(seed)
     return ch04.GPTModel(cfg_dict).eval()
+
+
+def cached_logits(model, params, tokens, prefill, slots):
+    """Logits `[B, T, V]` of `tokens` from `model`: `prefill` tokens at once into an empty
+    cache, then one token per call, as generation runs it."""
+    b, t = tokens.shape
+    cache = kv_cache.init_cache(model.cfg, b, slots, model.dtype)
+    out, cache = model.apply({"params": params}, tokens[:, :prefill], cache=cache, slot=0)
+    steps = [out]
+    for i in range(prefill, t):
+        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1],
+                                    positions=jnp.full((b, 1), i), cache=cache, slot=i)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)

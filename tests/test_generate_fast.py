@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, torch_reference
+from conftest import TINY, cached_logits, torch_reference
 
 from jaxgpt import generation as g
 from jaxgpt import kv_cache
@@ -43,20 +43,6 @@ def _reference_run(cfg_dict, prompt, n, seed=0):
 # --- GPTModel's cached calls and decode layouts -------------------------------------------------
 
 
-def _cached_logits(model, params, tokens, prefill, slots):
-    """Logits `[B, T, V]` of `tokens` from `model`: `prefill` tokens at once into an empty
-    cache, then one token per call, as generation runs it."""
-    b, t = tokens.shape
-    cache = kv_cache.init_cache(model.cfg, b, slots, model.dtype)
-    out, cache = model.apply({"params": params}, tokens[:, :prefill], cache=cache, slot=0)
-    steps = [out]
-    for i in range(prefill, t):
-        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1],
-                                    positions=jnp.full((b, 1), i), cache=cache, slot=i)
-        steps.append(logits)
-    return jnp.concatenate(steps, axis=1)
-
-
 @pytest.mark.parametrize(
     "layout",
     [kv_cache.Layout(), kv_cache.Layout.for_batch(1, "cpu"), kv_cache.Layout.for_batch(8, "cpu"),
@@ -72,7 +58,7 @@ def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
     model = GPTModel(cfg, layout=layout)
     prepared = kv_cache.prepare(params, cfg, layout=layout)
     np.testing.assert_allclose(model.apply({"params": prepared}, tokens), want, atol=1e-5)
-    got = _cached_logits(model, prepared, tokens, prefill=4, slots=12)
+    got = cached_logits(model, prepared, tokens, prefill=4, slots=12)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

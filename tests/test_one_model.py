@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, cached_logits
 
 from jaxgpt import kv_cache
 from jaxgpt import generation as g
@@ -196,15 +196,8 @@ def test_bf16_decoding_logits_are_close_to_fp32(tiny, rng):
     want = np.asarray(GPTModel(cfg).apply({"params": params}, tokens))
     model, prepared = Generator(params, cfg, dtype=jnp.bfloat16).weights(2)
     assert prepared["trf_blocks_0"]["att"]["W_qkv"]["kernel"].dtype == jnp.bfloat16
-    cache = kv_cache.init_cache(cfg, 2, 12, jnp.bfloat16)
-    assert cache.keys[0].dtype == jnp.bfloat16
-    got, cache = model.apply({"params": prepared}, tokens[:, :4], cache=cache, slot=0)
-    steps = [got]
-    for i in range(4, 9):
-        logits, cache = model.apply({"params": prepared}, tokens[:, i:i + 1],
-                                    positions=jnp.full((2, 1), i), cache=cache, slot=i)
-        steps.append(logits)
-    got = np.asarray(jnp.concatenate(steps, axis=1))
+    assert kv_cache.init_cache(cfg, 2, 12, model.dtype).keys[0].dtype == jnp.bfloat16
+    got = np.asarray(cached_logits(model, prepared, tokens, prefill=4, slots=12))
     assert got.dtype == np.float32
     err = np.abs(got - want).max()
     assert 0 < err <= _BF16_REL * np.abs(want).max()
