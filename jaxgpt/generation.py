@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import kv_cache, sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import FeedForward, GPTModel, MultiHeadAttention
+from jaxgpt.model import FeedForward, GPTModel, MultiHeadAttention, model_for
 from jaxgpt.sampling import SamplingConfig, check_sampling_args, choose_next, sampling_config
 
 # How many times each jitted entry point has been traced (a test pins re-tracing down).
@@ -78,17 +78,6 @@ def resolve_context_size(cfg: GPTConfig, context_size: Any) -> int:
             f"context_size {size} exceeds the model's context_length {cfg.context_length}"
         )
     return size
-
-
-def _check_model(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
-    """The module generation applies: `GPTModel(cfg)`, or the caller's (a variant's) one."""
-    if model is None:
-        return GPTModel(cfg)
-    if not isinstance(model, GPTModel):
-        raise ValueError(f"model must be a jaxgpt.GPTModel (or a subclass), got {type(model)}")
-    if model.cfg != cfg:
-        raise ValueError(f"model.cfg {model.cfg} differs from cfg {cfg}")
-    return model
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "context_size"))
@@ -139,7 +128,7 @@ def generate_text_simple(
     Returns:
       int32 `[B, T + max_new_tokens]`: the prompt followed by the generated ids.
     """
-    model = _check_model(cfg, model)
+    model = model_for(cfg, model)
     idx = check_token_ids(idx, cfg)
     max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
     context_size = resolve_context_size(cfg, context_size)
@@ -424,7 +413,7 @@ class Generator:
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
                  model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None):
-        model = _check_model(cfg, model)
+        model = model_for(cfg, model)
         self.params = params
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)

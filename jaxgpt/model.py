@@ -373,6 +373,18 @@ class GPTModel(nn.Module):
         return self.out_head(x).astype(jnp.float32)
 
 
+def model_for(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
+    """The module to apply for `cfg`: `GPTModel(cfg)`, or the caller's variant, checked to be
+    a `GPTModel` of that config (generation and training take one as `model=`)."""
+    if model is None:
+        return GPTModel(cfg)
+    if not isinstance(model, GPTModel):
+        raise ValueError(f"model must be a jaxgpt.GPTModel (or a subclass), got {type(model)}")
+    if model.cfg != cfg:
+        raise ValueError(f"model.cfg {model.cfg} differs from cfg {cfg}")
+    return model
+
+
 @functools.lru_cache(maxsize=8)
 def _jitted_init(cfg: GPTConfig):
     return jax.jit(GPTModel(cfg).init)

@@ -40,7 +40,7 @@ from jax import lax
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, init_params
+from jaxgpt.model import GPTModel, init_params, model_for
 
 IGNORE_INDEX = -100
 # `jaxgpt train` with neither --preset nor --config: a small GPT-2-vocabulary model that
@@ -483,10 +483,7 @@ def make_train_step(
     `model` trains a variant (`GPTModel(cfg, attention_cls=...)`); its dtype and remat are set
     from `tc`.
     """
-    if model is not None and model.cfg != cfg:
-        raise ValueError(f"model.cfg {model.cfg} differs from cfg {cfg}")
-    model = (GPTModel(cfg) if model is None else model).clone(dtype=DTYPES[tc.dtype],
-                                                               remat=tc.remat)
+    model = model_for(cfg, model).clone(dtype=DTYPES[tc.dtype], remat=tc.remat)
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
     accum = tc.grad_accum
