@@ -29,12 +29,26 @@ _MASKED = jnp.finfo(jnp.float32).min
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
-               dtype: Dtype = jnp.float32) -> jax.Array:
-    """The seeds' LayerNorm as a function: stats in fp32, biased variance, result in `dtype`."""
+               dtype: Dtype = jnp.float32, one_pass: bool = False) -> jax.Array:
+    """The seeds' LayerNorm as a function: stats in fp32, biased variance, result in `dtype`.
+
+    The seeds take the mean, then the variance of `x - mean`: two reductions, one after the
+    other. `one_pass` takes both from the same pass over `x` instead, as `mean(y)` and
+    `mean(y**2) - mean(y)**2` of `y = x - x[..., :1]`, so a compiler can compute them in one
+    kernel. Shifting by a value of the row keeps the subtraction from cancelling when the
+    mean is large against the spread; the variance then differs from the seeds' by a few
+    fp32 roundings (relative ~1e-7 times 1 + (x0 - mean)**2 / var).
+    """
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(axis=-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-    norm_x = (x32 - mean) / jnp.sqrt(var + eps)
+    if one_pass:
+        y = x32 - lax.stop_gradient(x32[..., :1])
+        mean_y = y.mean(axis=-1, keepdims=True)
+        var = jnp.maximum(jnp.square(y).mean(axis=-1, keepdims=True) - jnp.square(mean_y), 0.0)
+        norm_x = (y - mean_y) / jnp.sqrt(var + eps)
+    else:
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+        norm_x = (x32 - mean) / jnp.sqrt(var + eps)
     return (scale * norm_x + shift).astype(dtype)
 
 
@@ -50,12 +64,23 @@ class LayerNorm(nn.Module):
     emb_dim: int
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    # Statistics of a single row in one pass (`layer_norm`'s `one_pass`; GPU decoding at B=1).
+    one_pass: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
         shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
-        return layer_norm(x, scale, shift, self.eps, self.dtype)
+        one_pass = self.one_pass and math.prod(x.shape[:-1]) == 1
+        return layer_norm(x, scale, shift, self.eps, self.dtype, one_pass)
+
+
+def make_norm(norm_cls: type, emb_dim: int, dtype: Dtype, layout: Layout,
+              name: str | None = None) -> nn.Module:
+    """`norm_cls(emb_dim, dtype=dtype)`; a `LayerNorm` also gets `layout.one_pass_norm`
+    (a variant's norm is built with the defaults' fields only)."""
+    extra = {"one_pass": True} if layout.one_pass_norm and issubclass(norm_cls, LayerNorm) else {}
+    return norm_cls(emb_dim, dtype=dtype, name=name, **extra)
 
 
 class GELU(nn.Module):
@@ -237,14 +262,14 @@ class TransformerBlock(nn.Module):
             name="att",
         )
         shortcut = x
-        x = self.norm_cls(cfg.emb_dim, dtype=self.dtype, name="norm1")(x)
+        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm1")(x)
         x = att(x, deterministic, mask, cache, slot)
         if cache is not None:
             x, cache = x
         x = drop_resid(x, deterministic=deterministic) + shortcut
 
         shortcut = x
-        x = self.norm_cls(cfg.emb_dim, dtype=self.dtype, name="norm2")(x)
+        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm2")(x)
         x = self.feed_forward_cls(cfg, dtype=self.dtype, layout=self.layout, name="ff")(x)
         x = drop_resid(x, deterministic=deterministic) + shortcut
         self.sow("intermediates", "out", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
@@ -303,7 +328,7 @@ class GPTModel(nn.Module):
                   feed_forward_cls=self.feed_forward_cls, norm_cls=self.norm_cls)
             for _ in range(cfg.n_layers)
         ]
-        self.final_norm = self.norm_cls(cfg.emb_dim, dtype=self.dtype)
+        self.final_norm = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout)
         if not cfg.tie_embeddings:
             self.out_head = Linear(cfg.vocab_size, use_bias=False, rows=self.layout.head,
                                    dtype=self.dtype)

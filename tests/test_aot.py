@@ -18,7 +18,7 @@ from jax._src import xla_bridge
 
 from jaxgpt import aot
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.model import count_params, param_shapes
+from jaxgpt.model import count_params, layer_norm, param_shapes
 from jaxgpt.train import TrainConfig
 
 # The CUDA plugin can only give compile-only devices while JAX's backends are limited to the
@@ -183,6 +183,26 @@ def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
             jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh))
     text = jax.jit(f).lower(*args).compile().as_text()
     assert aot.loop_stats(text, math.prod(shape)).cache_copies
+
+
+def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
+    """Why `Layout.for_batch(1, "gpu")` sets `one_pass_norm`: XLA:GPU runs the seeds'
+    LayerNorm of one row as two reductions and the normalisation (3 kernels), the one-pass
+    statistics as one reduction and the normalisation (2); of two rows or more, the seeds'
+    form is a single kernel, so there it keeps the seeds' form."""
+    sh = jax.sharding.SingleDeviceSharding(_devices("h100")[0])
+
+    def kernels(rows, one_pass):
+        def norm(x, scale, shift):  # x [rows, 768] bf16
+            return layer_norm(x, scale, shift, dtype=jnp.bfloat16, one_pass=one_pass)
+
+        vec = jax.ShapeDtypeStruct((768,), jnp.float32, sharding=sh)
+        x = jax.ShapeDtypeStruct((rows, 768), jnp.bfloat16, sharding=sh)
+        comps, entry = aot.parse_hlo(jax.jit(norm).lower(x, vec, vec).compile().as_text())
+        return len(aot._launches(comps, entry))
+
+    assert (kernels(1, False), kernels(1, True)) == (3, 2)
+    assert kernels(2, False) == 1
 
 
 @pytest.mark.parametrize("target", TARGETS)

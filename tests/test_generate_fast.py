@@ -46,8 +46,9 @@ def _reference_run(cfg_dict, prompt, n, seed=0):
 @pytest.mark.parametrize(
     "layout",
     [kv_cache.Layout(), kv_cache.Layout.for_batch(1, "cpu"), kv_cache.Layout.for_batch(8, "cpu"),
-     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "tpu")],
-    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "tpu"],
+     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "tpu"),
+     kv_cache.Layout.for_batch(1, "gpu")],
+    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "tpu", "gpu-batch-1"],
 )
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
@@ -60,6 +61,9 @@ def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
     np.testing.assert_allclose(model.apply({"params": prepared}, tokens), want, atol=1e-5)
     got = cached_logits(model, prepared, tokens, prefill=4, slots=12)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # One row, as decoding at B=1 runs it (where the GPU layout's LayerNorms take one pass).
+    got = cached_logits(model, prepared, tokens[:1], prefill=1, slots=12)
+    np.testing.assert_allclose(got, want[:1], atol=1e-5)
 
 
 def test_padding_and_own_positions_match_the_row_alone(tiny, rng):
@@ -76,11 +80,12 @@ def test_padding_and_own_positions_match_the_row_alone(tiny, rng):
 
 def test_layouts_per_backend():
     rows = kv_cache.Layout(True, True, True, True, True, True)
-    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout.for_batch(32, "gpu") == rows
+    gpu = rows._replace(one_pass_norm=True)
+    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout.for_batch(32, "gpu") == gpu
     assert kv_cache.Layout.for_batch(1, "tpu") == kv_cache.Layout(fused_qkv=True)
     assert kv_cache.Layout.for_batch(32, "tpu") == kv_cache.Layout(fused_qkv=True)
     assert kv_cache.Layout.for_batch(1, "cpu").proj and not kv_cache.Layout.for_batch(1, "cpu").head
-    assert all(kv_cache.Layout.for_batch(8, "cpu"))
+    assert kv_cache.Layout.for_batch(8, "cpu") == rows
 
 
 def _cache_arrays_in_loop(params, cfg, batch, dtype):

@@ -1,5 +1,7 @@
 """Each module against the seeds' PyTorch module with the same weights (fp32, 1e-5)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from jaxgpt.model import (
     TransformerBlock,
     count_params,
     init_params,
+    layer_norm,
     param_shapes,
     size_mb,
 )
@@ -56,6 +59,49 @@ def test_layernorm_matches_seeds(rng):
     x = _x(rng, 2, 5, 32) * 3 + 1
     got = LayerNorm(32).apply({"params": _norm(ref)}, x)
     _close(got, ref(torch.from_numpy(x)))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_one_pass_layernorm_matches_the_seeds(rng, offset):
+    """`one_pass` (GPU decoding) against the seeds' two-pass LayerNorm, and against the
+    float64 result of the same fp32 inputs, also on rows whose mean is 1e4 times their spread.
+
+    After the shift by the row's first value the sums are over values of a few units, so the
+    result is within ~1e-6 of float64 times |scale| (about 3 here): 1e-5 holds. At offset 1e4
+    the seeds' own fp32 mean is off by ~1e-3 of the spread, so there the one-pass result is
+    checked against float64 only, and must be no further from it than the seeds' result. Unshifted
+    one-pass statistics would lose the variance to cancellation there (the control)."""
+    ref = ch04.LayerNorm(768)
+    with torch.no_grad():
+        ref.scale.copy_(torch.randn(768))
+        ref.shift.copy_(torch.randn(768))
+    params = _norm(ref)
+    x = _x(rng, 3, 4, 768) + np.float32(offset)
+    got = np.asarray(layer_norm(x, params["scale"], params["shift"], one_pass=True))
+    seeds = ref(torch.from_numpy(x)).detach().numpy()
+    x64 = x.astype(np.float64)
+    norm64 = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    want64 = params["scale"].astype(np.float64) * norm64 + params["shift"]
+    np.testing.assert_allclose(got, want64, atol=ATOL, rtol=0)
+    if offset:
+        assert np.abs(got - want64).max() <= np.abs(seeds - want64).max()
+    else:
+        np.testing.assert_allclose(got, seeds, atol=ATOL, rtol=0)
+    naive = np.square(x).mean(axis=-1) - np.square(x.mean(axis=-1))  # fp32, no shift
+    assert (np.abs(naive - x64.var(axis=-1)).max() > 0.1) == bool(offset)
+
+
+def test_one_pass_applies_to_a_single_row_only(rng):
+    params = {"scale": _x(rng, 64), "shift": _x(rng, 64)}
+    norm = LayerNorm(64, one_pass=True)
+    for shape in [(1, 1, 64), (64,), (2, 1, 64), (1, 3, 64)]:
+        x = _x(rng, *shape) * 3 + 1
+        want = layer_norm(x, params["scale"], params["shift"],
+                          one_pass=math.prod(shape[:-1]) == 1)
+        np.testing.assert_array_equal(norm.apply({"params": params}, x), want)
+    x = _x(rng, 1, 64) * 3 + 1  # the two forms differ in the last bits (the test can fail)
+    assert not np.array_equal(layer_norm(x, params["scale"], params["shift"], one_pass=True),
+                              layer_norm(x, params["scale"], params["shift"]))
 
 
 def test_gelu_matches_seeds(rng):
