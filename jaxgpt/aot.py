@@ -537,6 +537,10 @@ class LoopStats(NamedTuple):
     large_writes: list[str]  # other writes of arrays larger than the cache (e.g. weights)
     async_copies_per_step: int  # copy-start / slice-start (TPU: DMAs, e.g. to on-chip memory)
     loops: int  # while loops in the program
+    # Writes of arrays larger than the cache into on-chip memory (memory space 1 in the layout:
+    # TPU VMEM), apart from `large_writes`: XLA:TPU staging a weight for a matmul, not a copy
+    # left in HBM.
+    on_chip_writes: list[str] = []
 
 
 _DMA = ("copy-start", "slice-start")
@@ -591,15 +595,23 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     inside = [i for c in _called(comps, body) + _called(comps, cond) for i in comps[c]]
     copies = [describe(i) for i in inside
               if i.opcode in ("copy", "transpose", "copy-start") and cache_elements in _sizes(i)]
-    large = []
+    large, on_chip = [], []
     for i in launches + dmas:
         if (i.opcode == "slice-start"  # its shape names the source; it writes only a slice
                 or i.largest_array() < cache_elements
                 or _only_updates(comps, i, cache_elements)):
             continue
-        (copies if cache_elements in _sizes(i) else large).append(describe(i))
+        if cache_elements in _sizes(i):
+            copies.append(describe(i))
+        else:
+            (on_chip if _ON_CHIP_RE.match(i.shape) else large).append(describe(i))
     return LoopStats(len(launches), kernels, sorted(set(copies)), sorted(set(large)), len(dmas),
-                     len(loops))
+                     len(loops), sorted(set(on_chip)))
+
+
+# A result (the first array of a tuple) whose layout puts it in memory space 1, e.g.
+# `bf16[768,2304]{1,0:T(8,128)(2,1)S(1)}`.
+_ON_CHIP_RE = re.compile(r"^\(?[a-z]+\d*\[[\d,]*\]\{[^}]*S\(1\)\}")
 
 
 def _only_updates(comps, inst: Instruction, cache_elements: int) -> bool:

@@ -15,7 +15,8 @@ one decoding step alone (`aot.lower_decode_step`), and reports:
   calls, other non-fused instructions), and how they split into a per-block part and a fixed
   part (the same loop compiled with 1 layer);
 - copies or transposes of cache-sized arrays inside the loop, and other arrays larger than
-  the cache written whole each step (e.g. weight matrices re-laid out);
+  the cache written whole each step (e.g. weight matrices re-laid out), and apart from
+  those, such arrays staged into on-chip memory (TPU: a weight copied into VMEM for a matmul);
 - a bandwidth floor: bytes per step / the target's memory bandwidth (µs per step, per token).
 
 And the training step for 124M at T=1024, B=8 (memory, flops; with the chunked loss head and,
@@ -89,6 +90,7 @@ def generation_report(cfg, dtype_name, batch, devices, info, with_blocks):
         "cache_copies": loop.cache_copies,
         "large_writes_in_loop": len(loop.large_writes),
         "large_writes": loop.large_writes,
+        "on_chip_writes_in_loop": len(loop.on_chip_writes),
         "async_copies_per_step": loop.async_copies_per_step,
         "loops": loop.loops,
         "cost_source": cost["source"],
@@ -171,7 +173,7 @@ def print_table(target, report):
     print(f"\n{target}: 124M, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens")
     print("| config | compile s | bytes/step | weight bytes read | ratio | flops/step | "
           "kernels/step (per block + fixed) | cache copies in loop | larger arrays written "
-          "per step | temp | floor µs/token |")
+          "per step (+ staged on chip) | temp | floor µs/token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in report["generate"].items():
         blocks = (f" ({r['kernels_per_block']:g} x {report['n_layers']} + "
@@ -179,7 +181,8 @@ def print_table(target, report):
         print(f"| {name} | {r['compile_s']} | {_fmt_bytes(r['bytes_per_step'])} | "
               f"{_fmt_bytes(r['weight_bytes'])} | {r['bytes_per_step_over_weight_bytes']} | "
               f"{r['flops_per_step'] / 1e6:,.0f} M | {r['kernels_per_step']}{blocks} | "
-              f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']} | "
+              f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']}"
+              f"{' + ' + str(r['on_chip_writes_in_loop']) if r['on_chip_writes_in_loop'] else ''} | "
               f"{_fmt_bytes(r['temp_bytes'])} | "
               f"{r.get('floor_us_per_token', '-')} |")
     for dtype_name, t in report["train_step"].items():

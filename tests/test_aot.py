@@ -205,6 +205,38 @@ def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
     assert kernels(2, False) == 1
 
 
+def test_loop_stats_tells_on_chip_staging_from_large_writes():
+    """A weight staged into on-chip memory (layout memory space 1, as XLA:TPU writes it before
+    a matmul) is not counted as a weight rewritten in HBM; the same write without S(1) is."""
+    def module(layout):
+        return "\n".join([
+            "body (p: (s32[], f32[8,64,16], f32[128,512])) -> (s32[], f32[8,64,16], f32[128,512]) {",
+            "  %p = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
+            "  %c = f32[8,64,16]{2,1,0} get-tuple-element(%p), index=1",
+            "  %w = f32[128,512]{1,0} get-tuple-element(%p), index=2",
+            "  %u = f32[8,1,16]{2,1,0} constant({...})",
+            "  %i = s32[] get-tuple-element(%p), index=0",
+            "  %z = s32[] constant(0)",
+            "  %d = f32[8,64,16]{2,1,0} dynamic-update-slice(%c, %u, %z, %i, %z)",
+            f"  %s = f32[128,512]{{{layout}}} custom-call(%w), custom_call_target=\"Stage\"",
+            "  ROOT %t = (s32[], f32[8,64,16], f32[128,512]) tuple(%i, %d, %w)",
+            "}",
+            "cond (p: (s32[], f32[8,64,16], f32[128,512])) -> pred[] {",
+            "  %p = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
+            "  ROOT %k = pred[] constant(true)",
+            "}",
+            "ENTRY main (a: (s32[], f32[8,64,16], f32[128,512])) -> (s32[], f32[8,64,16], f32[128,512]) {",
+            "  %a = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
+            "  ROOT %w = (s32[], f32[8,64,16], f32[128,512]) while(%a), condition=cond, body=body",
+            "}",
+        ])
+
+    hbm = aot.loop_stats(module("1,0"), 8 * 64 * 16)
+    vmem = aot.loop_stats(module("1,0:T(8,128)S(1)"), 8 * 64 * 16)
+    assert (len(hbm.large_writes), len(hbm.on_chip_writes)) == (1, 0)
+    assert (len(vmem.large_writes), len(vmem.on_chip_writes)) == (0, 1)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_train_step_compiles_with_its_state_donated(target, tiny_cfg):
     devices = _devices(target)
