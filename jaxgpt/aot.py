@@ -540,7 +540,7 @@ class LoopStats(NamedTuple):
     # Writes of arrays larger than the cache into on-chip memory (memory space 1 in the layout:
     # TPU VMEM), apart from `large_writes`: XLA:TPU staging a weight for a matmul, not a copy
     # left in HBM.
-    on_chip_writes: list[str] = []
+    on_chip_writes: list[str]
 
 
 _DMA = ("copy-start", "slice-start")

@@ -176,13 +176,14 @@ def print_table(target, report):
           "per step (+ staged on chip) | temp | floor µs/token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in report["generate"].items():
+        on_chip = r.get("on_chip_writes_in_loop", 0)
+        staged = f" + {on_chip} on chip" if on_chip else ""
         blocks = (f" ({r['kernels_per_block']:g} x {report['n_layers']} + "
                   f"{r['kernels_fixed']:g})" if "kernels_per_block" in r else "")
         print(f"| {name} | {r['compile_s']} | {_fmt_bytes(r['bytes_per_step'])} | "
               f"{_fmt_bytes(r['weight_bytes'])} | {r['bytes_per_step_over_weight_bytes']} | "
               f"{r['flops_per_step'] / 1e6:,.0f} M | {r['kernels_per_step']}{blocks} | "
-              f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']}"
-              f"{' + ' + str(r['on_chip_writes_in_loop']) if r['on_chip_writes_in_loop'] else ''} | "
+              f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']}{staged} | "
               f"{_fmt_bytes(r['temp_bytes'])} | "
               f"{r.get('floor_us_per_token', '-')} |")
     for dtype_name, t in report["train_step"].items():

@@ -208,10 +208,12 @@ def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
 def test_loop_stats_tells_on_chip_staging_from_large_writes():
     """A weight staged into on-chip memory (layout memory space 1, as XLA:TPU writes it before
     a matmul) is not counted as a weight rewritten in HBM; the same write without S(1) is."""
+    tup = "(s32[], f32[8,64,16], f32[128,512])"
+
     def module(layout):
         return "\n".join([
-            "body (p: (s32[], f32[8,64,16], f32[128,512])) -> (s32[], f32[8,64,16], f32[128,512]) {",
-            "  %p = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
+            f"body (p: {tup}) -> {tup} {{",
+            f"  %p = {tup} parameter(0)",
             "  %c = f32[8,64,16]{2,1,0} get-tuple-element(%p), index=1",
             "  %w = f32[128,512]{1,0} get-tuple-element(%p), index=2",
             "  %u = f32[8,1,16]{2,1,0} constant({...})",
@@ -219,15 +221,15 @@ def test_loop_stats_tells_on_chip_staging_from_large_writes():
             "  %z = s32[] constant(0)",
             "  %d = f32[8,64,16]{2,1,0} dynamic-update-slice(%c, %u, %z, %i, %z)",
             f"  %s = f32[128,512]{{{layout}}} custom-call(%w), custom_call_target=\"Stage\"",
-            "  ROOT %t = (s32[], f32[8,64,16], f32[128,512]) tuple(%i, %d, %w)",
+            f"  ROOT %t = {tup} tuple(%i, %d, %w)",
             "}",
-            "cond (p: (s32[], f32[8,64,16], f32[128,512])) -> pred[] {",
-            "  %p = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
+            f"cond (p: {tup}) -> pred[] {{",
+            f"  %p = {tup} parameter(0)",
             "  ROOT %k = pred[] constant(true)",
             "}",
-            "ENTRY main (a: (s32[], f32[8,64,16], f32[128,512])) -> (s32[], f32[8,64,16], f32[128,512]) {",
-            "  %a = (s32[], f32[8,64,16], f32[128,512]) parameter(0)",
-            "  ROOT %w = (s32[], f32[8,64,16], f32[128,512]) while(%a), condition=cond, body=body",
+            f"ENTRY main (a: {tup}) -> {tup} {{",
+            f"  %a = {tup} parameter(0)",
+            f"  ROOT %w = {tup} while(%a), condition=cond, body=body",
             "}",
         ])
 
