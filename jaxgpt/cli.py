@@ -516,7 +516,11 @@ def _add_train(sub) -> None:
                    help="fraction of the tokens held out for validation (default 0.1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype; weights and AdamW state stay float32")
-    p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
+    p.add_argument("--remat", nargs="?", const="block", default=None,
+                   choices=("none", "attention", "block"),
+                   help="what the backward pass recomputes to save memory: none, attention (the "
+                        "[B, H, T, T] attention scores, softmax and dropout), block (whole "
+                        "blocks; --remat alone); default attention on GPU/TPU, none on CPU")
     p.add_argument("--fsdp", action="store_true",
                    help="also shard weights and AdamW moments over the devices")
     p.add_argument("--loss-chunk", type=int, default=None, metavar="N",

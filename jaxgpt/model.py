@@ -26,6 +26,18 @@ Dtype = Any
 # parity tests copy weights across, so the choice only matters when training from scratch.
 _init = nn.initializers.normal(stddev=0.02)
 _MASKED = jnp.finfo(jnp.float32).min
+# What `GPTModel.remat` may be: recompute nothing, the attention core, or whole blocks.
+REMAT_MODES = ("none", "attention", "block")
+
+
+def remat_mode(remat: bool | str) -> str:
+    """`GPTModel.remat` as one of `REMAT_MODES` (False is "none", True is "block")."""
+    if remat is False or remat is True:
+        return "block" if remat else "none"
+    if isinstance(remat, str) and remat in REMAT_MODES:
+        return remat
+    raise ValueError(f"remat must be one of {', '.join(map(repr, REMAT_MODES))} (or a bool: "
+                     f"True = 'block', False = 'none'), got {remat!r}")
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
@@ -280,6 +292,21 @@ class TransformerBlock(nn.Module):
         return x if cache is None else (x, cache)
 
 
+def _block_class(remat: bool | str) -> type:
+    """TransformerBlock, rematerialised as `remat` asks (see `GPTModel`)."""
+    mode = remat_mode(remat)
+    if mode == "none":
+        return TransformerBlock
+    # The policy keeps the outputs of matmuls without batch dimensions, i.e. the 2-D
+    # projections (Q/K/V, out_proj, both feed-forward layers: [B*T, D] and [B*T, 4D], cheap
+    # to keep, a matmul each to redo); the batched attention matmuls, the [B, H, T, T] scores,
+    # softmax and dropout mask, and the elementwise LayerNorm/GELU/residual work are recomputed
+    # from them. Flax's lifted remat replays the same dropout rngs, so the masks are the same.
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "attention"
+              else None)
+    return nn.remat(TransformerBlock, static_argnums=(2,), policy=policy)
+
+
 class GPTModel(nn.Module):
     """Token + position embeddings, dropout, `n_layers` blocks, final LayerNorm, output head.
 
@@ -289,7 +316,10 @@ class GPTModel(nn.Module):
     Args (module fields):
       cfg: the architecture.
       dtype: compute dtype (parameters stay float32; use bfloat16 for mixed precision).
-      remat: rematerialise each block in the backward pass (less memory, more compute).
+      remat: what the backward pass recomputes instead of keeping (less memory, more
+        compute): "none" (False), "attention" (keep the blocks' 2-D matmul outputs, recompute
+        the attention core's `[B, H, T, T]` scores, softmax and dropout and the elementwise
+        work), or "block" (True: keep only each block's input).
       layout: how the matrices are held (`kv_cache.Layout`); the default is the seeds' names
         and Flax's `[in, out]`. Generation sets it on a clone, with params from
         `kv_cache.prepare`.
@@ -310,7 +340,7 @@ class GPTModel(nn.Module):
 
     cfg: GPTConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     layout: Layout = Layout()
     attention_cls: type = MultiHeadAttention
     feed_forward_cls: type = FeedForward
@@ -326,7 +356,7 @@ class GPTModel(nn.Module):
         self.tok_emb = embed(cfg.vocab_size)
         self.pos_emb = embed(cfg.context_length)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        block = nn.remat(TransformerBlock, static_argnums=(2,)) if self.remat else TransformerBlock
+        block = _block_class(self.remat)
         self.trf_blocks = [
             block(cfg, self.dtype, self.layout, attention_cls=self.attention_cls,
                   feed_forward_cls=self.feed_forward_cls, norm_cls=self.norm_cls)

@@ -14,7 +14,7 @@ import numpy as np
 from jaxgpt import checkpoint
 from jaxgpt.config import GPTConfig
 from jaxgpt.data import BatchLoader, LoaderState
-from jaxgpt.train import TrainConfig, TrainState
+from jaxgpt.train import TrainConfig, TrainState, resolve_remat
 
 # What a resumed run must share with the checkpoint's: the data it reads, in the same order.
 _RESUME_DATA_FIELDS = ("batch_size", "seq_len", "stride", "train_ratio", "seed")
@@ -143,6 +143,10 @@ def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
         old, new = saved.get(name), getattr(tc, name)
         if name not in saved or old == new:
             continue
+        if name == "remat":  # older runs saved a bool; None is auto, for this run's devices
+            platform = jax.default_backend()
+            if resolve_remat(old, platform) == resolve_remat(new, platform):
+                continue
         if name in _RESUME_OPTIM_FIELDS:
             why = "the run is no longer an exact replay of an uninterrupted one"
         else:

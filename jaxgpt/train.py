@@ -40,7 +40,7 @@ from jax import lax
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, init_params, model_for
+from jaxgpt.model import REMAT_MODES, GPTModel, init_params, model_for, remat_mode
 
 IGNORE_INDEX = -100
 # `jaxgpt train` with neither --preset nor --config: a small GPT-2-vocabulary model that
@@ -227,7 +227,11 @@ class TrainConfig:
     over chunks of that many tokens (`chunked_cross_entropy_sum`), so the `[B * T, V]` logits
     never exist at once; 0 computes them all (the plain path; same loss and gradients); None
     (default) is `AUTO_LOSS_CHUNK` on GPUs and TPUs and 0 on the CPU, where the chunks cost
-    about 10% of a step's time and memory is not what limits a run.
+    about 10% of a step's time and memory is not what limits a run. `remat` is what the
+    backward pass recomputes instead of keeping (`GPTModel.remat`): "none", "attention" (the
+    attention core's `[B, H, T, T]` scores, softmax and dropout; the matmul outputs are kept)
+    or "block" (whole blocks); True and False, as older configs hold, mean "block" and
+    "none"; None (default) is `AUTO_REMAT`: "attention" on GPUs and TPUs, "none" on the CPU.
     """
 
     steps: int = 1000
@@ -246,7 +250,7 @@ class TrainConfig:
     train_ratio: float = 0.9
     seed: int = 123
     dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str | None = None  # "none", "attention", "block"; None: auto
     fsdp: bool = False
     loss_chunk: int | None = None  # tokens whose logits exist at once; 0: all; None: auto
     eval_every: int = 100
@@ -287,6 +291,15 @@ class TrainConfig:
             )
         if self.loss_chunk is not None:
             positive_int("loss_chunk", 0)
+        if self.remat is not None:
+            try:
+                mode = remat_mode(self.remat)
+            except ValueError:
+                raise ValueError(
+                    f"TrainConfig.remat must be one of {', '.join(map(repr, REMAT_MODES))}, "
+                    f"None (auto) or a bool (True = 'block', False = 'none'), got {self.remat!r}"
+                ) from None
+            object.__setattr__(self, "remat", mode)  # frozen; old configs' bools as modes
         if self.stride is not None:
             positive_int("stride")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
@@ -435,6 +448,24 @@ def resolve_loss_chunk(tc: TrainConfig, platform: str) -> int:
     return 0 if platform == "cpu" else AUTO_LOSS_CHUNK
 
 
+# `TrainConfig.remat=None` by platform. On an accelerator memory limits the batch: keeping the
+# attention core's [B, H, T, T] arrays out of the saved activations takes about three quarters
+# off the 124M step's temporaries at T=1024 (H100 bf16 10.0 -> 2.3 GB, fp32 16.8 -> 4.4 GB,
+# TPU v5e bf16 10.3 -> 2.7 GB; largest H100 batch 117 -> 314) for 0.5 TFLOP more per step
+# (scripts/aot_report.py). The CPU keeps them: memory is not what limits a run there, and its
+# step stays the program it was (at the CPU bench's size, T=128, the recomputation's cost is
+# within the noise: 1.90 s per step either way).
+AUTO_REMAT = "attention"
+
+
+def resolve_remat(remat: bool | str | None, platform: str) -> str:
+    """`TrainConfig.remat` (or a saved config's value) as one of `REMAT_MODES`, with None
+    resolved for devices of `platform`: "none" on "cpu", `AUTO_REMAT` on any accelerator."""
+    if remat is None:
+        return "none" if platform == "cpu" else AUTO_REMAT
+    return remat_mode(remat)
+
+
 def _loss_sum(
     model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int, **kwargs
 ) -> tuple[jax.Array, jax.Array]:
@@ -483,12 +514,13 @@ def make_train_step(
     `model` trains a variant (`GPTModel(cfg, attention_cls=...)`); its dtype and remat are set
     from `tc`.
     """
-    model = model_for(cfg, model).clone(dtype=DTYPES[tc.dtype], remat=tc.remat)
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    model = model_for(cfg, model).clone(dtype=DTYPES[tc.dtype],
+                                        remat=resolve_remat(tc.remat, platform))
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
     accum = tc.grad_accum
     train_dropout = cfg.drop_rate > 0
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     loss_chunk = resolve_loss_chunk(tc, platform)
 
     def loss_part(params, inputs, targets, key, denom):

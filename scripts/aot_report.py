@@ -19,9 +19,12 @@ one decoding step alone (`aot.lower_decode_step`), and reports:
   those, such arrays staged into on-chip memory (TPU: a weight copied into VMEM for a matmul);
 - a bandwidth floor: bytes per step / the target's memory bandwidth (µs per step, per token).
 
-And the training step for 124M at T=1024, B=8 (memory, flops; with the chunked loss head and,
-for comparison, without: `TrainConfig.loss_chunk=0`), and the largest batch whose step fits
-the device memory by `memory_analysis` (arguments + outputs - aliased + temporaries).
+And the training step for 124M at T=1024, B=8 with the defaults for the target (the chunked
+loss head and attention rematerialisation: `TrainConfig.loss_chunk`, `TrainConfig.remat`):
+memory and flops, beside the same step without rematerialisation (`no_remat`) and with neither
+(`plain_head`: all logits at once, nothing recomputed, as before either existed); and the
+largest batch whose default step fits the device memory by `memory_analysis` (arguments +
+outputs - aliased + temporaries).
 
 Only structure, bytes, flops and memory are meaningful: without a device, kernel tiles are
 not autotuned. The environment must allow the target (see `jaxgpt.aot`): JAX_PLATFORMS=cpu
@@ -44,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxgpt import aot  # noqa: E402
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig  # noqa: E402
-from jaxgpt.train import TrainConfig  # noqa: E402
+from jaxgpt.train import TrainConfig, resolve_loss_chunk, resolve_remat  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 8, 200
 TRAIN_B, TRAIN_T = 8, 1024
@@ -114,42 +117,55 @@ def generation_report(cfg, dtype_name, batch, devices, info, with_blocks):
 
 
 def train_report(cfg, dtype_name, devices, info, find_max_batch):
+    """The train step's memory and flops: the target's defaults (`loss_chunk` and `remat`
+    resolved for its platform) at the top level, `no_remat` and `plain_head` beside them."""
     tc = TrainConfig(dtype=dtype_name)
+    platform = aot._platform(devices)
+    chunk, remat = resolve_loss_chunk(tc, platform), resolve_remat(tc.remat, platform)
     out = {"batch": TRAIN_B, "seq_len": TRAIN_T}
 
-    def one(batch, chunk):
-        low = aot.lower_train_step(cfg, tc.replace(loss_chunk=chunk), batch=batch,
-                                   seq_len=TRAIN_T, devices=devices)
+    def one(batch, settings):
+        low = aot.lower_train_step(cfg, tc.replace(**settings), batch=batch, seq_len=TRAIN_T,
+                                   devices=devices)
         compiled, secs = _compile(low)
         return compiled, low, secs
 
-    compiled, low, secs = one(TRAIN_B, tc.loss_chunk)
-    mem = aot.memory_stats(compiled)
-    out.update(compile_s=round(secs, 1), loss_chunk=tc.loss_chunk, **mem,
-               flops=aot.cost_stats(low, compiled)["flops"])
-    plain, _, _ = one(TRAIN_B, 0)
-    plain_mem = aot.memory_stats(plain)
-    out["plain_head"] = {"loss_chunk": 0, **plain_mem}
-    out["temp_bytes_saved_by_chunked_head"] = round(1 - mem["temp_bytes"] / plain_mem["temp_bytes"],
-                                                    3)
+    def variant(**settings):
+        compiled, low, secs = one(TRAIN_B, settings)
+        return {**settings, "compile_s": round(secs, 1), **aot.memory_stats(compiled),
+                "flops": aot.cost_stats(low, compiled)["flops"]}
+
+    default = variant(loss_chunk=chunk, remat=remat)
+    out.update(default)
+    out["no_remat"] = variant(loss_chunk=chunk, remat="none")
+    out["plain_head"] = variant(loss_chunk=0, remat="none")
+
+    def saved(than, by):  # the fraction of `than`'s temporaries that `by` does without
+        return round(1 - by["temp_bytes"] / than["temp_bytes"], 3)
+
+    out["temp_bytes_saved_by_chunked_head"] = saved(out["plain_head"], out["no_remat"])
+    out["temp_bytes_saved_by_remat"] = saved(out["no_remat"], default)
+    out["temp_bytes_saved_vs_plain_head"] = saved(out["plain_head"], default)
+    out["flops_added_by_remat"] = round(default["flops"] / out["no_remat"]["flops"] - 1, 3)
     if find_max_batch and info.memory_bytes:
         _log(f"  largest batch that fits {info.memory_bytes / 1e9:.1f} GB ...")
-        out["max_batch"] = max_batch(one, tc.loss_chunk, mem["peak_bytes"], info.memory_bytes)
+        out["max_batch"] = max_batch(one, dict(loss_chunk=chunk, remat=remat),
+                                     default["peak_bytes"], info.memory_bytes)
         out["device_memory_bytes"] = info.memory_bytes
     return out
 
 
-def max_batch(one, chunk, peak_at_b, limit):
+def max_batch(one, settings, peak_at_b, limit):
     """The largest batch whose step fits `limit` bytes: from a line through the peaks at B and
     2B, doubling until a batch does not fit, then bisecting, each candidate compiled (XLA
     schedules and rematerializes to fit the device's memory, so the peak is not linear in B)."""
-    peak2 = aot.memory_stats(one(2 * TRAIN_B, chunk)[0])["peak_bytes"]
+    peak2 = aot.memory_stats(one(2 * TRAIN_B, settings)[0])["peak_bytes"]
     per_row = max((peak2 - peak_at_b) / TRAIN_B, 1.0)
     guess = max(2 * TRAIN_B, int((limit - (peak_at_b - per_row * TRAIN_B)) // per_row))
 
     def fits(b):
         try:
-            peak = aot.memory_stats(one(b, chunk)[0])["peak_bytes"]
+            peak = aot.memory_stats(one(b, settings)[0])["peak_bytes"]
         except Exception as e:  # XLA refuses a program that cannot fit
             _log(f"  batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
             return False
@@ -188,11 +204,18 @@ def print_table(target, report):
               f"{r.get('floor_us_per_token', '-')} |")
     for dtype_name, t in report["train_step"].items():
         fit = f", largest batch that fits: {t['max_batch']}" if "max_batch" in t else ""
-        plain = t["plain_head"]["temp_bytes"]
-        print(f"train step {dtype_name} B={t['batch']} T={t['seq_len']}: temp "
-              f"{_fmt_bytes(t['temp_bytes'])} (plain head {_fmt_bytes(plain)}, "
-              f"{t['temp_bytes_saved_by_chunked_head']:.0%} less), peak "
-              f"{_fmt_bytes(t['peak_bytes'])}, {t['flops'] / 1e12:.2f} TFLOP{fit}")
+        if "no_remat" not in t:  # kept from a report written before remat was reported
+            print(f"train step {dtype_name}: temp {_fmt_bytes(t['temp_bytes'])}{fit}")
+            continue
+        plain, no_remat = t["plain_head"], t["no_remat"]
+        print(f"train step {dtype_name} B={t['batch']} T={t['seq_len']} (loss_chunk "
+              f"{t['loss_chunk']}, remat {t['remat']}): temp {_fmt_bytes(t['temp_bytes'])}, "
+              f"peak {_fmt_bytes(t['peak_bytes'])}, {t['flops'] / 1e12:.2f} TFLOP{fit}; "
+              f"without remat {_fmt_bytes(no_remat['temp_bytes'])}, "
+              f"{no_remat['flops'] / 1e12:.2f} TFLOP (remat: {t['temp_bytes_saved_by_remat']:.0%} "
+              f"less temp, {t['flops_added_by_remat']:+.0%} flops); plain head, no remat "
+              f"{_fmt_bytes(plain['temp_bytes'])} ({t['temp_bytes_saved_vs_plain_head']:.0%} "
+              f"less with both)")
 
 
 def write(args, report) -> None:
@@ -204,6 +227,9 @@ def write(args, report) -> None:
         return
     configs = {name: {"generate": gen, "train_step": report["train_step"].get(name.split("/")[1])}
                for name, gen in report["generate"].items()}
+    for dtype_name, train in report["train_step"].items():  # run with --no-generate
+        if not any(name.split("/")[1] == dtype_name for name in configs):
+            configs[f"124M/{dtype_name}"] = {"generate": None, "train_step": train}
     meta = {k: v for k, v in report.items() if k not in ("generate", "train_step")}
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
@@ -217,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the report here as JSON")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bfloat16", "float32"])
+    p.add_argument("--no-generate", action="store_true", help="only the training step")
     p.add_argument("--no-train", action="store_true",
                    help="skip the training step (keeping its figures from an existing --json)")
     p.add_argument("--max-batch-dtypes", nargs="*", choices=sorted(DTYPES), default=["bfloat16"],
@@ -240,7 +267,7 @@ def main(argv=None) -> int:
               "bandwidth_bytes_per_s": info.bandwidth_bytes_per_s, "generate": {},
               "train_step": kept_train}
     for dtype_name in args.dtypes:
-        for batch in args.batches:
+        for batch in [] if args.no_generate else args.batches:
             name = f"124M/{dtype_name}/B={batch}"
             _log(f"{args.target}: generation {name} ...")
             report["generate"][name] = generation_report(cfg, dtype_name, batch, devices, info,

@@ -15,7 +15,7 @@ weights), reporting tokens/s and MFU with FLOPs/token = 6N + 12·L·C·T against
 (H100 dense bf16), N = the parameters that take part in matmuls (all but the two embedding
 tables). The PyTorch side is skipped there unless --torch-on-gpu is given and torch has CUDA.
 
-    python scripts/bench_train.py --gpu [--batch-size 16] [--remat]
+    python scripts/bench_train.py --gpu [--batch-size 16] [--remat none|attention|block]
 """
 
 from __future__ import annotations
@@ -102,7 +102,10 @@ def main() -> None:
     p.add_argument("--drop-rate", type=float, default=0.1, help="the seeds' 0.1 by default")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per side")
-    p.add_argument("--remat", action="store_true")
+    p.add_argument("--remat", nargs="?", const="block", default=None,
+                   choices=("none", "attention", "block"),
+                   help="TrainConfig.remat (--remat alone: block; default: attention on GPU, "
+                        "none on CPU)")
     p.add_argument("--torch-on-gpu", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument(

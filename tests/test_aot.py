@@ -250,6 +250,33 @@ def test_train_step_compiles_with_its_state_donated(target, tiny_cfg):
     assert mem["alias_bytes"] >= 3 * params
 
 
+def test_attention_remat_keeps_the_attention_arrays_out_of_the_train_steps_memory():
+    # T = 128 makes one layer's [B, H, T, T] float32 array (1 MiB) far larger than its
+    # [B, T, D] activations (64 KiB), as at 124M and T = 1024.
+    cfg = GPTConfig(vocab_size=100, context_length=128, emb_dim=32, n_heads=4, n_layers=4,
+                    drop_rate=0.1, qkv_bias=False)
+    b, t, h = 4, 128, cfg.n_heads
+    devices = _devices("h100")
+    stats = {}
+    for remat in ("none", "attention"):
+        lowered = aot.lower_train_step(cfg, TrainConfig(remat=remat), batch=b, seq_len=t,
+                                       devices=devices)
+        compiled = lowered.compile()
+        stats[remat] = (aot.memory_stats(compiled)["temp_bytes"],
+                        aot.cost_stats(lowered, compiled)["flops"])
+    (temp_none, flops_none), (temp_att, flops_att) = stats["none"], stats["attention"]
+    scores = b * h * t * t * 4  # bytes of one layer's float32 [B, H, T, T]
+    # Without remat every layer's softmax weights live from its forward pass to its backward
+    # pass (the gradient of the values needs them), so all n_layers are held at once when the
+    # backward pass starts; with the policy none outlives its layer's forward pass, and the
+    # backward pass recomputes one layer's at a time: at least n_layers - 1 of them fewer.
+    assert temp_att <= temp_none - (cfg.n_layers - 1) * scores, stats
+    # And the recomputation is in the program: at least the two batched attention matmuls
+    # (scores and context, 2 * B * H * T * T * Dh flops each) once more per layer.
+    dh = cfg.emb_dim // h
+    assert flops_att >= flops_none + cfg.n_layers * 2 * (2 * b * h * t * t * dh), stats
+
+
 def test_fsdp_train_step_on_4_tpu_chips_all_gathers_its_weights(tiny_cfg):
     devices = _devices("tpu-v5e", 4)
     assert len(devices) == 4

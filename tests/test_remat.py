@@ -1,0 +1,132 @@
+"""Rematerialisation (`TrainConfig.remat`, `GPTModel.remat`): the same loss and gradients as
+keeping every activation, dropout included; the modes, their validation, and configs saved
+before the modes existed (remat true/false)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt import run_checkpoints
+from jaxgpt.cli import build_parser
+from jaxgpt.config import GPTConfig
+from jaxgpt.model import GPTModel, init_params
+from jaxgpt.train import TrainConfig, cross_entropy_loss, resolve_remat
+
+# The tiny config with the seeds' dropout, so the masks of the attention weights, the residual
+# branches and the embeddings all enter the gradients.
+DROPPY = dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+              drop_rate=0.1, qkv_bias=True)
+
+
+def _loss_and_grads(cfg, params, tokens, remat, key):
+    model = GPTModel(cfg, remat=remat)
+
+    def loss(p):
+        logits = model.apply({"params": p}, tokens, False, rngs={"dropout": key})  # [B, T, V]
+        return cross_entropy_loss(logits, jnp.roll(tokens, -1, axis=1))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _worst(grads, ref):
+    """max over leaves of max|g - ref| / scale, scale = the leaf's largest |ref| entry, or
+    1e-3 of the largest entry of all leaves where that is more. The floor is for leaves whose
+    exact gradient is zero (the key bias: softmax ignores a shift shared by all keys), where
+    the computed value is only rounding noise of the other gradients' size."""
+    top = max(float(jnp.max(jnp.abs(r))) for r in jax.tree_util.tree_leaves(ref))
+    diffs = jax.tree_util.tree_map(
+        lambda g, r: float(jnp.max(jnp.abs(g - r)) / max(float(jnp.max(jnp.abs(r))), 1e-3 * top)),
+        grads, ref)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+@pytest.mark.parametrize("remat", ["attention", "block", True])
+def test_remat_gives_the_loss_and_gradients_of_no_remat_with_dropout_on(remat, rng):
+    cfg = GPTConfig(**DROPPY)
+    params = init_params(cfg, 0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, cfg.context_length)), jnp.int32)
+    key = jax.random.PRNGKey(1)
+    loss0, grads0 = _loss_and_grads(cfg, params, tokens, "none", key)
+    loss, grads = _loss_and_grads(cfg, params, tokens, remat, key)
+    # The backward pass recomputes the same operations on the same inputs with the same
+    # dropout masks; only the order of float32 sums inside XLA's fusions may differ. A sum of
+    # n terms reassociated moves by at most (n - 1) * 2^-24 of its terms' absolute sum; the
+    # longest sums here have B * T = 32 or 4 * D = 128 terms, and the gradients of these
+    # random weights are not sums of much larger cancelling terms: 1e-5 of a leaf's scale.
+    assert float(loss) == pytest.approx(float(loss0), rel=1e-6)
+    assert _worst(grads, grads0) < 1e-5
+    # Positive control: masks drawn from another key move the gradients by percents, so a
+    # recomputation that drew masks other than the forward pass's would fail the bound above.
+    _, other = _loss_and_grads(cfg, params, tokens, "none", jax.random.PRNGKey(2))
+    assert _worst(other, grads0) > 1e-2
+
+
+def test_remat_modes_and_old_bools():
+    assert TrainConfig().remat is None  # auto
+    assert TrainConfig(remat=True).remat == "block"  # configs saved before the modes existed
+    assert TrainConfig(remat=False).remat == "none"
+    assert TrainConfig(remat="attention").remat == "attention"
+    assert TrainConfig(remat=True) == TrainConfig(remat="block")  # one compiled step for both
+    assert [resolve_remat(None, p) for p in ("cpu", "gpu", "cuda", "tpu")] == [
+        "none", "attention", "attention", "attention"]
+    assert resolve_remat(True, "cpu") == "block" and resolve_remat("none", "tpu") == "none"
+
+
+@pytest.mark.parametrize("bad", ["attn", "", 1, 0, None])
+def test_bad_remat_values_are_refused_naming_them(bad):
+    if bad is not None:
+        with pytest.raises(ValueError, match=rf"TrainConfig.remat must be one of 'none', "
+                                             rf"'attention', 'block'.*got {bad!r}"):
+            TrainConfig(remat=bad)
+    cfg = GPTConfig(**DROPPY)
+    with pytest.raises(ValueError, match=rf"remat must be one of .*got {bad!r}"):
+        GPTModel(cfg, remat=bad).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))
+
+
+def test_cli_remat_flag_takes_a_mode_and_alone_means_block():
+    parse = build_parser().parse_args
+    assert parse(["train"]).remat is None
+    assert parse(["train", "--remat"]).remat == "block"
+    assert parse(["train", "--remat", "attention"]).remat == "attention"
+    with pytest.raises(SystemExit):
+        parse(["train", "--remat", "attn"])
+
+
+@pytest.mark.parametrize(
+    "saved, now, warned",
+    [
+        (False, None, False),  # an old run (no --remat) resumed with the defaults on the CPU
+        (False, "none", False),
+        (True, "block", False),
+        (True, None, True),  # block -> none (auto, CPU)
+        (False, "attention", True),
+        ("attention", "block", True),
+    ],
+)
+def test_resume_compares_remat_as_modes_so_old_bools_load(monkeypatch, saved, now, warned):
+    cfg = GPTConfig(**DROPPY)
+    tc = TrainConfig(batch_size=4, seq_len=8, remat=now)
+    train = tc.to_dict() | {"remat": saved}  # what an older run wrote to its metadata
+    monkeypatch.setattr(run_checkpoints.checkpoint, "load_config", lambda path: cfg)
+    monkeypatch.setattr(run_checkpoints.checkpoint, "load_metadata",
+                        lambda path: {"train": train})
+    monkeypatch.setattr(run_checkpoints.jax, "default_backend", lambda: "cpu")
+    lines = run_checkpoints.resume_changes("ckpt", cfg, tc)
+    assert [line for line in lines if line.startswith("--remat")] == (
+        [f"--remat changed from {saved!r} to {tc.remat!r}: the run is no longer an exact "
+         f"replay of an uninterrupted one"] if warned else [])
+    assert len(lines) == int(warned)
+
+
+def test_generation_ignores_remat(rng):
+    # Generation applies a clone with remat off; a model built with remat still generates the
+    # same greedy tokens as one without.
+    from jaxgpt import generate
+
+    cfg = GPTConfig(**DROPPY)
+    params = init_params(cfg, 0)
+    prompts = np.asarray(rng.integers(0, cfg.vocab_size, (2, 4)), np.int32)
+    plain = generate(params, cfg, prompts, 4)
+    assert np.array_equal(generate(params, cfg, prompts, 4, model=GPTModel(cfg, remat="attention")),
+                          plain)
