@@ -42,12 +42,13 @@ def pytest_configure(config):
 
 
 @pytest.fixture(autouse=True)
-def _compile_cache_in_tmp(tmp_path, monkeypatch):
-    """In-process CLI calls turn JAX's persistent compilation cache on: keep it in the test's own
-    directory, not the user's ~/.cache, and switch it off again for the tests that follow."""
+def _compile_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """In-process CLI calls turn JAX's persistent compilation cache on: keep it in a directory
+    of the test run, not the user's ~/.cache (nor the test's tmp_path, which tests use as a run
+    directory that must hold only jaxgpt's files), and switch it off again afterwards."""
     import jax
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     before = jax.config.jax_compilation_cache_dir
     yield
     jax.config.update("jax_compilation_cache_dir", before)
