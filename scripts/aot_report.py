@@ -158,23 +158,36 @@ def train_report(cfg, dtype_name, devices, info, find_max_batch):
 def max_batch(one, settings, peak_at_b, limit):
     """The largest batch whose step fits `limit` bytes: from a line through the peaks at B and
     2B, doubling until a batch does not fit, then bisecting, each candidate compiled (XLA
-    schedules and rematerializes to fit the device's memory, so the peak is not linear in B)."""
-    peak2 = aot.memory_stats(one(2 * TRAIN_B, settings)[0])["peak_bytes"]
-    per_row = max((peak2 - peak_at_b) / TRAIN_B, 1.0)
-    guess = max(2 * TRAIN_B, int((limit - (peak_at_b - per_row * TRAIN_B)) // per_row))
+    schedules and rematerializes to fit the device's memory, so the peak is not linear in B,
+    nor always monotonic: the result is the bisection's). 0 if B itself does not fit."""
+    if peak_at_b > limit:
+        return 0
+
+    def peak(b):  # None where XLA refuses to compile the step (it cannot fit)
+        try:
+            return aot.memory_stats(one(b, settings)[0])["peak_bytes"]
+        except Exception as e:
+            _log(f"  batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
+            return None
+
+    def fitting(b, p):
+        if p is not None:
+            _log(f"  batch {b}: peak {p / 1e9:.2f} GB ({'fits' if p <= limit else 'too big'})")
+        return p is not None and p <= limit
 
     def fits(b):
-        try:
-            peak = aot.memory_stats(one(b, settings)[0])["peak_bytes"]
-        except Exception as e:  # XLA refuses a program that cannot fit
-            _log(f"  batch {b}: does not compile ({str(e).splitlines()[0][:120]})")
-            return False
-        _log(f"  batch {b}: peak {peak / 1e9:.2f} GB ({'fits' if peak <= limit else 'too big'})")
-        return peak <= limit
+        return fitting(b, peak(b))
 
-    lo, hi = 2 * TRAIN_B, guess  # lo fits (checked by the caller's line), hi to be tested
-    while fits(hi):
-        lo, hi = hi, 2 * hi
+    peak2 = peak(2 * TRAIN_B)
+    if not fitting(2 * TRAIN_B, peak2):
+        lo, hi = TRAIN_B, 2 * TRAIN_B  # B fits (the caller's step), 2B does not
+    else:
+        per_row = max((peak2 - peak_at_b) / TRAIN_B, 1.0)
+        guess = max(2 * TRAIN_B + 1,
+                    int((limit - (peak_at_b - per_row * TRAIN_B)) // per_row))
+        lo, hi = 2 * TRAIN_B, guess
+        while fits(hi):
+            lo, hi = hi, 2 * hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
