@@ -263,16 +263,22 @@ def _platform(devices: Sequence[jax.Device]) -> str:
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
 
-def _check_generation_sizes(cfg, batch, prompt_len, max_new_tokens):
-    return (_check_size(batch, "batch"), _check_size(prompt_len, "prompt_len"),
-            _check_size(max_new_tokens, "max_new_tokens"))
-
-
 def _lower(program: _Program, devices: Sequence[jax.Device]) -> jax.stages.Lowered:
     # Generation is not sharded: on several devices every input is replicated.
     mesh = sharding.make_mesh(devices)
     args = _abstract(program.args, NamedSharding(mesh, P()))
     return program.fn.lower(*args, **program.static)
+
+
+def _lower_generation(which: str, cfg: GPTConfig, batch: int, prompt_len: int,
+                      max_new_tokens: int, dtype: Any, devices) -> jax.stages.Lowered:
+    """`lower_generate` and `lower_decode_step`: `which` program of `_Generation`, lowered for
+    `devices` (the layouts follow their platform) after the sizes are checked."""
+    sizes = [_check_size(v, name) for v, name in ((batch, "batch"), (prompt_len, "prompt_len"),
+                                                  (max_new_tokens, "max_new_tokens"))]
+    devices = _devices(devices)
+    programs = _generation_programs(cfg, *sizes, dtype, _platform(devices))
+    return _lower(getattr(programs, which), devices)
 
 
 def lower_generate(
@@ -291,12 +297,8 @@ def lower_generate(
     Lengths are bucketed as `generate` buckets them, so this is the program `generate` would
     compile. Nothing is allocated; `.compile()` the result for its devices, or export it.
     """
-    batch, prompt_len, max_new_tokens = _check_generation_sizes(
-        cfg, batch, prompt_len, max_new_tokens)
-    devices = _devices(devices)
-    programs = _generation_programs(cfg, batch, prompt_len, max_new_tokens, dtype,
-                                    _platform(devices))
-    return _lower(programs.generate, devices)
+    return _lower_generation("generate", cfg, batch, prompt_len, max_new_tokens, dtype,
+                             devices)
 
 
 def lower_decode_step(
@@ -311,12 +313,8 @@ def lower_decode_step(
     """Lower one cached decoding step (all blocks, head, greedy choice) with its KV cache
     donated, on the cache `lower_generate` with the same arguments allocates: what one token
     of the loop costs, as a program of its own."""
-    batch, prompt_len, max_new_tokens = _check_generation_sizes(
-        cfg, batch, prompt_len, max_new_tokens)
-    devices = _devices(devices)
-    programs = _generation_programs(cfg, batch, prompt_len, max_new_tokens, dtype,
-                                    _platform(devices))
-    return _lower(programs.decode_step, devices)
+    return _lower_generation("decode_step", cfg, batch, prompt_len, max_new_tokens, dtype,
+                             devices)
 
 
 def cache_bytes(cfg: GPTConfig, *, batch: int, prompt_len: int, max_new_tokens: int,

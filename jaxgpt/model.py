@@ -56,11 +56,11 @@ def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e
         y = x32 - lax.stop_gradient(x32[..., :1])
         mean_y = y.mean(axis=-1, keepdims=True)
         var = jnp.maximum(jnp.square(y).mean(axis=-1, keepdims=True) - jnp.square(mean_y), 0.0)
-        norm_x = (y - mean_y) / jnp.sqrt(var + eps)
+        centred = y - mean_y
     else:
-        mean = x32.mean(axis=-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
-        norm_x = (x32 - mean) / jnp.sqrt(var + eps)
+        centred = x32 - x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(centred).mean(axis=-1, keepdims=True)
+    norm_x = centred / jnp.sqrt(var + eps)
     return (scale * norm_x + shift).astype(dtype)
 
 
