@@ -1,8 +1,13 @@
-"""jaxgpt: the GPT of "Build a Large Language Model From Scratch" (chapter 4) in JAX/Flax."""
+"""jaxgpt: the GPT of "Build a Large Language Model From Scratch" (chapter 4) in JAX/Flax.
+
+The public face: the config, the model and its parts, generation and the tokenizer. The rest
+lives by concern in `jaxgpt.nn`, `jaxgpt.inference`, `jaxgpt.training`, `jaxgpt.io`,
+`jaxgpt.interp`, `jaxgpt.aot`, `jaxgpt.book` and `jaxgpt.cli`.
+"""
 
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-from jaxgpt.generation import Generator, generate, generate_stream, generate_text_simple
-from jaxgpt.model import (
+from jaxgpt.inference import Generator, generate, generate_stream, generate_text_simple
+from jaxgpt.nn import (
     GELU,
     FeedForward,
     GPTModel,

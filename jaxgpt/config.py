@@ -1,12 +1,13 @@
-"""Model configuration: the seeds' GPT_CONFIG dict as a frozen, hashable dataclass."""
+"""Model configuration: the book's GPT_CONFIG dict as a frozen, hashable dataclass."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-# The seeds' 124M dict, kept verbatim so `GPTConfig(**GPT_CONFIG_124M)` reads like the book.
+# The book's 124M dict, kept verbatim so `GPTConfig(**GPT_CONFIG_124M)` reads like the book.
 GPT_CONFIG_124M: dict[str, Any] = {
     "vocab_size": 50257,
     "context_length": 1024,
@@ -29,11 +30,11 @@ PRESETS: tuple[str, ...] = tuple(_PRESET_SIZES)
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Hyper-parameters of a GPT model, with the seeds' key names.
+    """Hyper-parameters of a GPT model, with the book's key names.
 
     Frozen, so it is hashable and can be a Flax module field or a static jit argument.
     `tie_embeddings=True` makes the output head reuse the token embedding (as OpenAI's
-    GPT-2 checkpoints do); the seeds' model, and so the default, keeps them separate.
+    GPT-2 checkpoints do); the book's model, and so the default, keeps them separate.
     """
 
     vocab_size: int = 50257
@@ -69,7 +70,7 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A GPT-2 size by name (`gpt2-small`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`)."""
         if name not in _PRESET_SIZES:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -79,8 +80,8 @@ class GPTConfig:
         return cls(**fields)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
-        """Build from a dict with the seeds' keys; unknown keys are an error."""
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
+        """Build from a dict with the book's keys; unknown keys are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -90,5 +91,5 @@ class GPTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "GPTConfig":
+    def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)

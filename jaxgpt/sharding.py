@@ -88,7 +88,7 @@ def global_rows(
     """
     blocks: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
-    def block(index: tuple) -> tuple[np.ndarray, ...]:
+    def block(index: Any) -> tuple[np.ndarray, ...]:
         start, stop, _ = index[0].indices(num_rows) if index else (0, num_rows, 1)
         if (start, stop) not in blocks:
             blocks[start, stop] = tuple(np.asarray(a) for a in make_rows(np.arange(start, stop)))
@@ -99,11 +99,10 @@ def global_rows(
     out = []
     for k, sample in enumerate(first):
         shape = (num_rows, *sample.shape[1:])
-        out.append(
-            jax.make_array_from_callback(
-                shape, sharding, lambda index, k=k: block(index)[k][(slice(None), *index[1:])]
-            )
-        )
+        def rows_of(index: Any, k: int = k) -> np.ndarray:
+            return block(index)[k][(slice(None),) + tuple(index[1:])]
+
+        out.append(jax.make_array_from_callback(shape, sharding, rows_of))
     return tuple(out)
 
 

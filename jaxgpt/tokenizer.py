@@ -11,9 +11,9 @@ import base64
 import functools
 import hashlib
 from importlib import resources
-from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import tiktoken
 
 ENDOFTEXT = "<|endoftext|>"
@@ -54,13 +54,13 @@ def get_tokenizer() -> tiktoken.Encoding:
 
 
 def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> np.ndarray:
-    """Encode `text` as int32 ids of shape `[1, T]` (`<|endoftext|>` allowed, as in the seeds)."""
+    """Encode `text` as int32 ids of shape `[1, T]` (`<|endoftext|>` allowed, as in the book)."""
     tokenizer = tokenizer or get_tokenizer()
     ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
     return np.asarray(ids, dtype=np.int32)[None, :]
 
 
-def token_ids_to_text(ids: Sequence[int] | np.ndarray, tokenizer: tiktoken.Encoding | None = None) -> str:
+def token_ids_to_text(ids: npt.ArrayLike, tokenizer: tiktoken.Encoding | None = None) -> str:
     """Decode ids of shape `[T]` or `[1, T]` back to text."""
     tokenizer = tokenizer or get_tokenizer()
     flat = np.asarray(ids)

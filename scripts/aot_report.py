@@ -42,12 +42,12 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jaxgpt import aot  # noqa: E402
-from jaxgpt.config import GPT_CONFIG_124M, GPTConfig  # noqa: E402
-from jaxgpt.train import TrainConfig, resolve_loss_chunk, resolve_remat  # noqa: E402
+from jaxgpt import aot
+from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.training.config import TrainConfig, resolve_loss_chunk, resolve_remat
 
 PROMPT_LEN, NEW_TOKENS = 8, 200
 TRAIN_B, TRAIN_T = 8, 1024
@@ -120,7 +120,7 @@ def train_report(cfg, dtype_name, devices, info, find_max_batch):
     """The train step's memory and flops: the target's defaults (`loss_chunk` and `remat`
     resolved for its platform) at the top level, `no_remat` and `plain_head` beside them."""
     tc = TrainConfig(dtype=dtype_name)
-    platform = aot._platform(devices)
+    platform = aot.platform_of(devices)
     chunk, remat = resolve_loss_chunk(tc, platform), resolve_remat(tc.remat, platform)
     out = {"batch": TRAIN_B, "seq_len": TRAIN_T}
 

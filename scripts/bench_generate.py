@@ -3,11 +3,11 @@
 One run times, for (B=1, prompt 4, 200 new) and (B=8, prompt 32, 128 new):
 
 - `jaxgpt.generate` with the KV cache, and without it (`use_cache=False`);
-- the seeds' `llms_from_scratch.ch04.generate_text_simple` (no cache);
+- the book's `llms_from_scratch.ch04.generate_text_simple` (no cache);
 - transformers' `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)`, unable to stop
   early (no EOS, `min_new_tokens = max_new_tokens`).
 
-Weights: the seeds' `ch04.GPTModel` seeded with `torch.manual_seed`, converted to jaxgpt with
+Weights: the book's `ch04.GPTModel` seeded with `torch.manual_seed`, converted to jaxgpt with
 `from_torch_state_dict` and to transformers with `to_hf_state_dict`. Greedy tokens of every
 method are compared with jaxgpt's and the match is printed. Compile time (first call minus a
 steady call) is reported apart from the steady state (best of `--repeats` calls). The roofline
@@ -18,7 +18,7 @@ over the memory bandwidth measured here, with a large jitted reduction and numpy
     python scripts/bench_generate.py --quick      # fewer tokens, a smoke test
     python scripts/bench_generate.py --dtype bfloat16 --skip-torch   # e.g. on a GPU
 
-The two slow paths (the seeds' reference and jaxgpt without cache) can be timed on fewer new
+The two slow paths (the book's reference and jaxgpt without cache) can be timed on fewer new
 tokens (`--slow-tokens`); the table says so when they are.
 """
 
@@ -78,7 +78,8 @@ def measure_bandwidth(repeats: int = 5) -> tuple[float, str]:
 
     def two_threads() -> None:
         threads = [
-            threading.Thread(target=np.copyto, args=(o, i)) for o, i in zip(halves_out, halves_in)
+            threading.Thread(target=np.copyto, args=(o, i))
+            for o, i in zip(halves_out, halves_in, strict=True)
         ]
         for t in threads:
             t.start()
@@ -93,7 +94,7 @@ def measure_bandwidth(repeats: int = 5) -> tuple[float, str]:
 
 def weight_bytes_per_step(cfg, bytes_per_param: int) -> int:
     """Bytes of weights one decoding step reads: all but the embedding tables (one row each)."""
-    from jaxgpt.model import count_params, param_shapes
+    from jaxgpt.nn import count_params, param_shapes
 
     n = count_params(param_shapes(cfg))
     embeddings = (cfg.vocab_size + cfg.context_length) * cfg.emb_dim
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "--slow-tokens",
         type=int,
         default=None,
-        help="time the seeds' reference and jaxgpt without cache on this many "
+        help="time the book's reference and jaxgpt without cache on this many "
         "new tokens (default: as many as the others)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="steady-state calls (best is kept)")
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import jaxgpt
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-    from jaxgpt.weights import from_torch_state_dict, gpt_config_to_hf, to_hf_state_dict
+    from jaxgpt.io.hf import to_hf_state_dict
+    from jaxgpt.io.hf_config import gpt_config_to_hf
+    from jaxgpt.io.torch_state import from_torch_state_dict
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     dtype = jnp.dtype(args.dtype)
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(
             Result(
                 label,
-                "seeds' generate_text_simple",
+                "the book's generate_text_simple",
                 batch,
                 slow,
                 steady,

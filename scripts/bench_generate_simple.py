@@ -1,7 +1,7 @@
-"""Issue-2 figures: jaxgpt's `generate_text_simple` next to the seeds' reference, one run.
+"""Issue-2 figures: jaxgpt's `generate_text_simple` next to the book's reference, one run.
 
 Same random weights on both sides (the reference `GPTModel` seeded with torch.manual_seed,
-converted with `jaxgpt.weights.from_torch_state_dict`). Prints the max |logits difference|,
+converted with `jaxgpt.io.torch_state.from_torch_state_dict`). Prints the max |logits difference|,
 jaxgpt's first-call (trace + compile + run) time, steady-state tokens/s for both, and their
 ratio. Usage: python scripts/bench_generate_simple.py [--new 50] [--prompt-len 4] [--repeats 3]
 """
@@ -30,7 +30,7 @@ def main() -> None:
     from llms_from_scratch.ch04 import generate_text_simple as torch_generate
 
     import jaxgpt
-    from jaxgpt.weights import from_torch_state_dict
+    from jaxgpt.io.torch_state import from_torch_state_dict
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = jaxgpt.GPTConfig(**jaxgpt.GPT_CONFIG_124M)
@@ -73,7 +73,7 @@ def main() -> None:
           f"backend {jax.default_backend()}, median of {args.repeats}")
     print(f"  jaxgpt first call (trace + compile + run): {first:.2f} s")
     print(f"  jaxgpt steady state:   {jax_tps:8.2f} tokens/s")
-    print(f"  reference (seeds):     {torch_tps:8.2f} tokens/s   (torch {torch.__version__}, "
+    print(f"  reference (the book): {torch_tps:8.2f} tokens/s   (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
     print(f"  ratio jaxgpt/reference: {jax_tps / torch_tps:.2f}x; identical tokens: {same}")
 

@@ -2,7 +2,7 @@
 
 Builds a randomly initialised `transformers.GPT2LMHeadModel` (124M shape, every tensor random,
 dropout off), saves it with `save_pretrained` to a temporary directory (nothing is downloaded),
-then prints the wall time of `jaxgpt.weights.load_pretrained` (+ block_until_ready), the first
+then prints the wall time of `jaxgpt.io.hf.load_pretrained` (+ block_until_ready), the first
 call cold, and the max |logits difference| against transformers in fp32.
 
 Usage: python scripts/bench_load_hf.py [--repeats 5]
@@ -27,8 +27,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from jaxgpt.model import GPTModel
-    from jaxgpt.weights import load_pretrained
+    from jaxgpt.io.hf import load_pretrained
+    from jaxgpt.nn import GPTModel
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -1,8 +1,8 @@
-"""Issue-5 figures: tokens/s of jaxgpt's jitted train step next to the seeds' PyTorch step.
+"""Issue-5 figures: tokens/s of jaxgpt's jitted train step next to the book's PyTorch step.
 
-Both sides train the same model (the seeds' `GPTModel`, same config, same random weights
+Both sides train the same model (the book's `GPTModel`, same config, same random weights
 copied across) on the same batches with AdamW (lr 4e-4, weight decay 0.1 on weight matrices,
-constant rate, no clipping: the seeds' `train_model_simple` step: zero_grad, forward,
+constant rate, no clipping: the book's `train_model_simple` step: zero_grad, forward,
 cross-entropy, backward, step). The timed rounds alternate between the two sides, so a
 machine shared with other work slows both alike; the figure is the median step time of each.
 
@@ -31,7 +31,7 @@ import numpy as np
 def _jax_step(cfg, tc, params):
     import jax
 
-    from jaxgpt.train import dropout_key, init_train_state, make_train_step
+    from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
     state = jax.device_put(init_train_state(cfg, tc, params))
     step = make_train_step(cfg, tc)
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--drop-rate", type=float, default=0.1, help="the seeds' 0.1 by default")
+    p.add_argument("--drop-rate", type=float, default=0.1, help="the book's 0.1 by default")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per side")
     p.add_argument("--remat", nargs="?", const="block", default=None,
@@ -128,9 +128,9 @@ def main() -> None:
     import torch
 
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import count_params
-    from jaxgpt.train import TrainConfig
-    from jaxgpt.weights import from_torch_state_dict
+    from jaxgpt.io.torch_state import from_torch_state_dict
+    from jaxgpt.nn import count_params
+    from jaxgpt.training.config import TrainConfig
 
     gpu = args.gpu
     if gpu and jax.default_backend() != "gpu":
@@ -198,7 +198,8 @@ def main() -> None:
     for name, ts in times.items():
         rates[name] = tokens / statistics.median(ts)
         print(
-            f"{name:8s} {rates[name]:>12,.0f} tokens/s  (median step {statistics.median(ts) * 1e3:.1f} ms "
+            f"{name:8s} {rates[name]:>12,.0f} tokens/s  "
+            f"(median step {statistics.median(ts) * 1e3:.1f} ms "
             f"over {args.rounds} rounds of {args.steps} steps)"
         )
     if "pytorch" in rates:

@@ -1,6 +1,6 @@
-"""The seeds' shortcut-connection experiment (chapter 4): mean absolute gradient per layer.
+"""The book's shortcut-connection experiment (chapter 4): mean absolute gradient per layer.
 
-`jaxgpt.shortcut.ExampleDeepNeuralNetwork` (five Linear + GELU layers of sizes
+`jaxgpt.book.ch04.ExampleDeepNeuralNetwork` (five Linear + GELU layers of sizes
 [3, 3, 3, 3, 3, 1]) and `print_gradients` on the book's input [[1., 0., -1.]] with target
 [[0.]] and MSE loss, without and with shortcut connections: without them the gradient shrinks
 towards the first layer (vanishing gradients).
@@ -19,12 +19,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.shortcut import (
+from jaxgpt.book.ch04 import (
     LAYER_SIZES,
     SAMPLE_INPUT,
     ExampleDeepNeuralNetwork,
-    from_torch_state_dict,
     print_gradients,
+    shortcut_params_from_torch,
 )
 
 
@@ -38,7 +38,7 @@ def torch_init_params(layer_sizes: Sequence[int], seed: int) -> dict:
         layer = torch.nn.Linear(d_in, d_out)  # drawn in the order the book's model draws them
         state_dict[f"layers.{i}.0.weight"] = layer.weight
         state_dict[f"layers.{i}.0.bias"] = layer.bias
-    return from_torch_state_dict(state_dict)
+    return shortcut_params_from_torch(state_dict)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import kv_cache
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.nn.cache import init_cache
 
 # What the parity tests compare against. A missing one would silently skip the parity suite,
 # so the run stops instead and says how to install it (`bash .ci/run` installs them all).
@@ -54,7 +54,7 @@ def _compile_cache_in_tmp(tmp_path_factory, monkeypatch):
     jax.config.update("jax_compilation_cache_dir", before)
 
 
-# The seeds' dict for a tiny model: vocab ~100, context 16, emb 32, 4 heads, 2 layers.
+# The book's dict for a tiny model: vocab ~100, context 16, emb 32, 4 heads, 2 layers.
 TINY = {
     "vocab_size": 100,
     "context_length": 16,
@@ -87,7 +87,7 @@ def rng():
 
 
 def torch_reference(cfg_dict, seed=0):
-    """The seeds' PyTorch GPTModel in eval mode, seeded; skips the test if torch is missing."""
+    """The book's PyTorch GPTModel in eval mode, seeded; skips the test if torch is missing."""
     torch = pytest.importorskip("torch")
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
     torch.manual_seed(seed)
@@ -98,7 +98,7 @@ def cached_logits(model, params, tokens, prefill, slots):
     """Logits `[B, T, V]` of `tokens` from `model`: `prefill` tokens at once into an empty
     cache, then one token per call, as generation runs it."""
     b, t = tokens.shape
-    cache = kv_cache.init_cache(model.cfg, b, slots, model.dtype)
+    cache = init_cache(model.cfg, b, slots, model.dtype)
     out, cache = model.apply({"params": params}, tokens[:, :prefill], cache=cache, slot=0)
     steps = [out]
     for i in range(prefill, t):

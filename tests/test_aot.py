@@ -17,9 +17,10 @@ from jax import lax
 from jax._src import xla_bridge
 
 from jaxgpt import aot
+from jaxgpt.aot import targets
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.model import count_params, layer_norm, param_shapes
-from jaxgpt.train import TrainConfig
+from jaxgpt.nn import count_params, layer_norm, param_shapes
+from jaxgpt.training.config import TrainConfig
 
 # The CUDA plugin can only give compile-only devices while JAX's backends are limited to the
 # CPU (otherwise it tries to open a GPU). CI and the README run the suite with
@@ -91,7 +92,7 @@ def test_a_missing_plugin_names_the_pip_packages(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(importlib.metadata, "version", version)
-    aot._topology_devices.cache_clear()
+    targets._topology_devices.cache_clear()
     try:
         v = jax.__version__
         with pytest.raises(ImportError, match=f"jax-cuda12-plugin=={v} jax-cuda12-pjrt=={v}"):
@@ -99,7 +100,7 @@ def test_a_missing_plugin_names_the_pip_packages(monkeypatch):
         with pytest.raises(ImportError, match=rf"jax\[tpu\]=={v}.*libtpu"):
             aot.target_devices("tpu-v6e", 3)
     finally:
-        aot._topology_devices.cache_clear()
+        targets._topology_devices.cache_clear()
 
 
 def test_under_ci_a_missing_plugin_fails_instead_of_skipping(monkeypatch):
@@ -186,10 +187,10 @@ def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
 
 
 def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
-    """Why `Layout.for_batch(1, "gpu")` sets `one_pass_norm`: XLA:GPU runs the seeds'
+    """Why `Layout.for_batch(1, "gpu")` sets `one_pass_norm`: XLA:GPU runs the book's
     LayerNorm of one row as two reductions and the normalisation (3 kernels), the one-pass
-    statistics as one reduction and the normalisation (2); of two rows or more, the seeds'
-    form is a single kernel, so there it keeps the seeds' form."""
+    statistics as one reduction and the normalisation (2); of two rows or more, the book's
+    form is a single kernel, so there it keeps the book's form."""
     sh = jax.sharding.SingleDeviceSharding(_devices("h100")[0])
 
     def kernels(rows, one_pass):
@@ -199,7 +200,7 @@ def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
         vec = jax.ShapeDtypeStruct((768,), jnp.float32, sharding=sh)
         x = jax.ShapeDtypeStruct((rows, 768), jnp.bfloat16, sharding=sh)
         comps, entry = aot.parse_hlo(jax.jit(norm).lower(x, vec, vec).compile().as_text())
-        return len(aot._launches(comps, entry))
+        return len(aot.launches(comps, entry))
 
     assert (kernels(1, False), kernels(1, True)) == (3, 2)
     assert kernels(2, False) == 1

@@ -1,4 +1,4 @@
-"""The seeds' chapter 2-3 building blocks: attention variants against ch03 with the same
+"""The book's chapter 2-3 building blocks: attention variants against ch03 with the same
 weights, and SimpleTokenizerV2 (the earlier teaching steps are in test_teaching.py)."""
 
 import jax
@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.attention import (
+from jaxgpt.book.ch02 import SimpleTokenizerV2, build_vocab
+from jaxgpt.book.ch03 import (
     CausalAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
     SelfAttention_v2,
-    from_torch_state_dict,
+    params_from_torch,
 )
-from jaxgpt.simple_tokenizer import SimpleTokenizerV2, build_vocab
 
 
 def _torch_out(module, x):
@@ -29,7 +29,7 @@ def test_self_attention_v2_matches_torch(qkv_bias, rng):
     torch.manual_seed(0)
     ref = ch03.SelfAttention_v2(3, 2, qkv_bias=qkv_bias)
     x = rng.normal(size=(6, 3)).astype(np.float32)  # the book's [6 tokens, 3 dims]
-    params = from_torch_state_dict(ref.state_dict())
+    params = params_from_torch(ref.state_dict())
     got = SelfAttention_v2(3, 2, qkv_bias).apply({"params": params}, jnp.asarray(x))
     np.testing.assert_allclose(got, _torch_out(ref, x), atol=1e-6)
     assert SelfAttention is SelfAttention_v2
@@ -42,7 +42,7 @@ def test_causal_attention_matches_torch_and_ignores_the_future(rng):
     ref = ch03.CausalAttention(4, 5, context_length=8, dropout=0.5, qkv_bias=True)
     x = rng.normal(size=(2, 6, 4)).astype(np.float32)
     module = CausalAttention(4, 5, context_length=8, dropout=0.5, qkv_bias=True)
-    params = from_torch_state_dict(ref.state_dict())
+    params = params_from_torch(ref.state_dict())
     got = module.apply({"params": params}, jnp.asarray(x))  # deterministic: dropout off
     np.testing.assert_allclose(got, _torch_out(ref, x), atol=1e-6)
     x2 = x.copy()
@@ -65,7 +65,7 @@ def test_multi_head_wrapper_matches_torch(rng):
     torch.manual_seed(2)
     ref = ch03.MultiHeadAttentionWrapper(3, 2, context_length=6, dropout=0.0, num_heads=2)
     x = rng.normal(size=(2, 6, 3)).astype(np.float32)
-    params = from_torch_state_dict(ref.state_dict())
+    params = params_from_torch(ref.state_dict())
     assert sorted(params) == ["heads_0", "heads_1"]
     got = MultiHeadAttentionWrapper(3, 2, 6, 0.0, 2).apply({"params": params}, jnp.asarray(x))
     assert got.shape == (2, 6, 4)  # [B, T, H * D_out]

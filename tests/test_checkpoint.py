@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
-from jaxgpt.model import param_shapes
+from jaxgpt.io import checkpoint, files, formats
+from jaxgpt.nn import param_shapes
 
 
 def random_params(cfg, seed=0):
@@ -24,7 +24,7 @@ def random_params(cfg, seed=0):
 
 def assert_bit_identical(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -35,7 +35,7 @@ def test_save_restore_is_bit_identical_and_keeps_config(tmp_path, tiny_cfg, tie)
     params = random_params(cfg)
     out = checkpoint.save(tmp_path / "ckpt", params, cfg, metadata={"step": 12})
     assert out == (tmp_path / "ckpt").absolute()
-    assert checkpoint.is_checkpoint(out)
+    assert formats.is_checkpoint(out)
     assert checkpoint.load_config(out) == cfg
     assert checkpoint.load_metadata(out)["step"] == 12
     cfg2, params2 = checkpoint.restore(out)
@@ -66,7 +66,7 @@ def test_save_refuses_an_existing_path_unless_overwrite(tmp_path, tiny_cfg):
     assert_bit_identical(checkpoint.restore(tmp_path / "ckpt")[1], params)
     (tmp_path / "empty").mkdir()
     checkpoint.save(tmp_path / "empty", params, tiny_cfg, overwrite=True)
-    assert checkpoint.is_checkpoint(tmp_path / "empty")
+    assert formats.is_checkpoint(tmp_path / "empty")
 
 
 def _hf_like(path, *extra):
@@ -97,13 +97,13 @@ def test_overwrite_replaces_only_checkpoint_directories(tmp_path, tiny_cfg, make
 
 def test_overwrite_replaces_a_hugging_face_directory_but_not_a_link(tmp_path, tiny_cfg):
     hf = _hf_like(tmp_path / "hf", "generation_config.json", "model-00001-of-00002.safetensors")
-    checkpoint.check_replaceable(hf)
+    files.check_replaceable(hf)
     checkpoint.save(hf, random_params(tiny_cfg), tiny_cfg, overwrite=True)
-    assert checkpoint.is_checkpoint(hf) and not (hf / "model.safetensors").exists()
+    assert formats.is_checkpoint(hf) and not (hf / "model.safetensors").exists()
     (tmp_path / "link").symlink_to(hf)
     with pytest.raises(FileExistsError, match="symbolic link"):
         checkpoint.save(tmp_path / "link", random_params(tiny_cfg), tiny_cfg, overwrite=True)
-    assert checkpoint.is_checkpoint(hf)
+    assert formats.is_checkpoint(hf)
 
 
 def _dead_pid():
@@ -138,7 +138,7 @@ def test_a_save_removes_the_temporaries_of_killed_saves_and_nothing_else(tmp_pat
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_saved_files_have_the_modes_of_plain_files(tmp_path, tiny_cfg, umask):
-    from jaxgpt.weights import save_pretrained
+    from jaxgpt.io.hf import save_pretrained
 
     old = os.umask(umask)
     try:
@@ -176,7 +176,7 @@ def test_interrupted_save_leaves_no_half_written_checkpoint(tmp_path, tiny_cfg, 
 def test_a_directory_without_the_marker_is_not_a_checkpoint(tmp_path, tiny_cfg):
     checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
     (tmp_path / "ckpt" / "jaxgpt.json").unlink()  # as if the save died before the last write
-    assert not checkpoint.is_checkpoint(tmp_path / "ckpt")
+    assert not formats.is_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="not a jaxgpt checkpoint"):
         checkpoint.restore(tmp_path / "ckpt")
 
@@ -200,10 +200,10 @@ def test_restore_errors_name_the_path(tmp_path, tiny_cfg):
 
 def test_a_directory_without_params_is_not_a_checkpoint(tmp_path, tiny_cfg):
     path = checkpoint.save(tmp_path / "ckpt", random_params(tiny_cfg), tiny_cfg)
-    assert checkpoint.is_checkpoint(path)
+    assert formats.is_checkpoint(path)
     import shutil
 
     shutil.rmtree(path / "params")  # the marker alone (as a racing writer could leave it)
-    assert not checkpoint.is_checkpoint(path)
+    assert not formats.is_checkpoint(path)
     with pytest.raises(ValueError, match="not a jaxgpt checkpoint"):
         checkpoint.restore(path)

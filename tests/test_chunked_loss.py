@@ -13,19 +13,11 @@ import pytest
 from conftest import TINY, torch_reference
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, init_params
-from jaxgpt.train import (
-    AUTO_LOSS_CHUNK,
-    IGNORE_INDEX,
-    TrainConfig,
-    _loss_sum,
-    chunked_cross_entropy_sum,
-    cross_entropy_sum,
-    init_train_state,
-    make_train_step,
-    resolve_loss_chunk,
-)
-from jaxgpt.weights import from_torch_state_dict
+from jaxgpt.io.torch_state import from_torch_state_dict
+from jaxgpt.nn import GPTModel, init_params
+from jaxgpt.training.config import AUTO_LOSS_CHUNK, TrainConfig, resolve_loss_chunk
+from jaxgpt.training.loss import IGNORE_INDEX, chunked_cross_entropy_sum, cross_entropy_sum
+from jaxgpt.training.step import init_train_state, loss_sum, make_train_step
 
 
 def _plain(x, kernel, targets):
@@ -51,7 +43,7 @@ def test_chunked_head_loss_and_grads_equal_the_plain_head(rng, chunk):
     want, want_g = jax.value_and_grad(_plain, argnums=(0, 1))(x, kernel, targets)
     got, got_g = jax.value_and_grad(chunked, argnums=(0, 1))(x, kernel)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    for g, w in zip(got_g, want_g):
+    for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(got_g[0][2]).max()) == 0.0  # an ignored token gets no gradient
     # Without differentiation the primal (loss-only) scan runs: the same value.
@@ -82,7 +74,7 @@ def test_model_loss_grads_with_chunks_equal_the_plain_path(rng, tie):
     targets = jnp.asarray(targets, jnp.int32)
 
     def loss(params, chunk):
-        return _loss_sum(model, params, inputs, targets, chunk)[0]
+        return loss_sum(model, params, inputs, targets, chunk)[0]
 
     want, want_g = jax.value_and_grad(loss)(params, 0)
     got, got_g = jax.value_and_grad(loss)(params, 5)
@@ -94,7 +86,7 @@ def test_model_loss_grads_with_chunks_equal_the_plain_path(rng, tie):
 
 
 def test_chunked_loss_grads_match_torch():
-    """The seeds' loss and its gradients w.r.t. every weight, with the head in 4 chunks."""
+    """The book's loss and its gradients w.r.t. every weight, with the head in 4 chunks."""
     torch = pytest.importorskip("torch")
     ch05 = pytest.importorskip("llms_from_scratch.ch05")
     cfg = GPTConfig(**TINY)
@@ -109,7 +101,7 @@ def test_chunked_loss_grads_match_torch():
     loss.backward()
 
     def mean_loss(params):
-        total, count = _loss_sum(GPTModel(cfg), params, jnp.asarray(inputs, jnp.int32),
+        total, count = loss_sum(GPTModel(cfg), params, jnp.asarray(inputs, jnp.int32),
                                  jnp.asarray(targets, jnp.int32), 4)
         return total / count
 

@@ -84,9 +84,9 @@ def test_sampling_flags_need_a_temperature_and_name_the_real_bounds(flags, messa
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     """A tiny model with GPT-2's vocabulary (the CLI tokenizes with it), context 16."""
-    from jaxgpt import checkpoint
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.io import checkpoint
+    from jaxgpt.nn import init_params
 
     cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
                     drop_rate=0.0, qkv_bias=False)
@@ -129,9 +129,9 @@ def test_generation_past_the_context_warns_once_and_shows_progress(small_checkpo
 
 
 def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path, capsys):
-    from jaxgpt import checkpoint
     from jaxgpt.config import GPTConfig
-    from jaxgpt.model import init_params
+    from jaxgpt.io import checkpoint
+    from jaxgpt.nn import init_params
 
     cfg = GPTConfig(vocab_size=100, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
     path = checkpoint.save(tmp_path / "ckpt", init_params(cfg, 0), cfg)
@@ -144,7 +144,7 @@ def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path
 
 def test_generate_num_samples_prints_k_differing_samples_of_one_batch(small_checkpoint, capsys,
                                                                        monkeypatch):
-    from jaxgpt import generation
+    from jaxgpt.inference import generator as generation
 
     batches = []
     real = generation.generate

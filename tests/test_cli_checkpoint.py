@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
 from jaxgpt.cli import main
+from jaxgpt.io import checkpoint, formats
+from jaxgpt.io.hf import load_pretrained
 from jaxgpt.tokenizer import get_tokenizer
-from jaxgpt.weights import load_pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -78,11 +78,12 @@ def test_convert_both_ways_keeps_every_weight(hf_dir, capsys, tmp_path):
     cfg, params = load_pretrained(path)
     rc, out, _ = run(capsys, "convert", str(path), str(tmp_path / "ckpt"))  # default: to orbax
     assert rc == 0 and out.strip() == str((tmp_path / "ckpt").absolute())
-    assert checkpoint.is_checkpoint(tmp_path / "ckpt")
+    assert formats.is_checkpoint(tmp_path / "ckpt")
     cfg2, params2 = checkpoint.restore(tmp_path / "ckpt")
     assert cfg2 == cfg
     assert jax.tree_util.tree_structure(params2) == jax.tree_util.tree_structure(params)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+    leaves, leaves2 = jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)
+    for a, b in zip(leaves, leaves2, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     rc, _, _ = run(capsys, "convert", str(tmp_path / "ckpt"), str(tmp_path / "hf2"))  # to hf
@@ -103,7 +104,7 @@ def test_convert_refuses_an_existing_destination(hf_dir, capsys, tmp_path):
         main(["convert", str(path), str(tmp_path / "taken")])
     assert list((tmp_path / "taken").iterdir()) == []
     assert main(["convert", str(path), str(tmp_path / "taken"), "--overwrite"]) == 0
-    assert checkpoint.is_checkpoint(tmp_path / "taken")
+    assert formats.is_checkpoint(tmp_path / "taken")
 
 
 def test_checkpoint_errors_are_clear(hf_dir, tmp_path):

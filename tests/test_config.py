@@ -5,12 +5,12 @@ import pytest
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
 
 
-def test_seeds_dict_builds_the_124m_config():
+def test_reference_dict_builds_the_124m_config():
     cfg = GPTConfig(**GPT_CONFIG_124M)
     assert cfg == GPTConfig.from_preset("gpt2-small")
     assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim) == (50257, 1024, 768)
     assert (cfg.n_heads, cfg.n_layers, cfg.drop_rate, cfg.qkv_bias) == (12, 12, 0.1, False)
-    assert cfg.tie_embeddings is False  # the seeds keep the output head separate
+    assert cfg.tie_embeddings is False  # the book keeps the output head separate
 
 
 @pytest.mark.parametrize(

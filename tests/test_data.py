@@ -1,9 +1,10 @@
-"""The sliding-window pipeline against the seeds' GPTDatasetV1; loader order, resume; files."""
+"""The sliding-window pipeline against the book's GPTDatasetV1; loader order, resume; files."""
 
 import numpy as np
 import pytest
 
-from jaxgpt.data import (
+from jaxgpt.tokenizer import get_tokenizer
+from jaxgpt.training.data import (
     BatchLoader,
     LoaderState,
     SlidingWindows,
@@ -14,7 +15,6 @@ from jaxgpt.data import (
     tokenize_text,
     train_val_split,
 )
-from jaxgpt.tokenizer import get_tokenizer
 
 TEXT = (
     "In the sunlit terraces of the palace, the people gathered.\n\nEvery effort moves you"
@@ -23,7 +23,7 @@ TEXT = (
 
 
 @pytest.mark.parametrize("max_length, stride", [(4, 4), (8, 3), (5, 1)])
-def test_windows_match_the_seeds_dataset(max_length, stride):
+def test_windows_match_the_reference_dataset(max_length, stride):
     ch02 = pytest.importorskip("llms_from_scratch.ch02")
     ref = ch02.GPTDatasetV1(TEXT, get_tokenizer(), max_length, stride)
     ours = SlidingWindows(tokenize_text(TEXT), max_length, stride)
@@ -95,7 +95,8 @@ def test_windows_over_a_memmap_read_the_same_rows(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50257, 1000).astype(np.uint16)
     mm = load_token_file(save_token_file(tokens, tmp_path / "t.bin"))
     idx = np.array([5, 0, 17])
-    for a, b in zip(SlidingWindows(mm, 16, 8).get(idx), SlidingWindows(tokens, 16, 8).get(idx)):
+    mapped, in_memory = SlidingWindows(mm, 16, 8).get(idx), SlidingWindows(tokens, 16, 8).get(idx)
+    for a, b in zip(mapped, in_memory, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -14,8 +14,8 @@ SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
     from jaxgpt.config import GPTConfig
-    from jaxgpt.generation import Generator
-    from jaxgpt.model import init_params
+    from jaxgpt.inference import Generator
+    from jaxgpt.nn import init_params
 
     assert jax.device_count() == 8, jax.devices()
     cfg = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_layers=2,

@@ -1,6 +1,7 @@
-"""`jaxgpt.generate`: KV cache = recomputing = the seeds, past the context, ragged rows, EOS,
+"""`jaxgpt.generate`: KV cache = recomputing = the book, past the context, ragged rows, EOS,
 sampling, bounded compiles, streaming, argument errors."""
 
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,18 +9,20 @@ import numpy as np
 import pytest
 from conftest import TINY, cached_logits, torch_reference
 
-from jaxgpt import generation as g
-from jaxgpt import kv_cache
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.generation import (
-    TRACE_COUNTS,
-    bucket_length,
+from jaxgpt.inference import (
+    decode,
     generate,
     generate_stream,
     generate_text_simple,
+    generator,
+    simple,
 )
-from jaxgpt.model import GPTModel, init_params
-from jaxgpt.weights import from_torch_state_dict
+from jaxgpt.inference.decode import TRACE_COUNTS, bucket_length
+from jaxgpt.inference.sampling import sampling_config
+from jaxgpt.io.torch_state import from_torch_state_dict
+from jaxgpt.nn import GPTModel, init_params
+from jaxgpt.nn.layout import Layout, prepare
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def tiny():
 
 
 def _reference_run(cfg_dict, prompt, n, seed=0):
-    """(jaxgpt params, the seeds' generate_text_simple tokens) on the same weights."""
+    """(jaxgpt params, the book's generate_text_simple tokens) on the same weights."""
     torch = pytest.importorskip("torch")
     ch04 = pytest.importorskip("llms_from_scratch.ch04")
     model = torch_reference(cfg_dict, seed)
@@ -45,10 +48,10 @@ def _reference_run(cfg_dict, prompt, n, seed=0):
 
 @pytest.mark.parametrize(
     "layout",
-    [kv_cache.Layout(), kv_cache.Layout.for_batch(1, "cpu"), kv_cache.Layout.for_batch(8, "cpu"),
-     kv_cache.Layout(qkv=True, head=True), kv_cache.Layout.for_batch(1, "tpu"),
-     kv_cache.Layout.for_batch(1, "gpu")],
-    ids=["seeds", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "tpu", "gpu-batch-1"],
+    [Layout(), Layout.for_batch(1, "cpu"), Layout.for_batch(8, "cpu"),
+     Layout(qkv=True, head=True), Layout.for_batch(1, "tpu"),
+     Layout.for_batch(1, "gpu")],
+    ids=["book", "cpu-batch-1", "cpu-batch-8", "mixed-unfused", "tpu", "gpu-batch-1"],
 )
 @pytest.mark.parametrize("tied", [False, True])
 def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
@@ -57,7 +60,7 @@ def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
     want = GPTModel(cfg).apply({"params": params}, tokens)  # [B, T, V]
     model = GPTModel(cfg, layout=layout)
-    prepared = kv_cache.prepare(params, cfg, layout=layout)
+    prepared = prepare(params, cfg, layout=layout)
     np.testing.assert_allclose(model.apply({"params": prepared}, tokens), want, atol=1e-5)
     got = cached_logits(model, prepared, tokens, prefill=4, slots=12)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -79,26 +82,28 @@ def test_padding_and_own_positions_match_the_row_alone(tiny, rng):
 
 
 def test_layouts_per_backend():
-    rows = kv_cache.Layout(True, True, True, True, True, True)
+    rows = Layout(True, True, True, True, True, True)
     gpu = rows._replace(one_pass_norm=True)
-    assert kv_cache.Layout.for_batch(1, "gpu") == kv_cache.Layout.for_batch(32, "gpu") == gpu
-    assert kv_cache.Layout.for_batch(1, "tpu") == kv_cache.Layout(fused_qkv=True)
-    assert kv_cache.Layout.for_batch(32, "tpu") == kv_cache.Layout(fused_qkv=True)
-    assert kv_cache.Layout.for_batch(1, "cpu").proj and not kv_cache.Layout.for_batch(1, "cpu").head
-    assert kv_cache.Layout.for_batch(8, "cpu") == rows
+    assert Layout.for_batch(1, "gpu") == Layout.for_batch(32, "gpu") == gpu
+    assert Layout.for_batch(1, "tpu") == Layout(fused_qkv=True)
+    assert Layout.for_batch(32, "tpu") == Layout(fused_qkv=True)
+    assert Layout.for_batch(1, "cpu").proj and not Layout.for_batch(1, "cpu").head
+    assert Layout.for_batch(8, "cpu") == rows
 
 
 def _cache_arrays_in_loop(params, cfg, batch, dtype):
     """(in-place updates, copies) of cache-sized arrays in the compiled generation loop."""
-    rows = g._batch([np.arange(5, dtype=np.int32)] * batch, cfg)
-    p, new_slots = rows.prompt.shape[1], 16
-    slots = p + min(new_slots, cfg.context_length)
+    shape = decode.program_shape(cfg, 5, 12)
+    rows = generator._batch([np.arange(5, dtype=np.int32)] * batch, cfg, shape.prompt_slots)
+    p, new_slots, slots = shape
+    assert new_slots == 16 and slots == p + min(new_slots, cfg.context_length)
     assert slots != min(p + new_slots, cfg.context_length)
-    model, prepared = g.Generator(params, cfg, dtype=dtype).weights(batch)
-    hlo = g._generate_jit.lower(
+    assert slots != min(p + new_slots, cfg.context_length)
+    model, prepared = generator.Generator(params, cfg, dtype=dtype).weights(batch)
+    hlo = decode.generate_tokens.lower(
         prepared, jnp.asarray(rows.prompt), jnp.asarray(rows.start), jnp.int32(12),
-        g._knobs(None, 0.0, None, None, True), model=model, new_slots=new_slots,
-        sampling=g.sampling_config(0.0, None, None), use_cache=True,
+        decode.make_knobs(None, 0.0, None, None, True), model=model, new_slots=new_slots,
+        sampling=sampling_config(0.0, None, None), use_cache=True,
     ).compile().as_text()
     dt = {"float32": "f32", "bfloat16": "bf16"}[jnp.dtype(dtype).name]
     shape = f"= {dt}[{batch * cfg.n_heads},{slots},{cfg.head_dim}]"
@@ -122,28 +127,28 @@ def test_the_decode_loop_updates_the_cache_in_place(batch, dtype):
     assert copies == []
 
 
-# --- one model: a change to jaxgpt.model reaches every generation path ----------------------------
+# --- one model: a change to jaxgpt.nn reaches every generation path ----------------------------
 
 
 def test_a_change_to_the_model_reaches_generate(monkeypatch, rng):
-    """The researcher's experiment from issue 9: replace the activation in jaxgpt.model."""
-    from jaxgpt import model as model_module
+    """The researcher's experiment from issue 9: replace the activation in jaxgpt.nn."""
+    from jaxgpt.nn import layers
 
     cfg = GPTConfig(**{**TINY, "vocab_size": 97})  # a config no other test compiles
     params = init_params(cfg, 2)
     prompt = rng.integers(0, cfg.vocab_size, (2, 5))
     before = np.asarray(generate(params, cfg, prompt, 12))
-    g._generate_jit.clear_cache()
-    g._generate_simple.clear_cache()
-    monkeypatch.setattr(model_module, "gelu", lambda x: jnp.maximum(x, 0.0))  # ReLU
+    decode.generate_tokens.clear_cache()
+    simple._generate_simple.clear_cache()
+    monkeypatch.setattr(layers, "gelu", lambda x: jnp.maximum(x, 0.0))  # ReLU
     try:
         want = np.asarray(generate_text_simple(params, cfg, prompt, 12))
         assert (want != before).any()  # the change matters
         np.testing.assert_array_equal(generate(params, cfg, prompt, 12), want)
         np.testing.assert_array_equal(generate(params, cfg, prompt, 12, use_cache=False), want)
     finally:
-        g._generate_jit.clear_cache()
-        g._generate_simple.clear_cache()
+        decode.generate_tokens.clear_cache()
+        simple._generate_simple.clear_cache()
 
 
 # --- greedy parity ----------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def test_cache_equals_no_cache_equals_generate_text_simple(tiny, rng):
 
 
 @pytest.mark.parametrize("prompt_len", [3, 16, 21])  # short, exactly the context, longer
-def test_past_context_length_matches_the_seeds_sliding_crop(prompt_len, rng):
+def test_past_context_length_matches_the_reference_sliding_crop(prompt_len, rng):
     prompt = rng.integers(0, TINY["vocab_size"], (2, prompt_len))
     params, want = _reference_run(TINY, prompt, 30)  # far past context_length 16
     cfg = GPTConfig(**TINY)
@@ -190,7 +195,7 @@ def test_ragged_rows_equal_their_solo_runs(tiny, rng):
     for use_cache in (True, False):
         out = generate(params, cfg, rows, 12, use_cache=use_cache)
         assert isinstance(out, list) and len(out) == len(rows)
-        for row, got in zip(rows, out):
+        for row, got in zip(rows, out, strict=True):
             solo = np.asarray(generate_text_simple(params, cfg, np.array([row]), 12))[0]
             assert got == solo.tolist()
             assert got[: len(row)] == row
@@ -358,11 +363,13 @@ def test_zero_new_tokens_returns_the_prompts(tiny):
 def small_vocab_model(monkeypatch):
     """`jaxgpt generate` on a tiny model with GPT-2's vocabulary (fast, and text decodes)."""
     from jaxgpt import cli
+    from jaxgpt.cli import generate as generate_command
 
     cfg = GPTConfig(**{**TINY, "vocab_size": 50257})
     params = init_params(cfg, 3)
-    monkeypatch.setattr(cli, "_load_model", lambda args: (cfg, params, "tiny test model"))
-    return cli
+    monkeypatch.setattr(generate_command, "load_model",
+                        lambda args: (cfg, params, "tiny test model"))
+    return types.SimpleNamespace(main=cli.main, cfg=cfg, params=params)
 
 
 @pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-k", "50", "--seed", "4"]])
@@ -385,7 +392,7 @@ def test_cli_rejects_bad_sampling_flags(small_vocab_model):
 def test_cli_eos_stops_after_the_first_end_of_text(small_vocab_model, capsys, monkeypatch):
     from jaxgpt import tokenizer as tok
 
-    cfg, params, _ = small_vocab_model._load_model(None)
+    cfg, params = small_vocab_model.cfg, small_vocab_model.params
     prompt = [int(t) for t in tok.text_to_token_ids("Hello, I am", tok.get_tokenizer())[0]]
     ids = generate(params, cfg, [prompt], 12)[0]
     stop = ids[len(prompt) + 3]  # pretend the 4th new token is <|endoftext|>

@@ -1,15 +1,16 @@
-"""`generate_text_simple`: the seeds' greedy tokens, one jit-compiled call."""
+"""`generate_text_simple`: the book's greedy tokens, one jit-compiled call."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import torch_reference
+
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.generation import TRACE_COUNTS, generate_text_simple
-from jaxgpt.model import init_params
+from jaxgpt.inference import generate_text_simple
+from jaxgpt.inference.decode import TRACE_COUNTS
+from jaxgpt.io.torch_state import from_torch_state_dict
+from jaxgpt.nn import init_params
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
-from jaxgpt.weights import from_torch_state_dict
 
 torch = pytest.importorskip("torch")
 ch04 = pytest.importorskip("llms_from_scratch.ch04")
@@ -38,7 +39,7 @@ def tiny_pair(tiny_dict):
         (3, 3, 12, 5),  # a context_size smaller than context_length
     ],
 )
-def test_greedy_tokens_equal_the_seeds(tiny_pair, rng, batch, prompt_len, new, context_size):
+def test_greedy_tokens_equal_the_reference(tiny_pair, rng, batch, prompt_len, new, context_size):
     ref, cfg, params = tiny_pair
     ids = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len))
     ctx = context_size or cfg.context_length
@@ -93,7 +94,7 @@ def test_bad_input_raises_before_tracing(tiny_pair, idx, new, context_size, mess
 
 
 @pytest.mark.slow
-def test_seeds_golden_check_through_jaxgpt(cfg_124m):
+def test_reference_golden_check_through_jaxgpt(cfg_124m):
     """The reference's own test: seed 123, "Hello, I am", 10 new tokens."""
     ref = torch_reference(GPT_CONFIG_124M, seed=123)
     params = from_torch_state_dict(ref.state_dict(), cfg_124m)
@@ -106,7 +107,7 @@ def test_seeds_golden_check_through_jaxgpt(cfg_124m):
 
 
 @pytest.mark.slow
-def test_124m_batch_past_a_short_context_equals_the_seeds(cfg_124m, rng):
+def test_124m_batch_past_a_short_context_equals_the_reference(cfg_124m, rng):
     """Full-size weights, batch of 2, a window of 8 so the crop slides within a few steps."""
     ref = torch_reference(GPT_CONFIG_124M, seed=7)
     params = from_torch_state_dict(ref.state_dict(), cfg_124m)

@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.generation import generate_text_simple
-from jaxgpt.model import GPTModel, count_params, param_shapes
-from jaxgpt.weights import (
-    _flatten,
-    _hf_shape,
+from jaxgpt.inference import generate_text_simple
+from jaxgpt.io.hf import (
     from_hf_state_dict,
-    gpt_config_to_hf,
-    hf_config_to_gpt,
     hf_name_map,
+    hf_shape,
     load_pretrained,
     save_pretrained,
     to_hf_state_dict,
 )
+from jaxgpt.io.hf_config import gpt_config_to_hf, hf_config_to_gpt
+from jaxgpt.io.params import flatten
+from jaxgpt.nn import GPTModel, count_params, param_shapes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -463,8 +462,8 @@ def test_gpt2_sizes_match_transformers_shapes(preset):
     with torch.device("meta"):  # shapes only: nothing is allocated
         model = transformers.GPT2LMHeadModel(hf_cfg)
     hf_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    shapes = dict(_flatten(param_shapes(cfg)))  # jax.eval_shape
-    ours = {k: _hf_shape(paths, t, shapes) for k, (paths, t) in hf_name_map(cfg).items()}
+    shapes = dict(flatten(param_shapes(cfg)))  # jax.eval_shape
+    ours = {k: hf_shape(paths, t, shapes) for k, (paths, t) in hf_name_map(cfg).items()}
     assert ours == hf_shapes
     assert count_params(param_shapes(cfg)) == sum(p.numel() for p in model.parameters())
 

@@ -1,4 +1,4 @@
-"""Each module against the seeds' PyTorch module with the same weights (fp32, 1e-5)."""
+"""Each module against the book's PyTorch module with the same weights (fp32, 1e-5)."""
 
 import math
 
@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import torch_reference
+
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.model import (
+from jaxgpt.io.torch_state import from_torch_state_dict
+from jaxgpt.nn import (
     GELU,
     FeedForward,
     GPTModel,
@@ -22,7 +23,6 @@ from jaxgpt.model import (
     param_shapes,
     size_mb,
 )
-from jaxgpt.weights import from_torch_state_dict
 
 torch = pytest.importorskip("torch")
 ch04 = pytest.importorskip("llms_from_scratch.ch04")
@@ -51,7 +51,7 @@ def _close(got, want, atol=ATOL):
     np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), atol=atol, rtol=0)
 
 
-def test_layernorm_matches_seeds(rng):
+def test_layernorm_matches_reference(rng):
     ref = ch04.LayerNorm(32)
     with torch.no_grad():
         ref.scale.copy_(torch.randn(32))
@@ -62,14 +62,14 @@ def test_layernorm_matches_seeds(rng):
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e4])
-def test_one_pass_layernorm_matches_the_seeds(rng, offset):
-    """`one_pass` (GPU decoding) against the seeds' two-pass LayerNorm, and against the
+def test_one_pass_layernorm_matches_the_reference(rng, offset):
+    """`one_pass` (GPU decoding) against the book's two-pass LayerNorm, and against the
     float64 result of the same fp32 inputs, also on rows whose mean is 1e4 times their spread.
 
     After the shift by the row's first value the sums are over values of a few units, so the
     result is within ~1e-6 of float64 times |scale| (about 3 here): 1e-5 holds. At offset 1e4
-    the seeds' own fp32 mean is off by ~1e-3 of the spread, so there the one-pass result is
-    checked against float64 only, and must be no further from it than the seeds' result. Unshifted
+    the book's own fp32 mean is off by ~1e-3 of the spread, so there the one-pass result is
+    checked against float64 only, and must be no further from it than the book's result. Unshifted
     one-pass statistics would lose the variance to cancellation there (the control)."""
     ref = ch04.LayerNorm(768)
     with torch.no_grad():
@@ -78,15 +78,15 @@ def test_one_pass_layernorm_matches_the_seeds(rng, offset):
     params = _norm(ref)
     x = _x(rng, 3, 4, 768) + np.float32(offset)
     got = np.asarray(layer_norm(x, params["scale"], params["shift"], one_pass=True))
-    seeds = ref(torch.from_numpy(x)).detach().numpy()
+    reference = ref(torch.from_numpy(x)).detach().numpy()
     x64 = x.astype(np.float64)
     norm64 = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
     want64 = params["scale"].astype(np.float64) * norm64 + params["shift"]
     np.testing.assert_allclose(got, want64, atol=ATOL, rtol=0)
     if offset:
-        assert np.abs(got - want64).max() <= np.abs(seeds - want64).max()
+        assert np.abs(got - want64).max() <= np.abs(reference - want64).max()
     else:
-        np.testing.assert_allclose(got, seeds, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got, reference, atol=ATOL, rtol=0)
     naive = np.square(x).mean(axis=-1) - np.square(x.mean(axis=-1))  # fp32, no shift
     assert (np.abs(naive - x64.var(axis=-1)).max() > 0.1) == bool(offset)
 
@@ -104,21 +104,22 @@ def test_one_pass_applies_to_a_single_row_only(rng):
                               layer_norm(x, params["scale"], params["shift"]))
 
 
-def test_gelu_matches_seeds(rng):
+def test_gelu_matches_reference(rng):
     x = _x(rng, 4, 64) * 4
     _close(GELU().apply({}, x), ch04.GELU()(torch.from_numpy(x)))
 
 
-def test_feedforward_matches_seeds(rng, tiny_dict):
+def test_feedforward_matches_reference(rng, tiny_dict):
     torch.manual_seed(0)
     ref = ch04.FeedForward(tiny_dict)
     params = {"layers_0": _linear(ref.layers[0]), "layers_2": _linear(ref.layers[2])}
     x = _x(rng, 2, 7, 32)
-    _close(FeedForward(GPTConfig(**tiny_dict)).apply({"params": params}, x), ref(torch.from_numpy(x)))
+    got = FeedForward(GPTConfig(**tiny_dict)).apply({"params": params}, x)
+    _close(got, ref(torch.from_numpy(x)))
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_multihead_attention_matches_seeds(rng, qkv_bias):
+def test_multihead_attention_matches_reference(rng, qkv_bias):
     torch.manual_seed(0)
     ref = ch03.MultiHeadAttention(32, 32, context_length=16, dropout=0.0, num_heads=4,
                                   qkv_bias=qkv_bias).eval()
@@ -139,7 +140,7 @@ def test_attention_is_causal(rng):
     assert not np.allclose(np.asarray(a)[:, 5:], np.asarray(b)[:, 5:])
 
 
-def test_transformer_block_matches_seeds(rng, tiny_dict):
+def test_transformer_block_matches_reference(rng, tiny_dict):
     torch.manual_seed(0)
     ref = ch04.TransformerBlock(tiny_dict).eval()
     att = {n: _linear(getattr(ref.att, n)) for n in ("W_query", "W_key", "W_value", "out_proj")}
@@ -155,7 +156,7 @@ def test_transformer_block_matches_seeds(rng, tiny_dict):
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_full_model_logits_match_seeds_tiny(rng, tiny_dict, qkv_bias):
+def test_full_model_logits_match_reference_tiny(rng, tiny_dict, qkv_bias):
     tiny_dict["qkv_bias"] = qkv_bias
     ref = torch_reference(tiny_dict, seed=1)
     cfg = GPTConfig(**tiny_dict)
@@ -167,7 +168,7 @@ def test_full_model_logits_match_seeds_tiny(rng, tiny_dict, qkv_bias):
 
 
 @pytest.mark.slow
-def test_full_model_logits_match_seeds_124m(rng):
+def test_full_model_logits_match_reference_124m(rng):
     ref = torch_reference(GPT_CONFIG_124M, seed=123)
     cfg = GPTConfig(**GPT_CONFIG_124M)
     params = from_torch_state_dict(ref.state_dict(), cfg)
@@ -237,6 +238,6 @@ def test_parameter_count_equals_the_torch_reference(tiny_dict):
 def test_init_is_seeded(tiny_cfg):
     a, b, c = init_params(tiny_cfg, 3), init_params(tiny_cfg, 3), init_params(tiny_cfg, 4)
     leaves = lambda p: jax.tree_util.tree_leaves(p)  # noqa: E731
-    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
     assert not np.array_equal(a["tok_emb"]["embedding"], c["tok_emb"]["embedding"])
 

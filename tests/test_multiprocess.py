@@ -20,8 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
-from jaxgpt.train import list_checkpoints
+from jaxgpt.io import checkpoint, formats
+from jaxgpt.training.run_dir import list_checkpoints
 
 STEPS, SAVE_EVERY = 6, 3
 LIMIT_S = 240  # per run; a healthy run takes well under a minute on 2 loaded cores
@@ -40,7 +40,7 @@ if route:
     addr, n, i = route.rsplit(":", 2)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=addr, num_processes=int(n), process_id=int(i))
-from jaxgpt import checkpoint
+from jaxgpt.io import checkpoint, formats
 from jaxgpt.cli import main
 kill = os.environ.get("KILL_AT")
 if kill:
@@ -103,7 +103,7 @@ class Runs:
             elif processes > 1:
                 dist = ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
                         str(processes), "--process-id", str(i), "--distributed-timeout", "60"]
-            self.logs.append(open(tmp / f"{name}.{i}.log", "w"))  # noqa: SIM115 (closed in close)
+            self.logs.append(open(tmp / f"{name}.{i}.log", "w"))
             procs.append(_launch(base + dist, _env(devices, **extra), self.logs[-1]))
             self.procs.append(procs[-1])
         return procs
@@ -236,7 +236,7 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     # The 2-process checkpoint restores in this single process, equal to the 1-process run's.
     final = ckpts / "step_00000006"
     meta = checkpoint.load_metadata(final)
-    assert checkpoint.is_checkpoint(final) and meta["processes"] == 2 and meta["step"] == STEPS
+    assert formats.is_checkpoint(final) and meta["processes"] == 2 and meta["step"] == STEPS
     _, params_multi = checkpoint.restore(final)
     _, params_ref = checkpoint.restore(ref / "checkpoints" / "step_00000006")
     worst = _max_diff(params_multi, params_ref)

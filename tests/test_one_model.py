@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from conftest import TINY, cached_logits
 
-from jaxgpt import kv_cache
-from jaxgpt import generation as g
 from jaxgpt.config import GPTConfig
-from jaxgpt.generation import Generator, generate, generate_text_simple
-from jaxgpt.model import FeedForward, GPTModel, LayerNorm, Linear, MultiHeadAttention, init_params
+from jaxgpt.inference import Generator, decode, generate, generate_text_simple, generator
+from jaxgpt.nn import FeedForward, GPTModel, LayerNorm, Linear, MultiHeadAttention, init_params
+from jaxgpt.nn.cache import init_cache
 
 
 class ALiBiAttention(MultiHeadAttention):
@@ -24,7 +23,7 @@ class ALiBiAttention(MultiHeadAttention):
 
 
 class SquaredReLUFeedForward(FeedForward):
-    """Another activation, written as its own __call__ (so generation keeps the seeds' layout)."""
+    """Another activation, written as its own __call__ (so generation keeps the book's layout)."""
 
     @nn.compact
     def __call__(self, x):
@@ -34,7 +33,7 @@ class SquaredReLUFeedForward(FeedForward):
 
 
 class RMSNorm(LayerNorm):
-    """RMS normalisation (no mean subtraction), with the seeds' parameter names."""
+    """RMS normalisation (no mean subtraction), with the book's parameter names."""
 
     @nn.compact
     def __call__(self, x):
@@ -71,14 +70,16 @@ def test_a_variant_part_runs_in_every_generation_path(tiny, rng, name):
     assert cached == generate(params, cfg, rows, 30, model=model, use_cache=False)
     plain = generate(params, cfg, rows, 30)
     assert cached != plain
-    for row, got in zip(rows, cached):
+    for row, got in zip(rows, cached, strict=True):
         solo = generate_text_simple(params, cfg, np.array([row]), 30, model=model)
         assert got == np.asarray(solo)[0].tolist()
 
 
 def test_a_variant_trains(tiny, rng):
     """The training step applies the variant: its loss is the variant's, not GPTModel's."""
-    from jaxgpt.train import TrainConfig, cross_entropy_loss, init_train_state, make_train_step
+    from jaxgpt.training.config import TrainConfig
+    from jaxgpt.training.loss import cross_entropy_loss
+    from jaxgpt.training.step import init_train_state, make_train_step
 
     cfg, _ = tiny
     model = GPTModel(cfg, **VARIANTS["alibi"])
@@ -142,9 +143,11 @@ def test_attention_weights_and_block_outputs_are_sown(tiny, rng):
 
 def test_cli_attention_draws_the_heatmap(tmp_path, monkeypatch):
     from jaxgpt import cli
+    from jaxgpt.cli import attention as attention_command
 
     cfg = GPTConfig(**{**TINY, "vocab_size": 50257})
-    monkeypatch.setattr(cli, "_load_model", lambda args: (cfg, init_params(cfg, 3), "tiny"))
+    monkeypatch.setattr(attention_command, "load_model",
+                        lambda args: (cfg, init_params(cfg, 3), "tiny"))
     one, grid = tmp_path / "one.png", tmp_path / "grid.png"
     argv = ["attention", "--prompt", "Your journey starts with one step", "--layer", "1"]
     assert cli.main([*argv, "--head", "2", "--out", str(one)]) == 0
@@ -164,8 +167,8 @@ def test_cli_attention_draws_the_heatmap(tmp_path, monkeypatch):
 def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypatch):
     cfg, params = tiny
     calls = []
-    real = kv_cache.prepare
-    monkeypatch.setattr(kv_cache, "prepare", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = generator.prepare
+    monkeypatch.setattr(generator, "prepare", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     gen = Generator(params, cfg)
     prompt = rng.integers(0, cfg.vocab_size, (1, 5))
     first = np.asarray(gen.generate(prompt, 6))
@@ -178,7 +181,7 @@ def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypa
     gen.generate(three, 6)
     gen.generate(three, 6)
     assert len(calls) == 2 and calls[0] != calls[1]  # one layout for 1 row, one for several
-    monkeypatch.setattr(kv_cache, "prepare", real)
+    monkeypatch.setattr(generator, "prepare", real)
     np.testing.assert_array_equal(generate(params, cfg, prompt, 6), first)
 
 
@@ -196,7 +199,7 @@ def test_bf16_decoding_logits_are_close_to_fp32(tiny, rng):
     want = np.asarray(GPTModel(cfg).apply({"params": params}, tokens))
     model, prepared = Generator(params, cfg, dtype=jnp.bfloat16).weights(2)
     assert prepared["trf_blocks_0"]["att"]["W_qkv"]["kernel"].dtype == jnp.bfloat16
-    assert kv_cache.init_cache(cfg, 2, 12, model.dtype).keys[0].dtype == jnp.bfloat16
+    assert init_cache(cfg, 2, 12, model.dtype).keys[0].dtype == jnp.bfloat16
     got = np.asarray(cached_logits(model, prepared, tokens, prefill=4, slots=12))
     assert got.dtype == np.float32
     err = np.abs(got - want).max()
@@ -256,11 +259,12 @@ def test_top_p_sampling_through_generate(tiny, rng):
 
 def test_cli_top_p_samples_from_the_nucleus(monkeypatch, capsys):
     from jaxgpt import cli
+    from jaxgpt.cli import generate as generate_command
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     cfg = GPTConfig(**{**TINY, "vocab_size": 50257})
     params = init_params(cfg, 3)
-    monkeypatch.setattr(cli, "_load_model", lambda args: (cfg, params, "tiny"))
+    monkeypatch.setattr(generate_command, "load_model", lambda args: (cfg, params, "tiny"))
     argv = ["generate", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "1.0",
             "--seed", "4"]
     assert cli.main([*argv, "--top-p", "0.3"]) == 0
@@ -277,6 +281,6 @@ def test_generate_runs_the_same_jit_for_equal_variants(tiny):
     """Models are static jit arguments: equal modules share one compiled loop."""
     cfg, params = tiny
     generate(params, cfg, [[1, 2, 3]], 4, model=GPTModel(cfg, attention_cls=ALiBiAttention))
-    before = g.TRACE_COUNTS["generate"]
+    before = decode.TRACE_COUNTS["generate"]
     generate(params, cfg, [[4, 5]], 3, model=GPTModel(cfg, attention_cls=ALiBiAttention))
-    assert g.TRACE_COUNTS["generate"] == before
+    assert decode.TRACE_COUNTS["generate"] == before

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import run_checkpoints
 from jaxgpt.cli import build_parser
 from jaxgpt.config import GPTConfig
-from jaxgpt.model import GPTModel, init_params
-from jaxgpt.train import TrainConfig, cross_entropy_loss, resolve_remat
+from jaxgpt.nn import GPTModel, init_params
+from jaxgpt.training import run_dir
+from jaxgpt.training.config import TrainConfig, resolve_remat
+from jaxgpt.training.loss import cross_entropy_loss
 
-# The tiny config with the seeds' dropout, so the masks of the attention weights, the residual
+# The tiny config with the book's dropout, so the masks of the attention weights, the residual
 # branches and the embeddings all enter the gradients.
 DROPPY = dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
               drop_rate=0.1, qkv_bias=True)
@@ -108,11 +109,11 @@ def test_resume_compares_remat_as_modes_so_old_bools_load(monkeypatch, saved, no
     cfg = GPTConfig(**DROPPY)
     tc = TrainConfig(batch_size=4, seq_len=8, remat=now)
     train = tc.to_dict() | {"remat": saved}  # what an older run wrote to its metadata
-    monkeypatch.setattr(run_checkpoints.checkpoint, "load_config", lambda path: cfg)
-    monkeypatch.setattr(run_checkpoints.checkpoint, "load_metadata",
+    monkeypatch.setattr(run_dir.checkpoint, "load_config", lambda path: cfg)
+    monkeypatch.setattr(run_dir.checkpoint, "load_metadata",
                         lambda path: {"train": train})
-    monkeypatch.setattr(run_checkpoints.jax, "default_backend", lambda: "cpu")
-    lines = run_checkpoints.resume_changes("ckpt", cfg, tc)
+    monkeypatch.setattr(run_dir.jax, "default_backend", lambda: "cpu")
+    lines = run_dir.resume_changes("ckpt", cfg, tc)
     assert [line for line in lines if line.startswith("--remat")] == (
         [f"--remat changed from {saved!r} to {tc.remat!r}: the run is no longer an exact "
          f"replay of an uninterrupted one"] if warned else [])

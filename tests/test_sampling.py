@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.sampling import (
+from jaxgpt.inference.sampling import (
     SamplingConfig,
     check_sampling_args,
     choose_next,

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jaxgpt.config import GPTConfig
     from jaxgpt.sharding import batch_sharding, make_mesh, put_batch
-    from jaxgpt.train import TrainConfig, dropout_key, init_train_state, sharded_train_step
+    from jaxgpt.training.config import TrainConfig
+    from jaxgpt.training.step import dropout_key, init_train_state, sharded_train_step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
@@ -45,7 +46,8 @@ SCRIPT = textwrap.dedent("""
         mu = state.opt_state[1][0].mu["trf_blocks_0"]["ff"]["layers_0"]["kernel"]
         out[name] = {
             "losses": losses,
-            "params": [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.params)],
+            "params": [np.asarray(x).ravel().tolist()
+                       for x in jax.tree_util.tree_leaves(state.params)],
             "kernel_shard": list(kernel.addressable_shards[0].data.shape),
             "mu_shard": list(mu.addressable_shards[0].data.shape),
             "kernel_devices": len(kernel.sharding.device_set),
@@ -104,7 +106,8 @@ def test_eight_devices_give_the_losses_and_weights_of_one(runs, mode, base):
     np.testing.assert_allclose(many["losses"], one["losses"], rtol=0, atol=TOL)
     assert len(set(one["losses"])) == 5  # the losses move, so the comparison means something
     worst = max(
-        np.abs(np.array(a) - np.array(b)).max() for a, b in zip(many["params"], one["params"])
+        np.abs(np.array(a) - np.array(b)).max()
+        for a, b in zip(many["params"], one["params"], strict=True)
     )
     assert worst < TOL, worst
     print(

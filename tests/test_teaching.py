@@ -1,4 +1,4 @@
-"""The seeds' teaching steps that precede the final modules: SimpleTokenizerV1 (beside V2),
+"""The book's teaching steps that precede the final modules: SimpleTokenizerV1 (beside V2),
 SelfAttention_v1, the placeholder DummyGPTModel and print_gradients, each against the book's
 PyTorch code with the same weights.
 
@@ -17,27 +17,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt.attention import SelfAttention_v1, SelfAttention_v2, from_torch_state_dict
-from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from jaxgpt.dummy import DummyGPTModel, DummyLayerNorm, DummyTransformerBlock
-from jaxgpt.dummy import from_torch_state_dict as dummy_from_torch
-from jaxgpt.model import GPTModel, param_shapes
-from jaxgpt.shortcut import (
-    LAYER_SIZES,
-    SAMPLE_INPUT,
-    ExampleDeepNeuralNetwork,
-    print_gradients,
-)
-from jaxgpt.shortcut import from_torch_state_dict as shortcut_from_torch
-from jaxgpt.simple_tokenizer import (
+from jaxgpt.book.ch02 import (
     SimpleTokenizerV1,
     SimpleTokenizerV2,
     UnknownWordError,
     build_vocab,
 )
+from jaxgpt.book.ch03 import SelfAttention_v1, SelfAttention_v2, params_from_torch
+from jaxgpt.book.ch04 import (
+    LAYER_SIZES,
+    SAMPLE_INPUT,
+    DummyGPTModel,
+    DummyLayerNorm,
+    DummyTransformerBlock,
+    ExampleDeepNeuralNetwork,
+    print_gradients,
+)
+from jaxgpt.book.ch04 import dummy_params_from_torch as dummy_from_torch
+from jaxgpt.book.ch04 import shortcut_params_from_torch as shortcut_from_torch
+from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.io.torch_state import from_torch_state_dict as gpt_from_torch
+from jaxgpt.io.torch_state import torch_name_map
+from jaxgpt.nn import GPTModel, param_shapes
 from jaxgpt.tokenizer import get_tokenizer
-from jaxgpt.weights import from_torch_state_dict as gpt_from_torch
-from jaxgpt.weights import torch_name_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +169,7 @@ def test_self_attention_v1_matches_torch_and_v2_with_its_weights():
     ch03 = pytest.importorskip("llms_from_scratch.ch03")
     torch.manual_seed(123)
     ref = ch03.SelfAttention_v1(3, 2)
-    params = from_torch_state_dict(ref.state_dict())
+    params = params_from_torch(ref.state_dict())
     assert {k: v.shape for k, v in params.items()} == {
         "W_query": (3, 2),
         "W_key": (3, 2),
@@ -179,7 +181,7 @@ def test_self_attention_v1_matches_torch_and_v2_with_its_weights():
         want = ref(torch.from_numpy(INPUTS)).numpy()
     # Values are O(1) and every dot product has 2-3 terms: fp32 rounding is ~1e-7 here.
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-    # A batch of two: each row as alone (the seeds' version takes [T, D_in] only).
+    # A batch of two: each row as alone (the book's version takes [T, D_in] only).
     batch = np.stack([INPUTS, INPUTS[::-1]])
     got_b = module.apply({"params": params}, jnp.asarray(batch))
     np.testing.assert_allclose(got_b[0], got, atol=1e-6, rtol=0)

@@ -10,21 +10,15 @@ import numpy as np
 import pytest
 from conftest import TINY, torch_reference
 
-from jaxgpt import checkpoint
 from jaxgpt.config import GPTConfig
-from jaxgpt.train import (
-    TrainConfig,
-    TrainingDiverged,
-    cross_entropy_loss,
-    decay_mask,
-    init_train_state,
-    list_checkpoints,
-    make_schedule,
-    make_train_step,
-    perplexity,
-    train_loop,
-)
-from jaxgpt.weights import from_torch_state_dict, to_torch_state_dict
+from jaxgpt.io import checkpoint
+from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
+from jaxgpt.training.config import TrainConfig
+from jaxgpt.training.loop import TrainingDiverged, train_loop
+from jaxgpt.training.loss import cross_entropy_loss, perplexity
+from jaxgpt.training.optim import decay_mask, make_schedule
+from jaxgpt.training.run_dir import list_checkpoints
+from jaxgpt.training.step import init_train_state, make_train_step
 
 
 def test_cross_entropy_matches_torch_with_ignore_index(rng):
@@ -56,7 +50,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 
 def test_weight_decay_applies_to_matrices_only(tiny_cfg):
-    from jaxgpt.model import param_shapes
+    from jaxgpt.nn import param_shapes
 
     mask = decay_mask(param_shapes(tiny_cfg))
     assert mask["trf_blocks_0"]["att"]["W_query"]["kernel"] is True
@@ -374,21 +368,21 @@ def test_train_config_rejects_bad_values_naming_them():
 
 
 def test_samples_use_temperature_and_top_k_with_a_fixed_key(monkeypatch):
-    import jaxgpt.generation
-    from jaxgpt.model import init_params
-    from jaxgpt.train import _sample
+    import jaxgpt.training.evaluation
+    from jaxgpt.nn import init_params
+    from jaxgpt.training.evaluation import sample_text as _sample
 
     cfg = GPTConfig(**dict(TINY, vocab_size=50257, emb_dim=16, n_heads=2))
     tc = TrainConfig(seq_len=8, sample_prompt="def", sample_tokens=5, seed=7)
     params = init_params(cfg, 0)
     calls = []
-    real = jaxgpt.generation.generate
+    real = jaxgpt.training.evaluation.generate
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jaxgpt.generation, "generate", spy)
+    monkeypatch.setattr(jaxgpt.training.evaluation, "generate", spy)
     first, second = _sample(params, cfg, tc), _sample(params, cfg, tc)
     assert first == second and first.startswith("def") and first[3:].strip()
     assert [(c["temperature"], c["top_k"]) for c in calls] == [(1.0, 25)] * 2

@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY
 
 from jaxgpt.cli import main
-from jaxgpt.data import save_token_file
+from jaxgpt.training.data import save_token_file
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_files,
     flags = ("--steps", "4", "--save-every", "2", "--eval-every", "4")
     assert _train(tmp_path / "a", cfg, tokens, *flags) == 0
 
-    import jaxgpt.train as train_mod
+    import jaxgpt.training.loop as train_mod
 
     real = train_mod.train_loop
 
@@ -243,7 +243,7 @@ def test_the_loss_plot_legend_covers_no_data(tmp_path, monkeypatch):
     matplotlib = pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from jaxgpt.train import plot_losses
+    from jaxgpt.training.progress import plot_losses
 
     records = [  # two points: the legend must not sit on either
         {"step": 1, "loss": 9.0, "tokens_seen": 32, "val_loss": 9.1},

@@ -1,12 +1,12 @@
-"""state_dict of the seeds' PyTorch GPTModel <-> jaxgpt params."""
+"""state_dict of the book's PyTorch GPTModel <-> jaxgpt params."""
 
 import jax
 import numpy as np
 import pytest
-
 from conftest import torch_reference
+
 from jaxgpt.config import GPTConfig
-from jaxgpt.weights import from_torch_state_dict, to_torch_state_dict
+from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
 
 torch = pytest.importorskip("torch")
 
@@ -26,7 +26,7 @@ def test_round_trip_torch_jaxgpt_torch_is_exact(tiny_dict, qkv_bias):
 
 
 def test_params_have_the_shapes_of_the_flax_model(tiny_dict, tiny_cfg):
-    from jaxgpt.model import param_shapes
+    from jaxgpt.nn import param_shapes
 
     params = from_torch_state_dict(torch_reference(tiny_dict).state_dict(), tiny_cfg)
     want = jax.tree_util.tree_map(lambda s: s.shape, param_shapes(tiny_cfg))

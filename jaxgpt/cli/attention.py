@@ -1,0 +1,50 @@
+"""`jaxgpt attention`: a heatmap of one layer's attention weights for a prompt."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jaxgpt.cli.common import add_model_args, load_model, log
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser("attention", help="draw one layer's attention weights for a prompt")
+    p.add_argument("--prompt", default="Every effort moves you", help="text whose tokens to show")
+    p.add_argument("--layer", type=int, default=0, help="layer index, 0-based (default 0)")
+    p.add_argument("--head", type=int, default=None,
+                   help="head index, 0-based (default: every head, as a grid)")
+    p.add_argument("--out", default="attention.png", help="PNG to write (default attention.png)")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxgpt.interp.activations import attention_weights
+    from jaxgpt.interp.plots import plot_attention
+    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
+
+    if not args.prompt:
+        raise SystemExit("jaxgpt attention: --prompt is empty; give at least one character")
+    tokenizer = get_tokenizer()
+    idx = text_to_token_ids(args.prompt, tokenizer)  # [1, T]
+    cfg, params, desc = load_model(args)
+    checks = [("--layer", args.layer, cfg.n_layers, "layers")]
+    if args.head is not None:
+        checks.append(("--head", args.head, cfg.n_heads, "heads"))
+    for flag, value, count, what in checks:
+        if not 0 <= value < count:
+            raise SystemExit(f"jaxgpt attention: {flag} must be in [0, {count - 1}] (the model "
+                             f"has {count} {what}), got {value}")
+    if idx.shape[1] > cfg.context_length:
+        raise SystemExit(f"jaxgpt attention: the prompt has {idx.shape[1]} tokens, more than the "
+                         f"model's context_length {cfg.context_length}")
+    log(f"jaxgpt: {desc}")
+    weights = attention_weights(params, cfg, idx)[args.layer][0]  # [H, T, T]
+    tokens = [tokenizer.decode([int(t)]) for t in idx[0]]
+    path = plot_attention(weights, tokens, args.out, layer=args.layer, head=args.head)
+    log(f"jaxgpt: wrote {path} (layer {args.layer}, "
+         f"{'head ' + str(args.head) if args.head is not None else f'{cfg.n_heads} heads'}, "
+         f"{len(tokens)} tokens)")
+    return 0
+

@@ -1,0 +1,165 @@
+"""What the commands share: messages, which weights to load, the compilation cache."""
+
+from __future__ import annotations
+
+import sys
+
+from jaxgpt.config import PRESETS, GPTConfig
+from jaxgpt.io.formats import FORMAT_NAMES
+
+
+def log(msg: str) -> None:
+    """A message on stderr; with several processes, from process 0 only."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
+        return
+    print(msg, file=sys.stderr, flush=True)
+
+
+
+def add_model_args(p) -> None:
+    """Flags that say which weights to use."""
+    p.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="weights to load: a Hugging Face GPT-2 directory (config.json + "
+                        "model.safetensors / sharded / pytorch_model.bin) or a jaxgpt orbax "
+                        "checkpoint; the format is detected")
+    p.add_argument("--preset", choices=PRESETS, default="gpt2-small",
+                   help="architecture of the random weights (ignored with a checkpoint)")
+    p.add_argument("--seed", type=int, default=123,
+                   help="seed of the random weights (ignored with a checkpoint)")
+
+
+
+
+def checkpoint_format(path: str) -> str:
+    """'hf' or 'orbax' for the directory `path`; SystemExit saying what is wrong otherwise."""
+    from pathlib import Path
+
+    from jaxgpt.io.formats import HF_WEIGHT_FILES, detect
+
+    if not Path(path).is_dir():
+        raise SystemExit(f"jaxgpt: no checkpoint directory at {path}")
+    fmt = detect(path)
+    if fmt is not None:
+        return fmt
+    raise SystemExit(
+        f"jaxgpt: {path} is neither a jaxgpt orbax checkpoint (no jaxgpt.json) nor a Hugging "
+        f"Face GPT-2 directory (config.json with one of {', '.join(HF_WEIGHT_FILES)})"
+    )
+
+
+def read_checkpoint(path: str):
+    """`(cfg, params, format)` from a checkpoint directory of either format."""
+    from jaxgpt.io import checkpoint, hf
+
+    fmt = checkpoint_format(path)
+    try:
+        cfg, params = checkpoint.restore(path) if fmt == "orbax" else hf.load_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"jaxgpt: cannot load the {FORMAT_NAMES[fmt]} {path}: {e}") from e
+    return cfg, params, fmt
+
+
+def load_model(args):
+    """`(cfg, params, description)` for the weights the flags name."""
+    from jaxgpt.nn.model import count_params, init_params
+
+    if getattr(args, "checkpoint", None):
+        cfg, params, fmt = read_checkpoint(args.checkpoint)
+        desc = (f"{FORMAT_NAMES[fmt]} {args.checkpoint} ({count_params(params):,} parameters: "
+                f"{cfg.n_layers} layers, emb_dim {cfg.emb_dim}, {cfg.n_heads} heads, vocab "
+                f"{cfg.vocab_size}, context {cfg.context_length}, "
+                f"{'tied' if cfg.tie_embeddings else 'separate'} output head)")
+        return cfg, params, desc
+    cfg = GPTConfig.from_preset(args.preset)
+    params = init_params(cfg, args.seed)
+    desc = (f"{args.preset} with RANDOM weights (seed {args.seed}): the text is noise until a "
+            f"checkpoint is given")
+    return cfg, params, desc
+
+
+
+def peek_config(args) -> GPTConfig:
+    """The config of the weights the flags name, without reading the weights."""
+    from jaxgpt.io import checkpoint, hf
+
+    if not getattr(args, "checkpoint", None):
+        return GPTConfig.from_preset(args.preset)
+    fmt = checkpoint_format(args.checkpoint)
+    try:
+        if fmt == "orbax":
+            return checkpoint.load_config(args.checkpoint)
+        return hf.load_hf_config(args.checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"jaxgpt: cannot load the {FORMAT_NAMES[fmt]} {args.checkpoint}: {e}"
+        ) from e
+
+
+
+def _default_cache_dir() -> str:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxgpt", "xla")
+
+
+def add_cache_args(p) -> None:
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="JAX's persistent compilation cache: compiled programs are kept here, so "
+                        "a later run with the same shapes skips compiling (default "
+                        "$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxgpt/xla, "
+                        "i.e. ~/.cache/jaxgpt/xla)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile from scratch and write no cache")
+
+
+def enable_compile_cache(args) -> str | None:
+    """Turn on JAX's persistent compilation cache (before anything compiles); its directory."""
+    import jax
+
+    if args.no_compile_cache:
+        return None
+    configured = jax.config.values.get("jax_compilation_cache_dir")
+    path = args.compile_cache or configured or _default_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program: the default keeps only those compiling for >= 1 s.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading from the persistent
+    cache), and how many programs came from that cache, through `jax.monitoring`."""
+
+    _PHASES = ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self) -> None:
+        self.seconds, self.programs, self.cache_hits = 0.0, 0, 0
+        self.backend_seconds = 0.0  # XLA's compile, or the load from the cache, alone
+
+    def _duration(self, event: str, duration_secs: float, **kwargs: str | int) -> None:
+        if event in self._PHASES:
+            self.seconds += duration_secs
+            if event == self._PHASES[-1]:
+                self.programs += 1
+                self.backend_seconds += duration_secs
+
+    def _event(self, event: str, **kwargs: str | int) -> None:
+        self.cache_hits += event == "/jax/compilation_cache/cache_hits"
+
+    def __enter__(self) -> CompileClock:
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)
+

@@ -1,0 +1,240 @@
+"""`jaxgpt generate`: text from a prompt, greedy or sampled, streamed or not."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from jaxgpt.cli.common import (
+    CompileClock,
+    add_cache_args,
+    add_model_args,
+    enable_compile_cache,
+    load_model,
+    log,
+    peek_config,
+)
+from jaxgpt.config import GPTConfig
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (greedy, or sampled)")
+    p.add_argument("--prompt", default="Hello, I am", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples (the key comes from --seed); "
+                        "--top-k/--top-p need it")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k most likely tokens, 1 <= k <= vocab_size")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest most-likely set with probability >= p, "
+                        "0 < p <= 1")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K",
+                   help="K continuations of the prompt, generated as one batch (split over the "
+                        "visible devices); they differ only when sampling (default 1)")
+    p.add_argument("--eos", action="store_true",
+                   help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
+    add_model_args(p)
+    add_cache_args(p)
+    p.set_defaults(func=run)
+
+
+def _flop_text(flops: float) -> str:
+    """`254 GFLOP`, `65.5 MFLOP`: three significant digits with an SI prefix."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {prefix}FLOP"
+    return f"{flops:.3g} FLOP"
+
+
+class _TokenProgress:
+    """`generated N/M tokens, X tok/s, ETA` on stderr while a long generation runs (the rate
+    from the second chunk on: the first one includes compiling)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.tty, self.last = sys.stderr.isatty(), 0.0
+        self.first: tuple[float, int] | None = None  # (time, tokens) after the first chunk
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done)
+        if now - self.last < (0.2 if self.tty else 10.0) and self.done < self.total:
+            return
+        self.last = now
+        t_first, n_first = self.first
+        rate = (self.done - n_first) / (now - t_first) if self.done > n_first else 0.0
+        eta = f"ETA {(self.total - self.done) / rate:.0f}s" if rate > 0 else "ETA after a chunk"
+        line = (f"jaxgpt: generated {self.done}/{self.total} tokens, {rate:.2f} tok/s, {eta}")
+        print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.done:
+            print(file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate from `args.prompt`; the text on stdout, timings on stderr."""
+    import jax
+
+    from jaxgpt import tokenizer as tok
+    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
+
+    _check_flags(args)
+    t_start = time.perf_counter()
+    cfg = peek_config(args)  # config.json only: the flags are checked before the weights load
+    _check_sampling(args, cfg)
+    cache_dir = enable_compile_cache(args)
+    tokenizer = get_tokenizer()
+    idx = text_to_token_ids(args.prompt, tokenizer)
+    clock = CompileClock()  # random weights are made by a compiled init: count it apart
+    with clock:
+        cfg, params, desc = load_model(args)
+        jax.block_until_ready(params)
+    t_load, compile_load = time.perf_counter() - t_start, clock.seconds
+    log(f"jaxgpt: {desc}. Backend: {jax.default_backend()}")
+    if idx.shape[1] > cfg.context_length:
+        log(f"jaxgpt: the prompt has {idx.shape[1]} tokens; the model sees the last "
+            f"{cfg.context_length}")
+    prompt = [int(t) for t in idx[0]]
+    if max(prompt) >= cfg.vocab_size:
+        raise _fail(f"the prompt holds GPT-2 token id {max(prompt)}, outside the model's "
+                    f"vocabulary [0, {cfg.vocab_size}): this model does not use GPT-2's "
+                    f"tokenizer")
+    past = _warn_past_context(args, cfg, params, len(prompt))
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   key=jax.random.key(args.seed) if args.temperature > 0 else None,
+                   eos_id=tok.EOT_ID if args.eos else None)
+    progress = (_TokenProgress(args.max_new_tokens)
+                if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
+    t0 = time.perf_counter()
+    try:
+        with clock:
+            if args.stream or progress:
+                n_new = _print_stream(args, params, cfg, prompt, options, progress)
+            else:
+                n_new = _print_samples(args, params, cfg, prompt, options)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    # Compiling happens inside the call: its time is taken out.
+    gen = max(time.perf_counter() - t0 - (clock.seconds - compile_load), 1e-9)
+    log(f"jaxgpt: load {t_load - compile_load:.2f}s, compile {clock.seconds:.2f}s "
+        f"({_compile_text(clock, cache_dir)}), generation {gen:.2f}s for {n_new} tokens: "
+        f"{n_new / gen:.1f} tokens/s")
+    return 0
+
+
+def _fail(msg: str) -> SystemExit:
+    return SystemExit(f"jaxgpt generate: {msg}")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """SystemExit naming the flag, before anything is read, loaded or compiled."""
+    if args.max_new_tokens < 0:
+        raise _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise _fail("--prompt is empty; give at least one character")
+    if args.num_samples < 1:
+        raise _fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1 and args.stream:
+        raise _fail("--stream prints one sample as it grows; drop it or --num-samples")
+
+
+def _check_sampling(args: argparse.Namespace, cfg: GPTConfig) -> None:
+    """SystemExit naming the sampling flag that does not fit `cfg` or the others."""
+    from jaxgpt.inference.sampling import check_sampling_args
+
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, vocab_size=cfg.vocab_size)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p))
+                             if v is not None)
+        raise _fail(f"{given} only apply when sampling, and sampling needs a temperature above "
+                    f"0 (e.g. --temperature 1.0); without --temperature the output is greedy")
+
+
+def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
+                       prompt_len: int) -> int:
+    """How many new tokens lie past `context_length`; a warning with their cost if any."""
+    from jaxgpt.nn.model import count_params
+
+    past = prompt_len + args.max_new_tokens - cfg.context_length
+    if past > 0 and args.max_new_tokens > 0:
+        first = max(cfg.context_length - prompt_len, 0) + 1
+        flops = 2 * count_params(params)  # multiply-adds of one token through the weights
+        log(f"jaxgpt: warning: {past} of the {args.max_new_tokens} new tokens lie past "
+            f"context_length {cfg.context_length}: from new token {first} on, each one "
+            f"recomputes the whole {cfg.context_length}-token window as the book does (a cache "
+            f"cannot slide), about {_flop_text(flops * cfg.context_length)} per token instead "
+            f"of {_flop_text(flops)}" + ("; progress follows" if args.num_samples == 1 else ""))
+    return past
+
+
+def _print_stream(args: argparse.Namespace, params: Any, cfg: GPTConfig, prompt: list[int],
+                  options: dict, progress: _TokenProgress | None) -> int:
+    """Generate in chunks, printing the text as it grows (with --stream); the new tokens."""
+    from jaxgpt.inference.generator import cut_after_eos, generate_stream
+    from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
+
+    tokenizer = get_tokenizer()
+    # Hold back a trailing partial UTF-8 character (shown as U+FFFD) until its remaining bytes
+    # arrive, so the output ends as without --stream.
+    ids, shown = list(prompt), ""
+    for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens, **options):
+        new = [int(t) for t in chunk[0]]
+        kept = cut_after_eos(new, options["eos_id"])  # later slots repeat eos_id
+        ids += kept
+        if progress:
+            progress.add(len(new))
+        ended = bool(kept) and kept[-1] == options["eos_id"]
+        if args.stream:
+            text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        if ended:
+            break
+    if progress:
+        progress.close()
+    text = token_ids_to_text(ids, tokenizer)
+    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    return len(ids) - len(prompt)
+
+
+def _print_samples(args: argparse.Namespace, params: Any, cfg: GPTConfig, prompt: list[int],
+                   options: dict) -> int:
+    """Generate every sample as one batch, then print them; the new tokens."""
+    from jaxgpt.inference.generator import generate
+    from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
+
+    tokenizer = get_tokenizer()
+    if args.num_samples == 1:
+        out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
+        print(token_ids_to_text(out[0], tokenizer))
+        return len(out[0]) - len(prompt)
+    # One batch of K rows: one row per sample, each with its own random draws.
+    out = generate(params, cfg, [prompt] * args.num_samples, args.max_new_tokens, **options)
+    for i, row in enumerate(out, 1):
+        print(f"--- sample {i} of {args.num_samples} ---")
+        print(token_ids_to_text(row, tokenizer))
+    return sum(len(row) - len(prompt) for row in out)
+
+
+def _compile_text(clock: CompileClock, cache_dir: str | None) -> str:
+    """Where compiling went: XLA's share, and what the persistent cache supplied."""
+    import os
+
+    if cache_dir is not None:
+        home = os.path.expanduser("~")
+        if cache_dir.startswith(home + os.sep):
+            cache_dir = "~" + cache_dir[len(home):]
+    cache = ("compile cache off" if cache_dir is None else
+             f"{clock.cache_hits} of {clock.programs} programs from the compile cache {cache_dir}")
+    return f"XLA {clock.backend_seconds:.2f}s, the rest tracing and lowering; {cache}"

@@ -1,0 +1,347 @@
+"""`generate`, `generate_stream` and `Generator`: checked calls of the compiled decoding
+programs, with the decode-ready weights built once per params.
+
+`generate` is the fast path: KV cache (prefill once, then one token per step), greedy or
+sampled (`jaxgpt.inference.sampling`), per-row EOS, ragged prompts, and prompt lengths / token
+counts rounded up to powers of two so that few shapes are ever compiled. Its greedy tokens are
+the book's exactly, also past `context_length`. `generate_stream` runs the same loop in
+chunks. `Generator` holds one set of params with their decode-ready form
+(`jaxgpt.nn.layout.prepare`), so repeated calls do not rebuild it; `generate` and
+`generate_stream` are thin wrappers.
+
+Shapes: B batch, P prompt slots, V vocab_size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxgpt import sharding
+from jaxgpt.config import GPTConfig
+from jaxgpt.inference import decode
+from jaxgpt.inference.checks import check_count, check_token_ids
+from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
+from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
+from jaxgpt.nn.attention import MultiHeadAttention
+from jaxgpt.nn.layers import FeedForward
+from jaxgpt.nn.layout import Layout, prepare
+from jaxgpt.nn.model import GPTModel, model_for
+
+
+class _Batch(NamedTuple):
+    rows: list[np.ndarray]  # each prompt, uncropped
+    prompt: np.ndarray  # [B, P] int32, left-padded, each row cropped to its last C tokens
+    start: np.ndarray  # [B] int32
+
+
+def _check_prompts(prompts: Any, cfg: GPTConfig) -> tuple[list[np.ndarray], bool]:
+    """`(rows, is_list)`: the prompts as int32 rows, and whether the list API was used."""
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is an empty list: give at least one prompt")
+        rows = []
+        for i, row in enumerate(prompts):
+            if isinstance(row, (int, np.integer)):
+                raise ValueError(
+                    f"prompts[{i}] is a single int ({row!r}); give a list of token-id lists, "
+                    f"or an int array [batch, tokens]"
+                )
+            arr = np.asarray(row)
+            if arr.size == 0:
+                raise ValueError(f"prompts[{i}] is empty: give at least one prompt token")
+            if arr.ndim != 1:
+                raise ValueError(f"prompts[{i}] must be a flat list of token ids, got shape "
+                                 f"{arr.shape}")
+            rows.append(check_token_ids(arr[None, :], cfg, name=f"prompts[{i}]")[0])
+        return rows, True
+    return list(check_token_ids(prompts, cfg, name="prompts")), False
+
+
+def _batch(rows: list[np.ndarray], cfg: GPTConfig, prompt_slots: int) -> _Batch:
+    """The rows left-padded into `[B, P]`, each cropped to its last `context_length` tokens."""
+    ctx = cfg.context_length
+    lengths = [min(len(r), ctx) for r in rows]
+    prompt = np.zeros((len(rows), prompt_slots), np.int32)
+    for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+        prompt[i, prompt_slots - n:] = row[len(row) - n:]
+    return _Batch(rows, prompt, np.asarray([prompt_slots - n for n in lengths], np.int32))
+
+
+class _Call(NamedTuple):
+    """One checked call: the batch, and everything the jitted loop takes."""
+
+    rows: list[np.ndarray]
+    is_list: bool
+    n: int  # new tokens per row
+    eos_id: int | None
+    batch: _Batch | None  # None when n == 0
+    shape: ProgramShape | None  # the compiled program's slots; None when n == 0
+    sampling: SamplingConfig
+    knobs: Knobs
+
+
+def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, temperature: Any,
+                top_k: Any, top_p: Any, eos_id: Any, key: Any) -> _Call:
+    """Every argument checked, before anything is traced; the batch laid out for the loop."""
+    rows, is_list = _check_prompts(prompts, cfg)
+    n = check_count(max_new_tokens, "max_new_tokens")
+    temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p, cfg.vocab_size)
+    if eos_id is not None:
+        eos_id = check_count(eos_id, "eos_id")
+        if eos_id >= cfg.vocab_size:
+            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
+    if key is not None and not (isinstance(key, jax.Array) and (
+            jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
+        raise ValueError(f"key must be a PRNG key (jax.random.key or PRNGKey), got {key!r}")
+    sampling = sampling_config(temperature, top_k, top_p)
+    knobs = make_knobs(key, temperature, top_p, eos_id, sampling.greedy)
+    if n == 0:
+        return _Call(rows, is_list, n, eos_id, None, None, sampling, knobs)
+    shape = program_shape(cfg, max(len(r) for r in rows), n)
+    batch = _batch(rows, cfg, shape.prompt_slots)
+    return _Call(rows, is_list, n, eos_id, batch, shape, sampling, knobs)
+
+
+def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
+    """A row's new tokens up to and including its first `eos_id` (all of them without one)."""
+    return new[: new.index(eos_id) + 1] if eos_id is not None and eos_id in new else new
+
+
+def _finish(call: _Call, new_tokens: np.ndarray | jax.Array):
+    """The user-facing result: prompt + new tokens, as an array or as cut lists."""
+    if not call.is_list:
+        prompt = jnp.asarray(np.stack(call.rows))
+        return jnp.concatenate([prompt, jnp.asarray(new_tokens, jnp.int32)], axis=1)
+    return [[int(t) for t in row] + cut_after_eos(new, call.eos_id)
+            for row, new in zip(call.rows, np.asarray(new_tokens).tolist(), strict=True)]
+
+
+def _keeps_layout(cls: type, base: type) -> bool:
+    """Whether `cls` reads its matrices as `base` does (it does not replace `__call__`)."""
+    return issubclass(cls, base) and all(
+        "__call__" not in vars(c) for c in cls.__mro__ if c is not base and issubclass(c, base))
+
+
+class Generator:
+    """Generation for one set of params: the decode-ready weights are built once and reused.
+
+    `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and on CPU the layout XLA
+    multiplies fastest at the batch size) costs a pass over all of them; a `Generator` pays it
+    once per batch-size class (1 row, or more) and keeps the result, where `jaxgpt.generate`
+    pays it on every call. Methods take the arguments of `generate` and `generate_stream`
+    after `cfg`.
+
+    Args:
+      params: jaxgpt params for `GPTModel(cfg)`.
+      cfg: the model's config.
+      dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
+      model: a variant to apply instead of `GPTModel(cfg)` (`GPTModel(cfg, attention_cls=...)`).
+        Its dtype and layout are set by the generator.
+      devices: the devices to split a batch over (default: this process's devices). With
+        several, each decodes its share of the rows with a copy of the weights (a batch that
+        does not divide is padded with copies of its last row, dropped from the result);
+        the tokens are those of one device.
+    """
+
+    def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
+                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None):
+        model = model_for(cfg, model)
+        self.params = params
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        if not self.devices:
+            raise ValueError("devices is empty: give at least one device")
+        self.model = model.clone(dtype=self.dtype, remat=False, layout=Layout())
+        # The decode layouts read the book's parameter names; a part that replaces __call__
+        # may not, so it gets its params as they are (cast to dtype).
+        self._layouts = all(_keeps_layout(cls, base) for cls, base in (
+            (model.attention_cls, MultiHeadAttention), (model.feed_forward_cls, FeedForward)))
+        self._prepared: dict[tuple, Any] = {}
+
+    def mesh(self, batch: int) -> Mesh | None:
+        """The mesh a batch of `batch` rows is split over (None: one device)."""
+        n = min(len(self.devices), batch)
+        return sharding.make_mesh(self.devices[:n]) if n > 1 else None
+
+    def weights(self, batch: int) -> tuple[GPTModel, Any]:
+        """`(model, params)` laid out for `batch` rows (per device) on this backend, built on
+        first use and kept; on several devices, replicated over `mesh(batch)`."""
+        mesh = self.mesh(batch)
+        rows = -(-batch // mesh.size) if mesh is not None else batch  # per device
+        layout = Layout.for_batch(rows) if self._layouts else Layout()
+        if (layout, mesh) not in self._prepared:
+            # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
+            # would copy them), and XLA:CPU runs the transposes slower inside the generation
+            # jit than on their own.
+            params = prepare(self.params, self.cfg, self.dtype, layout)
+            if mesh is not None:
+                params = jax.device_put(params, sharding.replicated(mesh))
+            self._prepared[layout, mesh] = params
+        return self.model.clone(layout=layout), self._prepared[layout, mesh]
+
+    def _place(self, batch: _Batch) -> tuple[jax.Array, jax.Array, Mesh | None]:
+        """The prompt `[B', P]` and first slots `[B']`, on the devices (B' = B padded to a
+        multiple of the device count with copies of the last row)."""
+        mesh = self.mesh(len(batch.start))
+        if mesh is None:
+            return jnp.asarray(batch.prompt), jnp.asarray(batch.start), None
+        pad = -len(batch.start) % mesh.size
+        prompt = np.concatenate([batch.prompt, np.repeat(batch.prompt[-1:], pad, axis=0)])
+        start = np.concatenate([batch.start, np.repeat(batch.start[-1:], pad)])
+        rows = sharding.batch_sharding(mesh)
+        return jax.device_put(prompt, rows), jax.device_put(start, rows), mesh
+
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        key: jax.Array | None = None,
+        use_cache: bool = True,
+    ) -> jax.Array | list[list[int]]:
+        """`jaxgpt.generate` with these params (see there)."""
+        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                           key)
+        if call.batch is None or call.shape is None:  # no new tokens
+            return _finish(call, np.zeros((len(call.rows), 0), np.int32))
+        model, params = self.weights(len(call.rows))
+        prompt, start, mesh = self._place(call.batch)
+        tokens = decode.generate_tokens(
+            params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
+            new_slots=call.shape.new_slots, sampling=call.sampling,
+            use_cache=bool(use_cache), mesh=mesh,
+        )
+        p = prompt.shape[1]
+        return _finish(call, tokens[:len(call.rows), p:p + call.n])
+
+    def stream(
+        self,
+        prompts: Any,
+        max_new_tokens: int,
+        *,
+        chunk_size: int = 8,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        key: jax.Array | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[np.ndarray]:
+        """`jaxgpt.generate_stream` with these params (see there)."""
+        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                           key)
+        chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+        return self._chunks(call, chunk_size, bool(use_cache))
+
+    def _chunks(self, call: _Call, chunk_size: int, use_cache: bool) -> Iterator[np.ndarray]:
+        n = call.n
+        if call.batch is None or call.shape is None:  # no new tokens
+            return
+        model, params = self.weights(len(call.rows))
+        prompt, start, mesh = self._place(call.batch)
+        p, b = prompt.shape[1], len(call.rows)
+        state = decode.start_decoding(params, prompt, start, call.knobs, model=model,
+                                      new_slots=call.shape.new_slots, sampling=call.sampling,
+                                      use_cache=use_cache, mesh=mesh)
+        shown = 0
+        while shown < n:
+            stop = min(shown + chunk_size, n)
+            state = decode.continue_decoding(params, state, jnp.int32(stop), call.knobs,
+                                             model=model, sampling=call.sampling,
+                                             prompt_slots=p)
+            made, done = jax.device_get((state.step, state.done))
+            made = int(made)
+            if done[:b].all():  # the rest is eos_id: show it all at once
+                made = n
+            yield np.asarray(state.tokens[:b, p + shown:p + made])
+            shown = made
+
+
+def generate(
+    params: Any,
+    cfg: GPTConfig,
+    prompts: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+    use_cache: bool = True,
+    dtype: Any = jnp.float32,
+    model: GPTModel | None = None,
+) -> jax.Array | list[list[int]]:
+    """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
+
+    Greedy by default, with exactly the tokens of the book's `generate_text_simple` (including
+    past `context_length`, where the book crops to the last C tokens). With `temperature > 0`:
+    temperature -> top-k -> top-p -> sample (see `jaxgpt.inference.sampling`), step j drawing with
+    `fold_in(key, j)`, so a key reproduces its tokens. Prompt lengths and `max_new_tokens` are
+    rounded up to powers of two for compiling, so most new lengths reuse a compiled loop.
+    Every step applies `GPTModel` (prefill, then one token at a time through its KV cache).
+    Each call prepares the weights anew; `Generator(params, cfg)` keeps them across calls.
+
+    Args:
+      params: jaxgpt params for `GPTModel(cfg)`.
+      cfg: the model's config.
+      prompts: int token ids `[B, T]`, or a list of B token-id lists of any lengths (ragged;
+        each row gets exactly what it would get alone).
+      max_new_tokens: new tokens per row (>= 0).
+      temperature: 0 for greedy, else > 0.
+      top_k: keep the k most likely tokens (1 <= k <= vocab_size), or None.
+      top_p: keep the smallest most-likely set with probability >= top_p (0 < p <= 1), or None.
+      eos_id: a row that emits it is done: it stops changing (further slots hold eos_id).
+      key: PRNG key, required when sampling.
+      use_cache: False recomputes every window (same greedy tokens; slow, for checking).
+      dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
+      model: a variant of `GPTModel(cfg)` to apply (see `Generator`).
+
+    Returns:
+      For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
+      For a list: a list of B lists, prompt + new tokens, each cut after its first eos_id.
+    """
+    gen = Generator(params, cfg, dtype=dtype, model=model)
+    return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)
+
+
+def generate_stream(
+    params: Any,
+    cfg: GPTConfig,
+    prompts: Any,
+    max_new_tokens: int,
+    *,
+    chunk_size: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    key: jax.Array | None = None,
+    use_cache: bool = True,
+    dtype: Any = jnp.float32,
+    model: GPTModel | None = None,
+) -> Iterator[np.ndarray]:
+    """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
+
+    The same loop as `generate` (same tokens for the same arguments), run `chunk_size` tokens
+    per call with the state donated between calls. It stops early once every row is done (rows
+    past their EOS yield eos_id). Concatenating the chunks gives `generate`'s new tokens.
+    Arguments are checked when this is called, before the first chunk is asked for.
+    """
+    gen = Generator(params, cfg, dtype=dtype, model=model)
+    return gen.stream(prompts, max_new_tokens, chunk_size=chunk_size, temperature=temperature,
+                      top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)

@@ -1,0 +1,5 @@
+"""Looking inside the model.
+
+- `activations`: the sown attention weights and block outputs.
+- `plots`: attention heatmaps.
+"""

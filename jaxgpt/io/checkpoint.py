@@ -1,0 +1,223 @@
+"""Orbax checkpoints of jaxgpt models: parameters with their config beside them.
+
+A checkpoint is a directory:
+
+    config.json   GPTConfig fields
+    jaxgpt.json   {"format": "jaxgpt-orbax", "version": 1, ...user metadata}
+    params/       the params pytree (orbax StandardCheckpointer)
+    extra/        optional: any other pytree saved with it (optimizer state, rng, data position)
+
+Saving writes into a temporary sibling directory and renames it into place, so an
+interrupted save never leaves a half-written checkpoint under the final name.
+
+With several processes (`jax.distributed.initialize`), `save` and the restores are collective:
+every process calls them with the same path on a shared filesystem. The arrays are handed to
+orbax as the global `jax.Array`s they are (each process writes the shards it holds; nothing is
+gathered to one host), all processes write into one temporary directory named by process 0,
+and process 0 writes the marker and renames the directory only after a barrier that every
+process reaches once its shards are on disk. Restores place every array straight into the
+shardings asked for, so a checkpoint written by N processes or devices loads on M.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.io.files import check_destination, commit, remove_stale_temporaries
+from jaxgpt.io.formats import FORMAT, MARKER, VERSION, is_checkpoint
+from jaxgpt.nn.model import param_shapes
+
+
+def _multi_process() -> bool:
+    return jax.process_count() > 1
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process reaches `name` (nothing with one process)."""
+    if _multi_process():
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _shared_tag() -> str:
+    """`PID-HEX` for a temporary name: process 0's pid and random bits, the same in every
+    process (so all processes write into one directory, which only process 0 may clean up)."""
+    pid, rnd = os.getpid(), uuid.uuid4().int & 0x7FFFFFFF
+    if _multi_process():
+        from jax.experimental import multihost_utils
+
+        pid, rnd = (int(v) for v in multihost_utils.broadcast_one_to_all(
+            np.array([pid, rnd], np.int32)))
+    return f"{pid}-{rnd:08x}"
+
+
+def _write_arrays(tmp: Path, params: Any, extra: Any) -> None:
+    """Every process writes its shards of `params` (and `extra`) under `tmp`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:  # closed (threads joined) on error too
+        ckptr.save(tmp / "params", params)
+        if extra is not None:
+            ckptr.save(tmp / "extra", extra)
+        ckptr.wait_until_finished()
+
+
+def save(
+    path: str | os.PathLike,
+    params: Any,
+    cfg: GPTConfig,
+    *,
+    extra: Any = None,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save `params` (and optionally the pytree `extra`) with `cfg` to the directory `path`.
+
+    The arrays may be sharded over any devices, of this process or of all processes: each
+    process writes the shards it holds. With several processes every one must call `save`
+    with the same arguments (`path` on a filesystem they share); it returns once the
+    checkpoint is complete and in place.
+
+    Raises FileExistsError if `path` exists and `overwrite` is False.
+    """
+    path = Path(path).absolute()
+    main = jax.process_index() == 0
+    check_destination(path, overwrite)  # every process, before anything is written
+    tag = _shared_tag()
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    committed = False
+    try:
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, path.name)
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _barrier(f"jaxgpt-save-start-{tag}")
+        _write_arrays(tmp, params, extra)
+        # Every process's shards are on disk past this point.
+        _barrier(f"jaxgpt-save-written-{tag}")
+        if main:
+            # The marker is written last: a directory without it is never taken for a
+            # checkpoint.
+            marker = {
+                "format": FORMAT,
+                "version": VERSION,
+                "processes": jax.process_count(),
+                **(metadata or {}),
+            }
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            commit(tmp, path, tag)
+        committed = True
+        _barrier(f"jaxgpt-save-done-{tag}")
+    finally:
+        if main and not committed and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} is not a jaxgpt checkpoint (no valid jaxgpt.json)")
+
+
+def load_config(path: str | os.PathLike) -> GPTConfig:
+    """The `GPTConfig` saved in a checkpoint (nothing else is read)."""
+    path = Path(path)
+    _check(path)
+    file = path / "config.json"
+    try:
+        return GPTConfig.from_dict(json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file} is missing: the checkpoint is incomplete") from None
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
+        raise ValueError(f"{file}: not a valid jaxgpt config ({e})") from e
+
+
+def load_metadata(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    _check(path)
+    return json.loads((path / MARKER).read_text())
+
+
+def _abstract(tree: Any, shardings: Any = None) -> Any:
+    """`ShapeDtypeStruct`s of `tree`'s arrays, with `shardings` (a matching tree) if given,
+    else with the leaves' own shardings where they have one."""
+
+    def one(x, sh=None):
+        if not hasattr(x, "shape"):
+            return x
+        sh = sh if sh is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    if shardings is None:
+        return jax.tree_util.tree_map(one, tree)
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
+def restore(path: str | os.PathLike, shardings: Any = None) -> tuple[GPTConfig, Any]:
+    """`(cfg, params)` from a checkpoint written by `save`, bit for bit.
+
+    The params have the structure `param_shapes(cfg)` gives; each array is placed with the
+    matching sharding of `shardings` (a tree of `jax.sharding.Sharding`s, e.g. over the current
+    mesh; every process then reads only its own shards), by default on this process's first
+    device. A checkpoint whose arrays do not fit its config.json raises ValueError.
+    """
+    import orbax.checkpoint as ocp
+
+
+    path = Path(path).absolute()
+    cfg = load_config(path)
+    if not (path / "params").is_dir():
+        raise FileNotFoundError(f"{path / 'params'} is missing: the checkpoint is incomplete")
+    shapes = param_shapes(cfg)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+    try:
+        target = _abstract(shapes, shardings)
+    except ValueError as e:  # tree_map: structures differ
+        raise ValueError(f"the shardings do not match the params of {cfg}: {e}") from e
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path / "params", target)
+    except (ValueError, KeyError, TypeError) as e:  # orbax: tree or shape mismatch
+        raise ValueError(
+            f"{path / 'params'}: the saved arrays do not fit {path / 'config.json'} ({cfg}): {e}"
+        ) from e
+    return cfg, params
+
+
+def restore_extra(path: str | os.PathLike, target: Any) -> Any:
+    """The `extra` pytree of a checkpoint, restored into the structure of `target`.
+
+    `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); leaves
+    with a sharding are restored into it, NumPy leaves as NumPy arrays.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    _check(path)
+    if not (path / "extra").exists():
+        raise ValueError(f"{path} was saved without extra state")
+
+    def one(x):
+        if isinstance(x, (np.ndarray, np.generic)):
+            return np.zeros(x.shape, x.dtype)  # restored as NumPy, identical on every process
+        if not hasattr(x, "shape"):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path / "extra", jax.tree_util.tree_map(one, target))

@@ -1,0 +1,48 @@
+"""The model: the book's GPT in Flax linen, the only forward pass of jaxgpt.
+
+- `layers`: `LayerNorm`, `GELU`, `Linear`, `FeedForward`.
+- `attention`: `MultiHeadAttention` and the `AttentionMask` it reads.
+- `model`: `TransformerBlock`, `GPTModel`, parameter initialisation and counts.
+- `cache`: the `KVCache` that cached decoding passes through the model.
+- `layout`: decode-time weight layouts (`Layout`, `prepare`), a parameter transform.
+
+Never imports torch, training, inference or the command line.
+"""
+
+from jaxgpt.nn.attention import AttentionMask, MultiHeadAttention
+from jaxgpt.nn.cache import KVCache, init_cache
+from jaxgpt.nn.layers import GELU, FeedForward, LayerNorm, Linear, gelu, layer_norm
+from jaxgpt.nn.layout import Layout, prepare
+from jaxgpt.nn.model import (
+    REMAT_MODES,
+    GPTModel,
+    TransformerBlock,
+    count_params,
+    init_params,
+    model_for,
+    param_shapes,
+    size_mb,
+)
+
+__all__ = [
+    "GELU",
+    "REMAT_MODES",
+    "AttentionMask",
+    "FeedForward",
+    "GPTModel",
+    "KVCache",
+    "LayerNorm",
+    "Layout",
+    "Linear",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "count_params",
+    "gelu",
+    "init_cache",
+    "init_params",
+    "layer_norm",
+    "model_for",
+    "param_shapes",
+    "prepare",
+    "size_mb",
+]

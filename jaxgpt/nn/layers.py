@@ -1,0 +1,137 @@
+"""The layers of the book's GPT: LayerNorm, GELU, Linear and the feed-forward block.
+
+Parameter names mirror the book's PyTorch modules (`scale`/`shift`, `nn.Sequential`'s
+`layers_0`/`layers_2`); Flax kernels are `[in, out]`.
+
+Shapes: B batch, T tokens, D emb_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.nn.layout import Layout
+
+Dtype = Any
+# GPT-2's initialisation (normal, std 0.02; zero biases). The book keeps PyTorch's defaults;
+# parity tests copy weights across, so the choice only matters when training from scratch.
+INIT = nn.initializers.normal(stddev=0.02)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
+               dtype: Dtype = jnp.float32, one_pass: bool = False) -> jax.Array:
+    """The book's LayerNorm as a function: stats in fp32, biased variance, result in `dtype`.
+
+    The book takes the mean, then the variance of `x - mean`: two reductions, one after the
+    other. `one_pass` takes both from the same pass over `x` instead, as `mean(y)` and
+    `mean(y**2) - mean(y)**2` of `y = x - x[..., :1]`, so a compiler can compute them in one
+    kernel. Shifting by a value of the row keeps the subtraction from cancelling when the
+    mean is large against the spread; the variance then differs from the book's by a few
+    fp32 roundings (relative ~1e-7 times 1 + (x0 - mean)**2 / var).
+    """
+    x32 = x.astype(jnp.float32)
+    if one_pass:
+        y = x32 - lax.stop_gradient(x32[..., :1])
+        mean_y = y.mean(axis=-1, keepdims=True)
+        var = jnp.maximum(jnp.square(y).mean(axis=-1, keepdims=True) - jnp.square(mean_y), 0.0)
+        centred = y - mean_y
+    else:
+        centred = x32 - x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(centred).mean(axis=-1, keepdims=True)
+    norm_x = centred / jnp.sqrt(var + eps)
+    return (scale * norm_x + shift).astype(dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation, written out as in the book."""
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + jnp.tanh(c * (x + 0.044715 * x**3)))
+
+
+class LayerNorm(nn.Module):
+    """`scale * (x - mean) / sqrt(var + eps) + shift` with the biased variance; stats in fp32."""
+
+    emb_dim: int
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    # Statistics of a single row in one pass (`layer_norm`'s `one_pass`; GPU decoding at B=1).
+    one_pass: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
+        shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
+        one_pass = self.one_pass and math.prod(x.shape[:-1]) == 1
+        return layer_norm(x, scale, shift, self.eps, self.dtype, one_pass)
+
+
+def make_norm(norm_cls: type, emb_dim: int, dtype: Dtype, layout: Layout,
+              name: str | None = None) -> nn.Module:
+    """`norm_cls(emb_dim, dtype=dtype)`; a `LayerNorm` also gets `layout.one_pass_norm`
+    (a variant's norm is built with the defaults' fields only)."""
+    extra = {"one_pass": True} if layout.one_pass_norm and issubclass(norm_cls, LayerNorm) else {}
+    return norm_cls(emb_dim, dtype=dtype, name=name, **extra)
+
+
+class GELU(nn.Module):
+    """GELU, tanh approximation, written out as in the book."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return gelu(x)
+
+
+class Linear(nn.Module):
+    """The book's `nn.Linear`: `x @ kernel + bias`, with nn.Dense's parameter names.
+
+    `kernel` is `[in, out]` as in Flax; with `rows=True` it is held as `[out, in]`, a
+    decode-time layout that XLA:CPU multiplies faster for a few rows (see `nn.layout.Layout`;
+    `nn.layout.prepare` builds such params). Inputs and weights are cast to `dtype`.
+    """
+
+    features: int
+    use_bias: bool = True
+    rows: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        shape = (self.features, d_in) if self.rows else (d_in, self.features)
+        kernel = self.param("kernel", INIT, shape, jnp.float32)
+        contract = ((x.ndim - 1,), (1 if self.rows else 0,))
+        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class FeedForward(nn.Module):
+    """Linear(D, 4D) -> GELU -> Linear(4D, D); names `layers_0`/`layers_2` as in nn.Sequential.
+
+    A variant (another activation, a gated unit) subclasses this and overrides `__call__`.
+    """
+
+    cfg: GPTConfig
+    dtype: Dtype = jnp.float32
+    layout: Layout = Layout()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = self.cfg.emb_dim
+        lead = x.shape[:-1]
+        # Matmuls on [B*T, D] rather than [B, T, D]: XLA:CPU then needs no transposing copies
+        # in the backward pass.
+        x = Linear(4 * d, rows=self.layout.fc, dtype=self.dtype, name="layers_0")(x.reshape(-1, d))
+        x = GELU()(x)  # [B*T, 4D]
+        x = Linear(d, rows=self.layout.proj, dtype=self.dtype, name="layers_2")(x)
+        return x.reshape(*lead, d)  # [B, T, D]
+

@@ -1,0 +1,196 @@
+"""A training run's checkpoints: `out/checkpoints/step_NNNNNNNN`, their rotation, the run
+directory's rules and what a resumed run may change."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.io import checkpoint, files
+from jaxgpt.training.config import TrainConfig, resolve_remat, resume_fields
+from jaxgpt.training.data import BatchLoader, LoaderState
+from jaxgpt.training.step import TrainState
+
+CKPT_PREFIX = "step_"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints `ckpt_dir/step_NNNNNNNN`, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [
+        p
+        for p in ckpt_dir.iterdir()
+        if p.name.startswith(CKPT_PREFIX)
+        and p.name[len(CKPT_PREFIX) :].isdigit()
+        and checkpoint.is_checkpoint(p)
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
+
+
+def _extra_state(state: TrainState, loader: BatchLoader, tokens_seen: int) -> dict:
+    # The dropout key is not saved: it derives from the seed, which a resume must match.
+    return {
+        "step": state.step,
+        "opt_state": state.opt_state,
+        "loader": loader.state.to_array(),
+        "tokens_seen": np.array(tokens_seen, np.int64),
+    }
+
+
+def save_train_checkpoint(
+    ckpt_dir: Path,
+    cfg: GPTConfig,
+    tc: TrainConfig,
+    state: TrainState,
+    loader: BatchLoader,
+    tokens_seen: int,
+) -> Path:
+    """Write `ckpt_dir/step_NNNNNNNN` (atomic), then delete all but the newest `tc.keep`.
+
+    Collective with several processes (each writes its own shards; process 0 rotates). Only
+    complete jaxgpt checkpoints holding nothing else are rotated out, and temporaries of
+    saves killed earlier are removed (see `jaxgpt.io.files.remove_stale_temporaries`).
+    """
+    step = int(state.step)
+    path = ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
+    main = jax.process_index() == 0
+    if main:
+        files.remove_stale_temporaries(ckpt_dir)
+    checkpoint.save(
+        path,
+        state.params,
+        cfg,
+        extra=_extra_state(state, loader, tokens_seen),
+        metadata={"step": step, "tokens_seen": tokens_seen, "train": tc.to_dict()},
+        overwrite=True,
+    )
+    # One process rotates (the others return once the save is committed); a directory holding
+    # anything but what `save` wrote is kept.
+    for old in list_checkpoints(ckpt_dir)[: -tc.keep] if main else []:
+        if old != path and not files.foreign_entries(old):
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
+    """What this run changes from the run saved at `path`, one warning line each.
+
+    Raises ValueError naming the field if the model config or a data setting
+    (`resume_fields("data")`) differs: the checkpoint's weights or data position would not fit.
+    Optimisation and loop settings may change; the warnings say so.
+    """
+    saved_cfg = checkpoint.load_config(path)
+    if saved_cfg != cfg:
+        diff = [
+            f"{k}: {saved_cfg.to_dict().get(k)!r} -> {v!r}"
+            for k, v in cfg.to_dict().items()
+            if saved_cfg.to_dict().get(k) != v
+        ]
+        raise ValueError(
+            f"{path} was trained with another model config ({'; '.join(diff)}); "
+            f"resume with the same --preset/--config/--init-from"
+        )
+    saved = checkpoint.load_metadata(path).get("train", {})
+    for name in resume_fields("data"):
+        if saved.get(name) != getattr(tc, name):
+            raise ValueError(
+                f"{path} was trained with {name}={saved.get(name)!r}, this run has "
+                f"{name}={getattr(tc, name)!r}: the data (order, windows, split) must stay the "
+                f"same to resume; use --{name.replace('_', '-')} {saved.get(name)!r} or a new --out"
+            )
+    changes = []
+    for name in resume_fields("optim") + resume_fields("loop"):
+        old, new = saved.get(name), getattr(tc, name)
+        if name not in saved or old == new:
+            continue
+        if name == "remat":  # older runs saved a bool; None is auto, for this run's devices
+            platform = jax.default_backend()
+            if resolve_remat(old, platform) == resolve_remat(new, platform):
+                continue
+        if name in resume_fields("optim"):
+            why = "the run is no longer an exact replay of an uninterrupted one"
+        else:
+            why = "changes only when the loop evaluates, samples or saves"
+        changes.append(f"--{name.replace('_', '-')} changed from {old!r} to {new!r}: {why}")
+    return changes
+
+
+_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints")
+
+
+def check_run_dir(out: Path) -> None:
+    """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes.
+
+    A run rewrites `metrics.jsonl` and `loss.png` and rotates `checkpoints/`, so a directory
+    holding anything else (a project, someone's notes) is refused rather than mixed into.
+    """
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"{out} is a dangling symbolic link")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"{out} holds files that jaxgpt train did not write "
+            f"({files.describe_names(foreign)}); a run directory holds "
+            f"only {', '.join(_RUN_ENTRIES)}: choose a new or empty output directory"
+        )
+
+
+def restore_train_checkpoint(
+    path: Path, state: TrainState, loader: BatchLoader
+) -> tuple[TrainState, int]:
+    """`(state, tokens_seen)` from `path`, with `loader.state` set to where the run stood.
+
+    `state` gives the structure and the placement: its leaves (arrays or
+    `jax.ShapeDtypeStruct`s) carry the shardings the restored arrays get, on any mesh, whatever
+    the devices or processes that saved them.
+    """
+    shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), state.params)
+    _, params = checkpoint.restore(path, shardings)
+    extra = checkpoint.restore_extra(path, _extra_state(state, loader, 0))
+    loader.state = LoaderState.from_array(extra["loader"])
+    restored = TrainState(
+        step=jnp.asarray(extra["step"], jnp.int32), params=params, opt_state=extra["opt_state"]
+    )
+    return restored, int(extra["tokens_seen"])
+
+
+def prepare_run(
+    out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool
+) -> tuple[Path | None, list[str]]:
+    """Check `out` and the resume request: `(checkpoint to resume from or None, warnings)`."""
+    check_run_dir(out)
+    ckpt_dir = out / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints (newest {existing[-1].name}); "
+            f"pass resume=True (--resume) or choose another output directory"
+        )
+    if resume and not existing:
+        raise FileNotFoundError(
+            f"nothing to resume: {ckpt_dir} holds no complete checkpoint; "
+            f"run without --resume to start, or point --out at the run to continue"
+        )
+    if not existing:
+        return None, []
+    latest = existing[-1]
+    changes = resume_changes(latest, cfg, tc)
+    step = int(checkpoint.load_metadata(latest).get("step", 0))
+    if tc.steps <= step:
+        raise ValueError(
+            f"{latest} is at step {step}; --steps {tc.steps} leaves nothing to do "
+            f"(pass --steps > {step} to extend the run)"
+        )
+    return latest, changes
