@@ -50,7 +50,7 @@ def tree_shardings(tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
     """A NamedSharding for every array leaf of `tree` (params, optimizer state, train state)."""
     n = mesh.shape[DATA]
 
-    def one(leaf):
+    def one(leaf: Any) -> NamedSharding:
         shape = getattr(leaf, "shape", ())
         return NamedSharding(mesh, param_spec(shape, n, fsdp))
 

@@ -70,7 +70,7 @@ def test_readme_is_a_door():
 
 def test_users_read_the_book_and_the_reference():
     word = "se" + "eds"  # the internal word, not written out so this file passes its own check
-    files = DOCS + sorted((ROOT / "jaxgpt").rglob("*.py")) + sorted((ROOT / "scripts").glob("*"))
+    files = DOCS + sorted((ROOT / "jaxgpt").rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
     found = [str(f.relative_to(ROOT)) for f in files
              if re.search(rf"\b{word}\b", f.read_text(errors="replace"))]
     assert not found, found

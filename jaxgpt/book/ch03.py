@@ -28,7 +28,8 @@ def _linear(features: int, use_bias: bool, name: str) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, name=name)
 
 
-def _attend(queries, keys, values, mask=None):
+def _attend(queries: jax.Array, keys: jax.Array, values: jax.Array,
+            mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """softmax(Q K^T / sqrt(d_k)) V, with masked scores set to -inf as in the book."""
     scores = queries @ jnp.swapaxes(keys, -1, -2)  # [..., T, T]
     if mask is not None:

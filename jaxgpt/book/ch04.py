@@ -18,7 +18,7 @@ Names as in the book's code. Shapes: B batch, T tokens, D emb_dim, V vocab_size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -183,7 +183,7 @@ def print_gradients(model: nn.Module, x: Any, params: Any | None = None) -> dict
     x = jnp.asarray(x)
 
     def loss_fn(p: Any) -> jax.Array:
-        output: jax.Array = model.apply({"params": p}, x)  # type: ignore[assignment]
+        output = cast(jax.Array, model.apply({"params": p}, x))
         return jnp.mean(jnp.square(output - 0.0))  # MSELoss against the target 0
 
     # One compiled pass: op by op, a GPT's backward pass would dispatch thousands of small ops.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Any
 
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.io.formats import FORMAT_NAMES
@@ -17,7 +19,7 @@ def log(msg: str) -> None:
 
 
 
-def add_model_args(p) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags that say which weights to use."""
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="weights to load: a Hugging Face GPT-2 directory (config.json + "
@@ -48,7 +50,7 @@ def checkpoint_format(path: str) -> str:
     )
 
 
-def read_checkpoint(path: str):
+def read_checkpoint(path: str) -> tuple[GPTConfig, Any, str]:
     """`(cfg, params, format)` from a checkpoint directory of either format."""
     from jaxgpt.io import checkpoint, hf
 
@@ -60,7 +62,7 @@ def read_checkpoint(path: str):
     return cfg, params, fmt
 
 
-def load_model(args):
+def load_model(args: argparse.Namespace) -> tuple[GPTConfig, Any, str]:
     """`(cfg, params, description)` for the weights the flags name."""
     from jaxgpt.nn.model import count_params, init_params
 
@@ -79,7 +81,7 @@ def load_model(args):
 
 
 
-def peek_config(args) -> GPTConfig:
+def peek_config(args: argparse.Namespace) -> GPTConfig:
     """The config of the weights the flags name, without reading the weights."""
     from jaxgpt.io import checkpoint, hf
 
@@ -104,7 +106,7 @@ def _default_cache_dir() -> str:
     return os.path.join(base, "jaxgpt", "xla")
 
 
-def add_cache_args(p) -> None:
+def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="JAX's persistent compilation cache: compiled programs are kept here, so "
                         "a later run with the same shapes skips compiling (default "
@@ -114,7 +116,7 @@ def add_cache_args(p) -> None:
                    help="compile from scratch and write no cache")
 
 
-def enable_compile_cache(args) -> str | None:
+def enable_compile_cache(args: argparse.Namespace) -> str | None:
     """Turn on JAX's persistent compilation cache (before anything compiles); its directory."""
     import jax
 

@@ -177,7 +177,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
     where = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     timeout = args.distributed_timeout
 
-    def give_up():
+    def give_up() -> None:
         os.write(2, (f"jaxgpt train: the distributed runtime did not start within {timeout:g}s "
                      f"(coordinator {where}): process 0 unreachable or not every process "
                      f"joined; check --coordinator, --num-processes and that all processes "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +122,9 @@ def _split_rows(tree: Any, mesh: Mesh | None) -> Any:
         lambda x: lax.with_sharding_constraint(x, sharding.batch_sharding(mesh)), tree)
 
 
-def _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache,
-           mesh=None) -> DecodeState:
+def _start(model: GPTModel, params: Any, prompt: jax.Array, start: jax.Array, new_slots: int,
+           knobs: Knobs, sampling: SamplingConfig, use_cache: bool,
+           mesh: Mesh | None = None) -> DecodeState:
     """The buffer, and with the cache: the prefilled prompt and the first new token."""
     b, p = prompt.shape
     cfg = model.cfg
@@ -138,22 +139,28 @@ def _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache,
     positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
     variables = {"params": params}
     cache = _split_rows(init_cache(cfg, b, slots, model.dtype), mesh)
-    hidden, cache = model.apply(
+    hidden, cache = cast(tuple[jax.Array, KVCache], model.apply(
         variables, prompt, positions=positions, valid=at >= start[:, None], cache=cache,
         slot=0, method=GPTModel.hidden,
-    )  # [B, P, D]
-    logits = model.apply(variables, hidden[:, -1], method=GPTModel.head)  # [B, V]
+    ))  # [B, P, D]
+    logits = _head(model, variables, hidden[:, -1])  # [B, V]
     return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
 
 
-def _decode(model, params, state, stop, knobs, sampling, prompt_slots) -> DecodeState:
+def _head(model: GPTModel, variables: dict, x: jax.Array) -> jax.Array:
+    """float32 logits `[B, V]` of hidden states `[B, D]` (final_norm and the output head)."""
+    return cast(jax.Array, model.apply(variables, x, method=GPTModel.head))
+
+
+def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | int,
+            knobs: Knobs, sampling: SamplingConfig, prompt_slots: int) -> DecodeState:
     """Generate tokens `state.step .. stop-1` (fewer if every row is done)."""
     b, total = state.tokens.shape
     ctx = model.cfg.context_length
     p = prompt_slots
     variables = {"params": params}
 
-    def running(s: DecodeState, limit) -> jax.Array:
+    def running(s: DecodeState, limit: jax.Array | int) -> jax.Array:
         return (s.step < limit) & ~jnp.all(s.done)
 
     if isinstance(state.cache, KVCache):
@@ -164,9 +171,10 @@ def _decode(model, params, state, stop, knobs, sampling, prompt_slots) -> Decode
         def cached_step(s: DecodeState) -> DecodeState:
             slot = p + s.step - 1  # the slot of the last known token
             last = lax.dynamic_slice_in_dim(s.tokens, slot, 1, axis=1)  # [B, 1]
-            hidden, cache = model.apply(variables, last, positions=(slot - s.start)[:, None],
-                                        cache=s.cache, slot=slot, method=GPTModel.hidden)
-            logits = model.apply(variables, hidden[:, 0], method=GPTModel.head)  # [B, V]
+            hidden, cache = cast(tuple[jax.Array, KVCache], model.apply(
+                variables, last, positions=(slot - s.start)[:, None], cache=s.cache, slot=slot,
+                method=GPTModel.hidden))
+            logits = _head(model, variables, hidden[:, 0])  # [B, V]
             return _write_next(s._replace(cache=cache), logits, knobs, sampling, p)
 
         state = lax.while_loop(lambda s: running(s, cached_stop), cached_step, state)
@@ -180,10 +188,11 @@ def _decode(model, params, state, stop, knobs, sampling, prompt_slots) -> Decode
         at = first + jnp.arange(window)[None, :]  # [1, W]
         positions = jnp.clip(at - row_first[:, None], 0, ctx - 1)  # [B, W]
         toks = lax.dynamic_slice(s.tokens, (0, first), (b, window))  # [B, W]
-        hidden = model.apply(variables, toks, positions=positions, valid=at >= row_first[:, None],
-                             method=GPTModel.hidden)  # [B, W, D]
+        hidden = cast(jax.Array, model.apply(variables, toks, positions=positions,
+                                             valid=at >= row_first[:, None],
+                                             method=GPTModel.hidden))  # [B, W, D]
         last = lax.dynamic_index_in_dim(hidden, known - 1 - first, axis=1, keepdims=False)
-        logits = model.apply(variables, last, method=GPTModel.head)  # [B, V]
+        logits = _head(model, variables, last)  # [B, V]
         return _write_next(s, logits, knobs, sampling, p)
 
     return lax.while_loop(lambda s: running(s, stop), window_step, state)

@@ -115,7 +115,7 @@ def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
     return new[: new.index(eos_id) + 1] if eos_id is not None and eos_id in new else new
 
 
-def _finish(call: _Call, new_tokens: np.ndarray | jax.Array):
+def _finish(call: _Call, new_tokens: np.ndarray | jax.Array) -> jax.Array | list[list[int]]:
     """The user-facing result: prompt + new tokens, as an array or as cut lists."""
     if not call.is_list:
         prompt = jnp.asarray(np.stack(call.rows))

@@ -10,7 +10,7 @@ Shapes: B batch, T prompt tokens, N new tokens, W window, D emb_dim, V vocab_siz
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,8 @@ from jaxgpt.nn.model import GPTModel, model_for
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "context_size"))
-def _generate_simple(params, idx, model: GPTModel, max_new_tokens: int, context_size: int):
+def _generate_simple(params: Any, idx: jax.Array, model: GPTModel, max_new_tokens: int,
+                     context_size: int) -> jax.Array:
     TRACE_COUNTS["generate_text_simple"] += 1
     b, t = idx.shape
     total = t + max_new_tokens
@@ -31,7 +32,7 @@ def _generate_simple(params, idx, model: GPTModel, max_new_tokens: int, context_
     variables = {"params": params}
     buf = jnp.zeros((b, total), jnp.int32).at[:, :t].set(idx)  # [B, T + N]
 
-    def step(i, buf):
+    def step(i: jax.Array, buf: jax.Array) -> jax.Array:
         length = t + i  # tokens known so far
         # The book's crop `idx[:, -context_size:]`. Before the buffer fills, the window starts
         # at 0 and its tail holds not-yet-written slots, which the causal mask keeps out of
@@ -40,7 +41,7 @@ def _generate_simple(params, idx, model: GPTModel, max_new_tokens: int, context_
         ctx = lax.dynamic_slice(buf, (0, start), (b, window))  # [B, W]
         hidden = model.apply(variables, ctx, method=GPTModel.hidden)  # [B, W, D]
         last = lax.dynamic_index_in_dim(hidden, length - start - 1, axis=1, keepdims=False)
-        logits: jax.Array = model.apply(variables, last, method=GPTModel.head)  # type: ignore[assignment]  # [B, V]
+        logits = cast(jax.Array, model.apply(variables, last, method=GPTModel.head))  # [B, V]
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
         return lax.dynamic_update_slice(buf, nxt[:, None], (0, length))
 

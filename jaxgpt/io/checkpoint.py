@@ -155,7 +155,7 @@ def _abstract(tree: Any, shardings: Any = None) -> Any:
     """`ShapeDtypeStruct`s of `tree`'s arrays, with `shardings` (a matching tree) if given,
     else with the leaves' own shardings where they have one."""
 
-    def one(x, sh=None):
+    def one(x: Any, sh: Any = None) -> Any:
         if not hasattr(x, "shape"):
             return x
         sh = sh if sh is not None else getattr(x, "sharding", None)
@@ -212,7 +212,7 @@ def restore_extra(path: str | os.PathLike, target: Any) -> Any:
     if not (path / "extra").exists():
         raise ValueError(f"{path} was saved without extra state")
 
-    def one(x):
+    def one(x: Any) -> Any:
         if isinstance(x, (np.ndarray, np.generic)):
             return np.zeros(x.shape, x.dtype)  # restored as NumPy, identical on every process
         if not hasattr(x, "shape"):

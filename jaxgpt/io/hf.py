@@ -62,7 +62,8 @@ def hf_name_map(cfg: GPTConfig) -> dict[str, tuple[tuple[tuple[str, ...] | None,
     return table
 
 
-def hf_shape(paths, transpose: bool, shapes: Mapping) -> tuple[int, ...]:
+def hf_shape(paths: tuple[tuple[str, ...] | None, ...], transpose: bool,
+             shapes: Mapping) -> tuple[int, ...]:
     """The HF shape of a tensor made of `paths` (a `None` path is shaped like its peers)."""
     known = [tuple(shapes[q].shape) for q in paths if q is not None]
     if not known:  # c_attn bias without qkv_bias: [3D]
@@ -270,7 +271,8 @@ def _read_torch_bin(file: Path) -> dict[str, Any]:
     return dict(sd)
 
 
-def _read_sharded(index: Path, read) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_sharded(index: Path, read: Callable[[Path], Mapping[str, Any]]
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):

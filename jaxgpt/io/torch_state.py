@@ -7,6 +7,7 @@ that need it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,32 +15,41 @@ import jax
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.io.params import flatten, shape_table, to_numpy, unflatten
+from jaxgpt.io.params import Path, flatten, shape_table, to_numpy, unflatten
 
 
-def torch_name_map(cfg: GPTConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-    """state_dict key -> (jaxgpt param path, transpose?) for the book's GPTModel."""
-    table: dict[str, tuple[tuple[str, ...], bool]] = {
-        "tok_emb.weight": (("tok_emb", "embedding"), False),
-        "pos_emb.weight": (("pos_emb", "embedding"), False),
-        "final_norm.scale": (("final_norm", "scale"), False),
-        "final_norm.shift": (("final_norm", "shift"), False),
-    }
-    if not cfg.tie_embeddings:
-        table["out_head.weight"] = (("out_head", "kernel"), True)
-    for i in range(cfg.n_layers):
-        t, j = f"trf_blocks.{i}", f"trf_blocks_{i}"
-        linears = ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0",
-                   "ff.layers.2"]
-        for name in linears:
-            path = (j, *name.replace("layers.", "layers_").split("."))
-            table[f"{t}.{name}.weight"] = (path + ("kernel",), True)
-            if name.startswith("ff.") or name == "att.out_proj" or cfg.qkv_bias:
-                table[f"{t}.{name}.bias"] = (path + ("bias",), False)
-        for norm in ("norm1", "norm2"):
-            for p in ("scale", "shift"):
-                table[f"{t}.{norm}.{p}"] = ((j, norm, p), False)
+def torch_key(path: Path) -> tuple[str, bool]:
+    """The book's state_dict key of the jaxgpt param `path`, and whether it is transposed.
+
+    The book's modules and jaxgpt's have the same names; Flax writes a list index as a suffix
+    (`trf_blocks_3`, `layers_0`) where PyTorch writes a path step (`trf_blocks.3`,
+    `layers.0`), and calls `weight` a `kernel` (transposed) or an `embedding`.
+    """
+    steps = [re.sub(r"_(\d+)$", r".\1", step) for step in path[:-1]]
+    leaf = path[-1]
+    return ".".join([*steps, {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)]), (
+        leaf == "kernel")
+
+
+def torch_name_map(cfg: GPTConfig) -> dict[str, tuple[Path, bool]]:
+    """state_dict key -> (jaxgpt param path, transpose?) for the book's GPTModel, read off the
+    model's own parameters (`GPTModel(cfg)`'s tree), so the two cannot drift apart."""
+    table = {}
+    for path in sorted(shape_table(cfg), key=_book_order):
+        key, transpose = torch_key(path)
+        table[key] = (path, transpose)
     return table
+
+
+# The order the book's `GPTModel` registers its modules in (its state_dict's order).
+_BOOK_ORDER = ("tok_emb", "pos_emb", "trf_blocks", "final_norm", "out_head")
+
+
+def _book_order(path: Path) -> tuple:
+    top, _, block = path[0].rpartition("_") if path[0].startswith("trf_blocks_") else (
+        path[0], "", "0")
+    return _BOOK_ORDER.index(top), int(block), path[1:]
+
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], cfg: GPTConfig) -> dict:
     """Params for `GPTModel(cfg)` from the state_dict of the book's PyTorch `GPTModel`.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -231,6 +232,11 @@ class GPTModel(nn.Module):
         return self.out_head(x).astype(jnp.float32)
 
 
+def head_param_names(cfg: GPTConfig) -> tuple[str, ...]:
+    """The parameters `GPTModel.head` reads: final_norm and the output head (tok_emb if tied)."""
+    return ("final_norm", "tok_emb" if cfg.tie_embeddings else "out_head")
+
+
 def model_for(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
     """The module to apply for `cfg`: `GPTModel(cfg)`, or the caller's variant, checked to be
     a `GPTModel` of that config (generation and training take one as `model=`)."""
@@ -244,7 +250,7 @@ def model_for(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: GPTConfig):
+def _jitted_init(cfg: GPTConfig) -> Callable[..., Any]:
     return jax.jit(GPTModel(cfg).init)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+import tiktoken
 
 from jaxgpt.tokenizer import ENDOFTEXT, get_tokenizer
 
@@ -26,7 +28,7 @@ from jaxgpt.tokenizer import ENDOFTEXT, get_tokenizer
 TOKEN_DTYPE = np.uint16
 
 
-def tokenize_text(text: str, tokenizer=None) -> np.ndarray:
+def tokenize_text(text: str, tokenizer: tiktoken.Encoding | None = None) -> np.ndarray:
     """Token ids `[N]` (uint16) of `text` with the bundled GPT-2 tokenizer (`<|endoftext|>`
     allowed)."""
     tokenizer = tokenizer or get_tokenizer()
@@ -178,7 +180,7 @@ class LoaderState:
         return np.array([self.epoch, self.batch], dtype=np.int64)
 
     @classmethod
-    def from_array(cls, a) -> LoaderState:
+    def from_array(cls, a: npt.ArrayLike) -> LoaderState:
         a = np.asarray(a)
         return cls(int(a[0]), int(a[1]))
 

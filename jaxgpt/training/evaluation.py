@@ -24,7 +24,8 @@ def make_eval_step(cfg: GPTConfig, dtype: str = "float32") -> Callable:
     model = GPTModel(cfg, dtype=DTYPES[dtype])
 
     @jax.jit
-    def eval_step(params, inputs, targets):
+    def eval_step(params: Any, inputs: jax.Array,
+                  targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         return cross_entropy_sum(flat_logits(model, params, inputs), targets.reshape(-1))
 
     return eval_step

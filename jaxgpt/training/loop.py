@@ -56,11 +56,11 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             os.write(2, b"\njaxgpt train: second interrupt: exiting now, without saving\n")
             os._exit(128 + signum)
@@ -71,16 +71,15 @@ class _StopOnSignal:
             f"and saving a checkpoint (Ctrl-C again to quit at once)\n".encode(),
         )
 
-    def __enter__(self):
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        return False
 
 
 def _agreed_signal(signum: int | None) -> int | None:

@@ -78,7 +78,8 @@ def _unchunk(a: jax.Array, n: int) -> jax.Array:
     return a.reshape(-1, *a.shape[2:])[:n]
 
 
-def _nll(logits: jax.Array, targets: jax.Array, ignore_index: int):
+def _nll(logits: jax.Array, targets: jax.Array,
+         ignore_index: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """float32 logits `[L, V]` -> (their logsumexp `[L]`, one-hot targets `[L, V]`, the NLL
     `[L]`, 0 where ignored)."""
     lse = jax.nn.logsumexp(logits, axis=-1)  # [L]
@@ -88,9 +89,13 @@ def _nll(logits: jax.Array, targets: jax.Array, ignore_index: int):
     return lse, onehot, jnp.where(targets != ignore_index, nll, 0.0)
 
 
+HeadFn = Callable[[Any, jax.Array], jax.Array]  # (head params, x [L, D]) -> logits [L, V]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_nll_sum(head_params, x, targets, head, chunks, ignore_index):
-    def body(total, xs):
+def _chunked_nll_sum(head_params: Any, x: jax.Array, targets: jax.Array, head: HeadFn,
+                     chunks: int, ignore_index: int) -> jax.Array:
+    def body(total: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         xc, tc = xs  # [L, D], [L]
         return total + jnp.sum(_nll(head(head_params, xc), tc, ignore_index)[2]), None
 
@@ -99,11 +104,13 @@ def _chunked_nll_sum(head_params, x, targets, head, chunks, ignore_index):
     return total
 
 
-def _chunked_nll_sum_fwd(head_params, x, targets, head, chunks, ignore_index):
+def _chunked_nll_sum_fwd(head_params: Any, x: jax.Array, targets: jax.Array, head: HeadFn,
+                         chunks: int, ignore_index: int) -> tuple[jax.Array, tuple[Any, jax.Array]]:
     # The gradients are computed here, chunk by chunk, while each chunk's logits exist; the
     # backward pass only scales them by the incoming cotangent. Same FLOPs as autodiff of the
     # plain path (logits, dx and dW: three matmuls of the head's size), no recomputation.
-    def body(carry, xs):
+    def body(carry: tuple[jax.Array, Any],
+             xs: tuple[jax.Array, jax.Array]) -> tuple[tuple[jax.Array, Any], jax.Array]:
         total, grads = carry  # [], head_params' float32 gradient so far
         xc, tc = xs  # [L, D], [L]
         logits, pull = jax.vjp(head, head_params, xc)  # [L, V] float32
@@ -122,7 +129,9 @@ def _chunked_nll_sum_fwd(head_params, x, targets, head, chunks, ignore_index):
     return total, (grads, dx)
 
 
-def _chunked_nll_sum_bwd(head, chunks, ignore_index, residuals, g):
+def _chunked_nll_sum_bwd(head: HeadFn, chunks: int, ignore_index: int,
+                         residuals: tuple[Any, jax.Array],
+                         g: jax.Array) -> tuple[Any, jax.Array, None]:
     grads, dx = residuals
     scale = lambda a: a * g.astype(a.dtype)  # noqa: E731
     return jax.tree_util.tree_map(scale, grads), scale(dx), None

@@ -26,7 +26,7 @@ def make_schedule(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     peak, final = float(tc.lr), float(tc.final_lr)
     warmup, decay_steps = tc.warmup_steps, max(tc.steps - tc.warmup_steps, 1)
 
-    def schedule(step):
+    def schedule(step: jax.Array | int) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         warm = peak * (step + 1.0) / max(warmup, 1)
         progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)

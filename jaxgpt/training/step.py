@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax
 import jax
@@ -26,7 +26,7 @@ from jax import lax
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.model import GPTModel, init_params, model_for
+from jaxgpt.nn.model import GPTModel, head_param_names, init_params, model_for
 from jaxgpt.training.config import (
     DTYPES,
     TrainConfig,
@@ -76,11 +76,10 @@ def tree_all_finite(tree: Any) -> jax.Array:
 def _apply(model: GPTModel, variables: dict, x: jax.Array, method: Callable,
            **kwargs: Any) -> jax.Array:
     """`model.apply` of one of its methods that returns an array (no mutable collections)."""
-    out: jax.Array = model.apply(variables, x, method=method, **kwargs)  # type: ignore[assignment]
-    return out
+    return cast(jax.Array, model.apply(variables, x, method=method, **kwargs))
 
 
-def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs) -> jax.Array:
+def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs: Any) -> jax.Array:
     """Logits `[B * T, V]` of `inputs` `[B, T]`: the blocks, then the head on 2-D activations.
 
     Applying the head to `[B * T, D]` rather than `[B, T, D]` keeps the gradient of the
@@ -94,7 +93,8 @@ def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs) -> ja
 
 
 def loss_sum(
-    model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int, **kwargs
+    model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int,
+    **kwargs: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and target count of `inputs`/`targets` `[B, T]`: with `chunk` > 0 the head
     runs inside the chunked loss (`chunked_cross_entropy_sum`), else on all tokens at once."""
@@ -104,14 +104,9 @@ def loss_sum(
     variables = {"params": params}
     hidden = _apply(model, variables, inputs, GPTModel.hidden, **kwargs)  # [B, T, D]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
-    head_params = {name: params[name] for name in _head_param_names(model.cfg)}
+    head_params = {name: params[name] for name in head_param_names(model.cfg)}
     return chunked_cross_entropy_sum(functools.partial(_apply_head, model), head_params, hidden,
                                      targets.reshape(-1), chunk)
-
-
-def _head_param_names(cfg: GPTConfig) -> tuple[str, ...]:
-    """The parameters `GPTModel.head` reads: final_norm and the output head (tok_emb if tied)."""
-    return ("final_norm", "tok_emb" if cfg.tie_embeddings else "out_head")
 
 
 def _apply_head(model: GPTModel, head_params: Any, x: jax.Array) -> jax.Array:
@@ -233,7 +228,8 @@ def _accumulate(grad_fn: GradFn, params: Any, inputs: jax.Array, targets: jax.Ar
 
 
 @functools.lru_cache(maxsize=8)
-def _sharded_train_step(cfg: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh):
+def _sharded_train_step(cfg: GPTConfig, tc: TrainConfig,
+                        mesh: jax.sharding.Mesh) -> tuple[Callable, Any]:
     abstract = jax.eval_shape(lambda: init_train_state(cfg, tc))
     shardings = sharding.tree_shardings(abstract, mesh, tc.fsdp)
     return make_train_step(cfg, tc, mesh, shardings), shardings
