@@ -1,7 +1,8 @@
 """Shared fixtures: a tiny config for fast tests; the 124M config only where the figure matters."""
 
-import importlib.util
+import importlib
 import os
+from types import ModuleType
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,35 +11,83 @@ import pytest
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.nn.cache import init_cache
 
-# What the parity tests compare against. A missing one would silently skip the parity suite,
-# so the run stops instead and says how to install it (`bash .ci/run` installs them all).
+_TORCH = "pip install torch==2.13.0"
+_TEST_EXTRA = 'pip install -e ".[test]"'
+_BOOK = "pip install --no-deps llms-from-scratch==1.0.19"
+# Every module the tests take from outside jaxgpt's own dependencies to compare against (and
+# those of jaxgpt's that the book's modules need), with how to install it. Each is imported for
+# real when the run starts, so a missing module, or one that fails on a missing dependency of
+# its own (`llms_from_scratch.ch05` imports tqdm), stops the run there instead of skipping the
+# parity tests (`bash .ci/run` installs them all). Tests take them with `reference(name)`.
 REFERENCES = {
-    "torch": "pip install torch==2.13.0",
-    "transformers": 'pip install -e ".[test]"',
-    "llms_from_scratch": "pip install --no-deps llms-from-scratch==1.0.19",
+    "torch": _TORCH,
+    "transformers": _TEST_EXTRA,
+    "transformers.models.gpt2.modeling_gpt2": _TEST_EXTRA,  # `import transformers` is lazy
+    "safetensors.numpy": _TEST_EXTRA,
+    "tqdm": _TEST_EXTRA,
+    "matplotlib.pyplot": _TEST_EXTRA,
+    "tiktoken_ext.openai_public": _TEST_EXTRA,
+    "llms_from_scratch.ch02": _BOOK,
+    "llms_from_scratch.ch03": _BOOK,
+    "llms_from_scratch.ch04": _BOOK,
+    "llms_from_scratch.ch05": _BOOK,
 }
 # Set to 1 to run only what needs no reference (the parity tests are then skipped); ignored
-# under CI, where a missing reference is always an error.
+# under CI, where a reference that does not import is always an error.
 SKIP_REFERENCES_ENV = "JAXGPT_TESTS_WITHOUT_REFERENCES"
+# The reference modules as imported when the run started (filled by pytest_configure).
+IMPORTED: dict[str, ModuleType] = {}
 
 
-def missing_references() -> list[str]:
-    return [name for name in REFERENCES if importlib.util.find_spec(name) is None]
+def references_optional() -> bool:
+    """Whether this run may go on without the references (the opt-out, outside CI)."""
+    return os.environ.get(SKIP_REFERENCES_ENV) == "1" and os.environ.get("CI") != "true"
+
+
+def import_references() -> tuple[dict[str, ModuleType], dict[str, str]]:
+    """Import every module of REFERENCES: (the modules, {name: error} of those that failed)."""
+    modules, failed = {}, {}
+    for name in REFERENCES:
+        try:
+            modules[name] = importlib.import_module(name)
+        except Exception as e:  # ImportError, or whatever a broken install raises on import
+            failed[name] = f"{type(e).__name__}: {e}"
+    return modules, failed
+
+
+def require_references(failed: dict[str, str]) -> None:
+    """Stop the run (UsageError) if a reference failed to import, unless the opt-out holds."""
+    if not failed or references_optional():
+        return
+    what = "; ".join(f"{name} ({error})" for name, error in failed.items())
+    how = "; ".join(dict.fromkeys(REFERENCES[name] for name in failed))
+    raise pytest.UsageError(
+        f"the parity tests' references do not import: {what}. Install them ({how}), or run "
+        f"`bash .ci/run`, which installs everything. To run only the tests that need no "
+        f"reference, set {SKIP_REFERENCES_ENV}=1 (not honoured under CI=true)."
+    )
 
 
 def pytest_configure(config):
-    missing = missing_references()
-    if not missing:
-        return
-    allowed = os.environ.get(SKIP_REFERENCES_ENV) == "1" and os.environ.get("CI") != "true"
-    if allowed:
-        return
-    how = "; ".join(REFERENCES[name] for name in missing)
-    raise pytest.UsageError(
-        f"the parity tests' references are not installed: {', '.join(missing)}. Install them "
-        f"({how}), or run `bash .ci/run`, which installs everything. To run only the tests "
-        f"that need no reference, set {SKIP_REFERENCES_ENV}=1 (not honoured under CI=true)."
-    )
+    modules, failed = import_references()
+    require_references(failed)
+    IMPORTED.update(modules)
+
+
+def reference(name: str) -> ModuleType:
+    """The reference module `name` (a key of REFERENCES) as imported when the run started.
+
+    Where it did not import, the run stopped then, unless the opt-out allowed it to go on:
+    then the calling test (or, called at a file's top level, the file) is skipped.
+    """
+    if name not in REFERENCES:
+        raise KeyError(f"{name} is not in conftest.REFERENCES: add it there, so that the run "
+                       f"imports it when it starts")
+    if name in IMPORTED:
+        return IMPORTED[name]
+    if not references_optional():
+        pytest.fail(f"{name} did not import when the run started", pytrace=False)
+    pytest.skip(f"{name} does not import ({SKIP_REFERENCES_ENV}=1)", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -87,9 +136,9 @@ def rng():
 
 
 def torch_reference(cfg_dict, seed=0):
-    """The book's PyTorch GPTModel in eval mode, seeded; skips the test if torch is missing."""
-    torch = pytest.importorskip("torch")
-    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    """The book's PyTorch GPTModel in eval mode, seeded."""
+    torch = reference("torch")
+    ch04 = reference("llms_from_scratch.ch04")
     torch.manual_seed(seed)
     return ch04.GPTModel(cfg_dict).eval()
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.book.ch02 import SimpleTokenizerV2, build_vocab
 from jaxgpt.book.ch03 import (
@@ -17,15 +18,15 @@ from jaxgpt.book.ch03 import (
 
 
 def _torch_out(module, x):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     with torch.no_grad():
         return module.eval()(torch.from_numpy(x)).numpy()
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_self_attention_v2_matches_torch(qkv_bias, rng):
-    torch = pytest.importorskip("torch")
-    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch = reference("torch")
+    ch03 = reference("llms_from_scratch.ch03")
     torch.manual_seed(0)
     ref = ch03.SelfAttention_v2(3, 2, qkv_bias=qkv_bias)
     x = rng.normal(size=(6, 3)).astype(np.float32)  # the book's [6 tokens, 3 dims]
@@ -36,8 +37,8 @@ def test_self_attention_v2_matches_torch(qkv_bias, rng):
 
 
 def test_causal_attention_matches_torch_and_ignores_the_future(rng):
-    torch = pytest.importorskip("torch")
-    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch = reference("torch")
+    ch03 = reference("llms_from_scratch.ch03")
     torch.manual_seed(1)
     ref = ch03.CausalAttention(4, 5, context_length=8, dropout=0.5, qkv_bias=True)
     x = rng.normal(size=(2, 6, 4)).astype(np.float32)
@@ -60,8 +61,8 @@ def test_causal_attention_matches_torch_and_ignores_the_future(rng):
 
 
 def test_multi_head_wrapper_matches_torch(rng):
-    torch = pytest.importorskip("torch")
-    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch = reference("torch")
+    ch03 = reference("llms_from_scratch.ch03")
     torch.manual_seed(2)
     ref = ch03.MultiHeadAttentionWrapper(3, 2, context_length=6, dropout=0.0, num_heads=2)
     x = rng.normal(size=(2, 6, 3)).astype(np.float32)

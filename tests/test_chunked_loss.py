@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, torch_reference
+from conftest import TINY, reference, torch_reference
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.io.torch_state import from_torch_state_dict
@@ -87,8 +87,8 @@ def test_model_loss_grads_with_chunks_equal_the_plain_path(rng, tie):
 
 def test_chunked_loss_grads_match_torch():
     """The book's loss and its gradients w.r.t. every weight, with the head in 4 chunks."""
-    torch = pytest.importorskip("torch")
-    ch05 = pytest.importorskip("llms_from_scratch.ch05")
+    torch = reference("torch")
+    ch05 = reference("llms_from_scratch.ch05")
     cfg = GPTConfig(**TINY)
     ref = torch_reference(TINY, seed=0).train()  # drop_rate 0: deterministic
     params = from_torch_state_dict(ref.state_dict(), cfg)

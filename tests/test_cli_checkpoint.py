@@ -5,14 +5,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.cli import main
 from jaxgpt.io import checkpoint, formats
 from jaxgpt.io.hf import load_pretrained
 from jaxgpt.tokenizer import get_tokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference("torch")
+transformers = reference("transformers")
 
 PROMPT = "Hello, I am"
 NEW = 6

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.tokenizer import get_tokenizer
 from jaxgpt.training.data import (
@@ -24,7 +25,7 @@ TEXT = (
 
 @pytest.mark.parametrize("max_length, stride", [(4, 4), (8, 3), (5, 1)])
 def test_windows_match_the_reference_dataset(max_length, stride):
-    ch02 = pytest.importorskip("llms_from_scratch.ch02")
+    ch02 = reference("llms_from_scratch.ch02")
     ref = ch02.GPTDatasetV1(TEXT, get_tokenizer(), max_length, stride)
     ours = SlidingWindows(tokenize_text(TEXT), max_length, stride)
     assert len(ours) == len(ref) > 0

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, cached_logits, torch_reference
+from conftest import TINY, cached_logits, reference, torch_reference
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.inference import (
@@ -33,8 +33,8 @@ def tiny():
 
 def _reference_run(cfg_dict, prompt, n, seed=0):
     """(jaxgpt params, the book's generate_text_simple tokens) on the same weights."""
-    torch = pytest.importorskip("torch")
-    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    torch = reference("torch")
+    ch04 = reference("llms_from_scratch.ch04")
     model = torch_reference(cfg_dict, seed)
     params = from_torch_state_dict(model.state_dict(), GPTConfig(**cfg_dict))
     out = ch04.generate_text_simple(

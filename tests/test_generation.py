@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import torch_reference
+from conftest import reference, torch_reference
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.inference import generate_text_simple
@@ -12,8 +12,8 @@ from jaxgpt.io.torch_state import from_torch_state_dict
 from jaxgpt.nn import init_params
 from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
-torch = pytest.importorskip("torch")
-ch04 = pytest.importorskip("llms_from_scratch.ch04")
+torch = reference("torch")
+ch04 = reference("llms_from_scratch.ch04")
 
 
 def _reference_tokens(model, ids, max_new_tokens, context_size):

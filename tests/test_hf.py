@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference import generate_text_simple
@@ -26,8 +27,8 @@ from jaxgpt.io.hf_config import gpt_config_to_hf, hf_config_to_gpt
 from jaxgpt.io.params import flatten
 from jaxgpt.nn import GPTModel, count_params, param_shapes
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = reference("torch")
+transformers = reference("transformers")
 
 TINY_HF = dict(vocab_size=100, n_positions=16, n_embd=32, n_head=4, n_layer=2)
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import torch_reference
+from conftest import reference, torch_reference
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.io.torch_state import from_torch_state_dict
@@ -24,9 +24,9 @@ from jaxgpt.nn import (
     size_mb,
 )
 
-torch = pytest.importorskip("torch")
-ch04 = pytest.importorskip("llms_from_scratch.ch04")
-ch03 = pytest.importorskip("llms_from_scratch.ch03")
+torch = reference("torch")
+ch04 = reference("llms_from_scratch.ch04")
+ch03 = reference("llms_from_scratch.ch03")
 
 ATOL = 1e-5
 

@@ -1,30 +1,91 @@
-"""The suite refuses to run without the parity references rather than skipping them."""
+"""The suite refuses to run when a parity reference does not import, rather than skipping the
+tests that compare against it: a missing reference, or a missing dependency of one."""
 
-import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import conftest
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
-def no_torch(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torch" else real(name, *a))
+def hide(monkeypatch):
+    """`hide(*names, reimport=())`: `import name` fails as if the package were not installed,
+    and the modules in `reimport` are forgotten, so the next import runs them anew (and meets
+    the hidden ones); all restored after the test."""
+    def hide(*names, reimport=()):
+        for name in names:
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ModuleNotFoundError
+        for name in reimport:
+            monkeypatch.delitem(sys.modules, name, raising=False)
 
-
-def test_a_missing_reference_stops_the_run(no_torch, monkeypatch):
     monkeypatch.delenv(conftest.SKIP_REFERENCES_ENV, raising=False)
-    assert conftest.missing_references() == ["torch"]
-    with pytest.raises(pytest.UsageError, match=r"not installed: torch\. .*torch==2\.13\.0"):
-        conftest.pytest_configure(None)
+    return hide
 
 
-def test_the_opt_out_is_refused_under_ci(no_torch, monkeypatch):
+def test_a_missing_reference_stops_the_run(hide):
+    hide("torch")
+    _, failed = conftest.import_references()
+    assert list(failed) == ["torch"]
+    with pytest.raises(pytest.UsageError,
+                       match=r"do not import: torch \(ModuleNotFoundError.*torch==2\.13\.0"):
+        conftest.require_references(failed)
+
+
+def test_a_missing_dependency_of_a_reference_stops_the_run(hide, monkeypatch):
+    # The book's chapter 5 imports tqdm, which jaxgpt does not use: once only transformers
+    # brought it, and `importorskip("llms_from_scratch.ch05")` skipped the tests without it.
+    hide("tqdm", reimport=["llms_from_scratch.ch05"])
+    _, failed = conftest.import_references()
+    assert list(failed) == ["tqdm", "llms_from_scratch.ch05"]
+    assert "tqdm" in failed["llms_from_scratch.ch05"]
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv(conftest.SKIP_REFERENCES_ENV, "1")  # not honoured under CI
+    with pytest.raises(pytest.UsageError, match=r"llms_from_scratch\.ch05 \(ModuleNotFound"
+                                                r"Error: .*tqdm.*--no-deps llms-from-scratch"):
+        conftest.require_references(failed)
+
+
+def test_the_opt_out_is_refused_under_ci(monkeypatch):
+    failed = {"torch": "ModuleNotFoundError: No module named 'torch'"}
     monkeypatch.setenv(conftest.SKIP_REFERENCES_ENV, "1")
     monkeypatch.setenv("CI", "false")
-    conftest.pytest_configure(None)  # allowed outside CI
+    conftest.require_references(failed)  # allowed outside CI
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.UsageError, match="not honoured under CI=true"):
-        conftest.pytest_configure(None)
+        conftest.require_references(failed)
 
+
+def test_reference_skips_only_under_the_opt_out(monkeypatch):
+    monkeypatch.setattr(conftest, "IMPORTED", {"torch": sys.modules["torch"]})
+    assert conftest.reference("torch") is sys.modules["torch"]
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv(conftest.SKIP_REFERENCES_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="ch05 did not import"):
+        conftest.reference("llms_from_scratch.ch05")
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="ch05 does not import"):
+        conftest.reference("llms_from_scratch.ch05")
+    with pytest.raises(KeyError, match="not in conftest.REFERENCES"):
+        conftest.reference("tensorflow")  # every reference a test takes is imported at start
+
+
+def test_a_ci_run_without_a_dependency_of_a_reference_fails(tmp_path):
+    """The whole mechanism, as CI meets it: pytest with tqdm missing exits with an error that
+    names it, where the parity tests that need it were once reported skipped and pytest exited
+    0 (a subprocess: the start-up import is what is tested)."""
+    code = ("import sys; sys.modules['tqdm'] = None; import pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+            "'tests/test_chunked_loss.py::test_chunked_loss_grads_match_torch']))")
+    env = dict(os.environ, CI="true", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop(conftest.SKIP_REFERENCES_ENV, None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == pytest.ExitCode.USAGE_ERROR, res.stdout + res.stderr
+    assert "llms_from_scratch.ch05 (ModuleNotFoundError" in res.stderr, res.stderr
+    assert "skipped" not in res.stdout + res.stderr

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.book.ch02 import (
     SimpleTokenizerV1,
@@ -165,8 +166,8 @@ INPUTS = np.array(
 
 
 def test_self_attention_v1_matches_torch_and_v2_with_its_weights():
-    torch = pytest.importorskip("torch")
-    ch03 = pytest.importorskip("llms_from_scratch.ch03")
+    torch = reference("torch")
+    ch03 = reference("llms_from_scratch.ch03")
     torch.manual_seed(123)
     ref = ch03.SelfAttention_v1(3, 2)
     params = params_from_torch(ref.state_dict())
@@ -208,7 +209,7 @@ def test_self_attention_v1_matches_torch_and_v2_with_its_weights():
 
 def _book_dummy_gpt(cfg):
     """The book's DummyGPTModel (chapter 4, listing 4.1), ported to the test."""
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     from torch import nn
 
     class BookDummyTransformerBlock(nn.Module):
@@ -251,7 +252,7 @@ def _book_dummy_gpt(cfg):
 
 
 def _dummy_logits_both(cfg_dict, batch, seed):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     torch.manual_seed(seed)
     ref = _book_dummy_gpt(cfg_dict).eval()
     with torch.no_grad():
@@ -328,7 +329,7 @@ def test_dummy_gpt_has_gpt_model_names_and_refuses_bad_input(tiny_cfg):
 
 def _book_shortcut_model(layer_sizes, use_shortcut):
     """The book's GELU and ExampleDeepNeuralNetwork (chapter 4), ported to the test."""
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     from torch import nn
 
     class BookGELU(nn.Module):
@@ -369,7 +370,7 @@ def _book_shortcut_model(layer_sizes, use_shortcut):
 
 def book_print_gradients(model, x):
     """The book's print_gradients (chapter 4), ported to the test."""
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     output = model(x)
     target = torch.tensor([[0.0]])
     loss = torch.nn.MSELoss()
@@ -390,7 +391,7 @@ def _parse(printed):
 
 @pytest.mark.parametrize("use_shortcut", [False, True])
 def test_print_gradients_matches_the_book_function(use_shortcut, capsys):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     torch.manual_seed(123)
     ref = _book_shortcut_model(list(LAYER_SIZES), use_shortcut)
     book_print_gradients(ref, torch.tensor(SAMPLE_INPUT))
@@ -421,8 +422,8 @@ def test_print_gradients_matches_the_book_function(use_shortcut, capsys):
 def test_print_gradients_on_the_gpt_lists_the_weights_the_book_lists(tiny_dict, capsys):
     # On a whole GPTModel: the book keeps parameters named "weight" (Linear and Embedding, not
     # biases or LayerNorm scale/shift); jaxgpt keeps Dense kernels and embeddings: the same set.
-    torch = pytest.importorskip("torch")
-    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    torch = reference("torch")
+    ch04 = reference("llms_from_scratch.ch04")
     torch.manual_seed(0)
     ref = ch04.GPTModel(tiny_dict).eval()
     idx = np.arange(8)[None] % tiny_dict["vocab_size"]  # [1, 8]
@@ -441,7 +442,7 @@ def test_print_gradients_on_the_gpt_lists_the_weights_the_book_lists(tiny_dict, 
 
 
 def test_shortcut_script_prints_the_book_experiment(capsys):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     script = runpy.run_path(str(ROOT / "scripts" / "shortcut_gradients.py"), run_name="script")
     assert script["main"](["--torch-seed", "123"]) == 0
     header, without, with_ = re.split(

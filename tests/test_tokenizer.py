@@ -7,6 +7,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
+from conftest import reference
 
 from jaxgpt.tokenizer import (
     GPT2_PAT_STR,
@@ -44,7 +45,7 @@ def test_encoding_is_gpt2():
 
 
 def test_split_pattern_is_tiktokens_gpt2_pattern():
-    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    openai_public = reference("tiktoken_ext.openai_public")
     assert GPT2_PAT_STR == openai_public.r50k_pat_str
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, torch_reference
+from conftest import TINY, reference, torch_reference
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.io import checkpoint
@@ -22,7 +22,7 @@ from jaxgpt.training.step import init_train_state, make_train_step
 
 
 def test_cross_entropy_matches_torch_with_ignore_index(rng):
-    torch = pytest.importorskip("torch")
+    torch = reference("torch")
     logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
     targets = rng.integers(0, 11, size=(3, 7))
     targets[0, :4] = -100
@@ -102,8 +102,8 @@ def test_adamw_training_matches_torch_reference():
       CPU's rounding; the two sides then differ by at most 2 sum_t lr_t C_t. On an AMD EPYC one
       such weight of `ff.layers.2` differs by 2.3e-5, on other CPUs less. They must be few.
     """
-    torch = pytest.importorskip("torch")
-    ch05 = pytest.importorskip("llms_from_scratch.ch05")
+    torch = reference("torch")
+    ch05 = reference("llms_from_scratch.ch05")
     cfg_dict = dict(TINY, qkv_bias=False)
     tiny_cfg = GPTConfig(**cfg_dict)
     ref = torch_reference(cfg_dict, seed=0).train()  # drop_rate 0: train mode is deterministic

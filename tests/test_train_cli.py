@@ -240,7 +240,7 @@ def test_resume_without_a_checkpoint_fails_naming_the_directory(tmp_path, tiny_f
 
 
 def test_the_loss_plot_legend_covers_no_data(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib  # a dependency of jaxgpt's default install (see the last test here)
     from matplotlib.figure import Figure
 
     from jaxgpt.training.progress import plot_losses

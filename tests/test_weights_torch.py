@@ -3,12 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from conftest import torch_reference
+from conftest import reference, torch_reference
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
 
-torch = pytest.importorskip("torch")
+torch = reference("torch")
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
