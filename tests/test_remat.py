@@ -1,15 +1,23 @@
-"""Rematerialisation (`TrainConfig.remat`, `GPTModel.remat`): the same loss and gradients as
-keeping every activation, dropout included; the modes, their validation, and configs saved
-before the modes existed (remat true/false)."""
+"""Rematerialisation (`TrainConfig.remat`, `GPTModel.remat`): the gradient's program holds one
+rematerialised region per block with the mode's policy, and keeps for the backward pass what
+the mode says; the same loss and gradients as keeping every activation, dropout included;
+generation drops it; the modes, their validation, and configs saved before the modes existed
+(remat true/false)."""
+
+import re
 
 import jax
+import jax.ad_checkpoint
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgpt.cli import build_parser
 from jaxgpt.config import GPTConfig
+from jaxgpt.inference import Generator, generate
 from jaxgpt.nn import GPTModel, init_params
+from jaxgpt.nn import model as model_module
 from jaxgpt.training import run_dir
 from jaxgpt.training.config import TrainConfig, resolve_remat
 from jaxgpt.training.loss import cross_entropy_loss
@@ -20,14 +28,44 @@ DROPPY = dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers
               drop_rate=0.1, qkv_bias=True)
 
 
-def _loss_and_grads(cfg, params, tokens, remat, key):
+def _loss_fn(cfg, tokens, remat, key):
+    """params -> the training loss of `GPTModel(cfg, remat=remat)`, dropout on."""
     model = GPTModel(cfg, remat=remat)
 
     def loss(p):
         logits = model.apply({"params": p}, tokens, False, rngs={"dropout": key})  # [B, T, V]
         return cross_entropy_loss(logits, jnp.roll(tokens, -1, axis=1))
 
-    return jax.jit(jax.value_and_grad(loss))(params)
+    return loss
+
+
+def _loss_and_grads(cfg, params, tokens, remat, key):
+    return jax.jit(jax.value_and_grad(_loss_fn(cfg, tokens, remat, key)))(params)
+
+
+def _remat_policies(jaxpr):
+    """The policy of every rematerialised region (`checkpoint` equation) in `jaxpr`, nested
+    ones included (None: save nothing, recompute the whole region)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is jax.extend.core.primitives.remat_p:
+            found.append(eqn.params["policy"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _remat_policies(sub)
+    return found
+
+
+def _grad_remat_policies(cfg, params, tokens, remat):
+    """The rematerialised regions of the gradient's program (where the backward pass
+    recomputes), with their policies."""
+    loss = _loss_fn(cfg, tokens, remat, jax.random.PRNGKey(1))
+    return _remat_policies(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+
+# The policy each mode names (see `block_class`): "attention" keeps the outputs of matmuls
+# without batch dimensions, "block" keeps nothing inside the block.
+POLICIES = {"attention": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            "block": None, True: None}
 
 
 def _worst(grads, ref):
@@ -57,10 +95,53 @@ def test_remat_gives_the_loss_and_gradients_of_no_remat_with_dropout_on(remat, r
     # random weights are not sums of much larger cancelling terms: 1e-5 of a leaf's scale.
     assert float(loss) == pytest.approx(float(loss0), rel=1e-6)
     assert _worst(grads, grads0) < 1e-5
+    # What was compared is a program that recomputes (else the equality above is trivial).
+    assert _grad_remat_policies(cfg, params, tokens, remat) == [POLICIES[remat]] * cfg.n_layers
     # Positive control: masks drawn from another key move the gradients by percents, so a
     # recomputation that drew masks other than the forward pass's would fail the bound above.
     _, other = _loss_and_grads(cfg, params, tokens, "none", jax.random.PRNGKey(2))
     assert _worst(other, grads0) > 1e-2
+
+
+@pytest.mark.parametrize("remat", ["none", "attention", "block"])
+def test_the_gradient_recomputes_each_block_with_the_modes_policy(remat, rng):
+    cfg = GPTConfig(**DROPPY)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, cfg.context_length)), jnp.int32)
+    policies = _grad_remat_policies(cfg, init_params(cfg, 0), tokens, remat)
+    assert policies == ([] if remat == "none" else [POLICIES[remat]] * cfg.n_layers)
+
+
+def _saved_residuals(cfg, params, tokens, remat, capsys):
+    """(shape, what made it) of every array the forward pass keeps for the backward pass."""
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(
+        _loss_fn(cfg, tokens, remat, jax.random.PRNGKey(1)), params)
+    lines = capsys.readouterr().out.splitlines()
+    found = [re.match(r"^\w+\[([\d,]*)\] (.*)$", line) for line in lines]
+    assert lines and all(found), lines
+    return [(tuple(int(d) for d in m.group(1).split(",") if d), m.group(2)) for m in found]
+
+
+def test_each_mode_keeps_what_it_says_for_the_backward_pass(rng, capsys):
+    """"none" keeps every layer's `[B, H, T, T]` attention weights; "attention" keeps none of
+    them but the 2-D matmul outputs (projections and feed-forward) of every block; "block"
+    keeps no matmul output at all, only the blocks' inputs."""
+    cfg = GPTConfig(**DROPPY)
+    params = init_params(cfg, 0)
+    b, t, h = 2, cfg.context_length, cfg.n_heads
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+
+    def kept(remat):
+        saved = _saved_residuals(cfg, params, tokens, remat, capsys)
+        scores = [s for s, _ in saved if np.prod(s) == b * h * t * t]
+        dots = [s for s, what in saved if what.startswith("output of dot_general")]
+        return len(scores), len(dots)
+
+    n = cfg.n_layers
+    none, attention, block = kept("none"), kept("attention"), kept("block")
+    assert none[0] >= n  # the positive control: the scores are found where they are kept
+    assert attention[0] == 0 and attention[1] >= 4 * n  # at least Q, K, V and out_proj
+    assert block == (0, 0)
 
 
 def test_remat_modes_and_old_bools():
@@ -120,14 +201,25 @@ def test_resume_compares_remat_as_modes_so_old_bools_load(monkeypatch, saved, no
     assert len(lines) == int(warned)
 
 
-def test_generation_ignores_remat(rng):
-    # Generation applies a clone with remat off; a model built with remat still generates the
-    # same greedy tokens as one without.
-    from jaxgpt import generate
-
-    cfg = GPTConfig(**DROPPY)
+@pytest.mark.parametrize("remat", ["attention", "block"])
+def test_generation_builds_its_model_without_remat(remat, monkeypatch, rng):
+    """Generator (and so generate and generate_stream) applies the caller's model with remat
+    off: it only costs recomputation where no gradient is taken. Read off the blocks the traced
+    program builds, as remat never changes a forward value (the tokens could not tell)."""
+    # A vocabulary no other test compiles for, one per mode: every call here traces anew.
+    cfg = GPTConfig(**{**DROPPY, "vocab_size": 90 + len(remat)})
     params = init_params(cfg, 0)
+    model = GPTModel(cfg, remat=remat)
+    built = []
+    real = model_module.block_class
+    monkeypatch.setattr(model_module, "block_class",
+                        lambda mode: built.append(model_module.remat_mode(mode)) or real(mode))
     prompts = np.asarray(rng.integers(0, cfg.vocab_size, (2, 4)), np.int32)
-    plain = generate(params, cfg, prompts, 4)
-    assert np.array_equal(generate(params, cfg, prompts, 4, model=GPTModel(cfg, remat="attention")),
-                          plain)
+    model.apply({"params": params}, prompts)
+    assert built == [remat]  # the positive control: the recorder sees the mode it is given
+    built.clear()
+    for batch in (1, 2):
+        applied, _ = Generator(params, cfg, model=model).weights(batch)
+        assert model_module.remat_mode(applied.remat) == "none"
+    generate(params, cfg, prompts, 4, model=model)
+    assert built and set(built) == {"none"}
