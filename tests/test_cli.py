@@ -26,10 +26,44 @@ def _run(*args, tmp_path, env=None):
     "preset, params, mb",
     [("gpt2-small", "163,009,536", "621.83"), ("gpt2-xl", "1,637,792,000", "6247.68")],
 )
-def test_info_prints_counts_without_allocating(capsys, preset, params, mb):
+def test_info_prints_counts_without_allocating(capsys, monkeypatch, preset, params, mb):
+    import jax
+
+    from jaxgpt.nn import model
+
+    counted = []  # (the tree's leaves, bytes of live arrays) at each count
+    real = model.count_params
+
+    def spy(tree):
+        counted.append((jax.tree_util.tree_leaves(tree),
+                        sum(a.nbytes for a in jax.live_arrays())))
+        return real(tree)
+
+    monkeypatch.setattr(model, "count_params", spy)
+    before = sum(a.nbytes for a in jax.live_arrays())
     assert main(["info", "--preset", preset]) == 0
     out = capsys.readouterr().out
     assert f"parameters: {params}" in out and f"size_fp32_mb: {mb}" in out
+    assert counted
+    for leaves, live in counted:  # shapes only, and no new array (the smallest weighs 622 MB)
+        assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+        assert live - before < 2**20
+
+
+def test_info_of_gpt2_xl_stays_far_below_its_weights_in_memory(tmp_path):
+    """The peak resident memory of a process that ran `jaxgpt info --preset gpt2-xl`: weights
+    made and dropped again would show there (6.55 GB in float32; the process needs ~0.35 GB)."""
+    code = ("import resource, sys; from jaxgpt.cli import main; "
+            "rc = main(['info', '--preset', 'gpt2-xl']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    peak = int(res.stderr.split()[-1]) * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
+    weights = 1_637_792_000 * 4
+    assert peak < weights / 4
 
 
 def test_info_tied(capsys):
