@@ -369,6 +369,13 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_files):
     assert rc == 130, err
     assert "second interrupt: exiting now, without saving" in err
     assert "Resume with" not in err and "Traceback" not in err
+    # Nothing saved: no step_* (the second Ctrl-C has so far always come before the save began,
+    # so no temporary either). Were it cut short mid-save, the one thing allowed is the hidden
+    # temporary of that save (`.step_N.tmp-PID-HEX`), which the next save of the run removes.
+    written = sorted(p.relative_to(run.out).as_posix() for p in run.out.rglob("*"))
+    temporary = re.compile(
+        rf"checkpoints(/\.step_\d{{8}}\.tmp-{run.proc.pid}-[0-9a-f]{{8}}(/.*)?)?$")
+    assert [w for w in written if w != "metrics.jsonl" and not temporary.match(w)] == [], written
 
 
 def test_matplotlib_is_a_dependency_of_the_default_install():
