@@ -207,21 +207,20 @@ def test_bf16_decoding_logits_are_close_to_fp32(tiny, rng):
 
 
 def test_bf16_generate_picks_fp32_tokens_where_the_margin_allows(tiny, rng):
-    """bf16 tokens equal fp32 ones at every step whose fp32 top-2 margin exceeds twice the
-    bf16 logit error bound (then no rounding within the bound can swap the argmax)."""
+    """At every step whose fp32 top-2 margin, given the tokens bf16 chose before it, exceeds
+    twice the bf16 logit error bound, bf16 chose fp32's token: no rounding within the bound
+    can swap the argmax there. Given bf16's own prefix, every such step is compared, not only
+    those before the first near-tie."""
     cfg, params = tiny
     prompt = rng.integers(0, cfg.vocab_size, (3, 4))
-    fp32 = np.asarray(generate(params, cfg, prompt, 8))
-    bf16 = np.asarray(generate(params, cfg, prompt, 8, dtype=jnp.bfloat16))
-    logits = np.asarray(GPTModel(cfg).apply({"params": params}, fp32))[:, 3:-1]  # [B, 8, V]
+    bf16 = np.asarray(generate(params, cfg, prompt, 8, dtype=jnp.bfloat16))  # [3, 12]
+    logits = np.asarray(GPTModel(cfg).apply({"params": params}, bf16))[:, 3:-1]  # [B, 8, V]
     top2 = np.sort(logits, axis=-1)[..., -2:]
     safe = (top2[..., 1] - top2[..., 0]) > 2 * _BF16_REL * np.abs(logits).max()  # [B, 8]
-    compared = 0
-    for b in range(3):
-        k = int(np.argmin(safe[b])) if not safe[b].all() else 8  # steps before the first tie
-        np.testing.assert_array_equal(bf16[b, 4:4 + k], fp32[b, 4:4 + k])
-        compared += k
-    assert compared >= 3  # the test compared something
+    np.testing.assert_array_equal(bf16[:, 4:][safe], logits.argmax(-1)[safe])
+    # The top two of 100 random logits lie ~1/3 of their spread apart and the largest ~2.5
+    # spreads out, so the margin exceeds 4% of it at about 3 steps in 4 (here 16 of 24).
+    assert safe.sum() >= safe.size // 2
 
 
 # --- top-p through generate and the CLI ---------------------------------------------------------
