@@ -257,23 +257,46 @@ def test_top_p_sampling_through_generate(tiny, rng):
 
 
 def test_cli_top_p_samples_from_the_nucleus(monkeypatch, capsys):
-    from jaxgpt import cli
+    """Every token `jaxgpt generate --top-p 0.3` prints lies in the nucleus that the fp32
+    logits of its prefix give (computed here in NumPy), where one drawn without --top-p from
+    the same key mostly does not."""
+    from jaxgpt import cli, tokenizer
     from jaxgpt.cli import generate as generate_command
-    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 
     cfg = GPTConfig(**{**TINY, "vocab_size": 50257})
     params = init_params(cfg, 3)
     monkeypatch.setattr(generate_command, "load_model", lambda args: (cfg, params, "tiny"))
+    printed = []  # the token ids the command turns into text
+    real = tokenizer.token_ids_to_text
+
+    def spy(ids, tok=None):
+        printed.append([int(i) for i in ids])
+        return real(ids, tok)
+
+    monkeypatch.setattr(tokenizer, "token_ids_to_text", spy)
     argv = ["generate", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "1.0",
             "--seed", "4"]
+    apply = jax.jit(GPTModel(cfg).apply)
+    p = len(tokenizer.text_to_token_ids("Hello")[0])
+
+    def mass_before(ids):
+        """For each new token: the probability of the tokens more likely than it."""
+        logits = np.asarray(apply({"params": params}, jnp.asarray([ids])), np.float64)[0]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))  # [T, V]
+        probs /= probs.sum(-1, keepdims=True)
+        return [probs[i][probs[i] > probs[i, ids[i + 1]]].sum() for i in range(p - 1, len(ids) - 1)]
+
     assert cli.main([*argv, "--top-p", "0.3"]) == 0
-    printed = capsys.readouterr().out
-    tokenizer = get_tokenizer()
-    prompt = [int(t) for t in text_to_token_ids("Hello", tokenizer)[0]]
-    want = generate(params, cfg, [prompt], 8, temperature=1.0, top_p=0.3, key=jax.random.key(4))
-    assert printed == token_ids_to_text(want[0], tokenizer) + "\n"
-    assert cli.main(argv) == 0  # without --top-p: another draw from the same key
-    assert capsys.readouterr().out != printed
+    out = capsys.readouterr().out
+    (ids,) = printed
+    assert out == real(ids) + "\n" and len(ids) == p + 8
+    # jaxgpt sums the sorted probabilities in float32: over <= 50257 terms, each rounding off by
+    # at most 2^-24 of the running sum, the mass before a token is within 50257 * 2^-24 = 3e-3.
+    assert max(mass_before(ids)) < 0.3 + 3e-3
+    printed.clear()
+    assert cli.main(argv) == 0  # without --top-p: a draw from the whole distribution
+    assert capsys.readouterr().out != out
+    assert max(mass_before(printed[0])) > 0.3 + 3e-3  # the check above can fail
 
 
 def test_generate_runs_the_same_jit_for_equal_variants(tiny):
