@@ -1,6 +1,7 @@
 """`jaxgpt.generate`: KV cache = recomputing = the book, past the context, ragged rows, EOS,
 sampling, bounded compiles, streaming, argument errors."""
 
+import math
 import types
 
 import jax
@@ -8,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, cached_logits, reference, torch_reference
+from jax import lax
 
+from jaxgpt import aot
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.inference import (
     decode,
@@ -92,12 +95,13 @@ def test_layouts_per_backend():
 
 
 def _cache_arrays_in_loop(params, cfg, batch, dtype):
-    """(in-place updates, copies) of cache-sized arrays in the compiled generation loop."""
+    """(in-place updates of cache-sized arrays in the compiled generation program, and
+    `aot.loop_stats` of its decoding loop, whose `cache_copies` are the copies, transposes and
+    other whole writes of a cache-sized array inside the loop)."""
     shape = decode.program_shape(cfg, 5, 12)
     rows = generator._batch([np.arange(5, dtype=np.int32)] * batch, cfg, shape.prompt_slots)
     p, new_slots, slots = shape
     assert new_slots == 16 and slots == p + min(new_slots, cfg.context_length)
-    assert slots != min(p + new_slots, cfg.context_length)
     assert slots != min(p + new_slots, cfg.context_length)
     model, prepared = generator.Generator(params, cfg, dtype=dtype).weights(batch)
     hlo = decode.generate_tokens.lower(
@@ -110,21 +114,49 @@ def _cache_arrays_in_loop(params, cfg, batch, dtype):
     lines = [line.strip() for line in hlo.splitlines() if shape in line]
     updates = [line for line in lines
                if " dynamic-update-slice(" in line or line.startswith("%dynamic-update-slice")]
-    return updates, [line for line in lines if " copy(" in line]
+    return updates, aot.loop_stats(hlo, batch * cfg.n_heads * slots * cfg.head_dim)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_decode_loop_updates_the_cache_in_place(batch, dtype):
-    """No copy of a layer's cache in the compiled loop (XLA:CPU once copied each one twice a
-    step, a third of the step time at B=1). Slots and the recomputed window differ in size
-    here, so a copy of the cache cannot be mistaken for one of the window's. The positive
-    control: the check finds the cache's own in-place updates (keys and values of every
-    layer), so a change in how XLA prints them cannot make it pass vacuously."""
+    """No copy of a layer's cache in the compiled float32 loop (XLA:CPU once copied each one
+    twice a step, a third of the step time at B=1); in bf16, only XLA:CPU's conversions.
+    Slots and the recomputed window differ in size here, so a copy of the cache cannot be
+    mistaken for one of the window's. The positive controls: the check finds the cache's own
+    in-place updates (keys and values of every layer), so a change in how XLA prints them
+    cannot make it pass vacuously, and it finds a copy and a transpose of a cache in a loop
+    compiled here (the test after this one)."""
     cfg = GPTConfig(**TINY)  # context_length 16
-    updates, copies = _cache_arrays_in_loop(init_params(cfg, 0), cfg, batch, dtype)
+    updates, loop = _cache_arrays_in_loop(init_params(cfg, 0), cfg, batch, dtype)
     assert len(updates) >= 2 * cfg.n_layers, updates
-    assert copies == []
+    if dtype == "bfloat16":
+        # XLA:CPU has no bf16 arithmetic: each step it converts every layer's bf16 keys and
+        # values to f32 and back around the update, whole (fusions named *convert*). Nothing
+        # else may write a cache; on GPU and TPU the bf16 loop has none (tests/test_aot.py).
+        assert all("convert" in c for c in loop.cache_copies), loop.cache_copies
+    else:
+        assert loop.cache_copies == []
+
+
+@pytest.mark.parametrize("how", ["copy", "transpose"])
+def test_the_cache_copy_check_finds_a_copy_and_a_transpose_in_a_loop(how):
+    """A loop that updates its cache and also carries the cache as it was (so the update
+    cannot happen in place), or carries it transposed: on this backend too, the check above
+    finds the cache-sized copy or transpose in the loop."""
+    shape = (8, 32, 32)
+
+    def f(cache, x):  # cache [8, 32, 32], x [8, 32]
+        def body(c):
+            i, cache, old = c
+            new = lax.dynamic_update_slice(cache, x[:, None, :] * i.astype(x.dtype), (0, i, 0))
+            return (i + 1, new, cache) if how == "copy" else (i + 1, new.swapaxes(1, 2), old)
+
+        return lax.while_loop(lambda c: c[0] < 32, body, (0, cache, cache))[1:]
+
+    args = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((8, 32), jnp.float32))
+    loop = aot.loop_stats(jax.jit(f).lower(*args).compile().as_text(), math.prod(shape))
+    assert any(how in c for c in loop.cache_copies), loop.cache_copies
 
 
 # --- one model: a change to jaxgpt.nn reaches every generation path ----------------------------
