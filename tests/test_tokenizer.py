@@ -1,6 +1,9 @@
 """The bundled GPT-2 tokenizer: tiktoken's gpt2 ids, with no network and no cache."""
 
+import base64
 import hashlib
+import json
+import math
 import subprocess
 import sys
 from importlib import resources
@@ -49,9 +52,58 @@ def test_split_pattern_is_tiktokens_gpt2_pattern():
     assert GPT2_PAT_STR == openai_public.r50k_pat_str
 
 
-def test_shipped_ranks_are_the_gpt2_file():
+def _openai_files(ranks):
+    """OpenAI's `vocab.bpe` and `encoder.json` (bytes) that BPE `ranks` {token: rank} imply:
+    the merges in rank order, each the pair that byte-pair encoding with the lower ranks
+    splits its token into, and every token with its id, bytes spelled as GPT-2 spells them."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    spell = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+    def text(token):
+        return "".join(spell[b] for b in token)
+
+    def halves(token):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            rank, i = min((ranks.get(a + b, math.inf), i)
+                          for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False)))
+            assert rank < ranks[token], token
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    order = sorted(ranks, key=ranks.get)
+    merges = [" ".join(map(text, halves(token))) for token in order[256:]]
+    vocab = "#version: 0.2\n" + "\n".join(merges) + "\n"
+    encoder = {text(token): ranks[token] for token in order} | {"<|endoftext|>": 50256}
+    return vocab.encode(), json.dumps(encoder).encode()
+
+
+def test_shipped_ranks_are_the_gpt2_file(tmp_path, monkeypatch):
+    """The shipped ranks are OpenAI's: the `vocab.bpe` and `encoder.json` they imply have the
+    sha256 that tiktoken pins for `get_encoding("gpt2")`, and tiktoken builds these very ranks
+    from those files. Nothing but the file comes from jaxgpt."""
+    openai_public = reference("tiktoken_ext.openai_public")
+    import tiktoken.load
+
     data = resources.files("jaxgpt").joinpath("assets/gpt2.tiktoken").read_bytes()
-    assert hashlib.sha256(data).hexdigest() == GPT2_RANKS_SHA256
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in data.splitlines())}
+    pinned = {}  # tiktoken's recipe for gpt2, its downloads and checks left out
+    monkeypatch.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks",
+                        lambda **kwargs: pinned.update(kwargs) or {})
+    openai_public.gpt2()
+    vocab, encoder = _openai_files(ranks)
+    assert hashlib.sha256(vocab).hexdigest() == pinned["vocab_bpe_hash"]
+    assert hashlib.sha256(encoder).hexdigest() == pinned["encoder_json_hash"]
+    (tmp_path / "vocab.bpe").write_bytes(vocab)
+    (tmp_path / "encoder.json").write_bytes(encoder)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    built = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(tmp_path / "vocab.bpe"), str(tmp_path / "encoder.json"),
+        vocab_bpe_hash=pinned["vocab_bpe_hash"], encoder_json_hash=pinned["encoder_json_hash"])
+    assert built == ranks
+    assert hashlib.sha256(data).hexdigest() == GPT2_RANKS_SHA256  # what jaxgpt checks on load
 
 
 def test_round_trip_of_unicode_and_whitespace():
