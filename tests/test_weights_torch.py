@@ -1,4 +1,5 @@
-"""state_dict of the book's PyTorch GPTModel <-> jaxgpt params."""
+"""state_dict of the book's PyTorch GPTModel <-> jaxgpt params: each direction checked by the
+logits of the model it feeds, not only by the other direction."""
 
 import jax
 import numpy as np
@@ -7,14 +8,59 @@ from conftest import reference, torch_reference
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
+from jaxgpt.nn import GPTModel, init_params
 
 torch = reference("torch")
+
+
+def _random_norms(ref, seed):
+    """The book's model with random LayerNorm scales and shifts: they start at 1 and 0, where a
+    swapped norm mapping (norm1 for norm2, scale for shift) would change nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith((".scale", ".shift")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + name.endswith(".scale"))
+    return ref
+
+
+def _torch_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.from_numpy(ids)).numpy()
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_from_torch_gives_the_books_logits(tiny_dict, qkv_bias, rng):
+    tiny_dict["qkv_bias"] = qkv_bias
+    ref = _random_norms(torch_reference(tiny_dict, seed=5), seed=5)
+    cfg = GPTConfig(**tiny_dict)
+    ids = rng.integers(0, cfg.vocab_size, (2, cfg.context_length))
+    logits = GPTModel(cfg).apply({"params": from_torch_state_dict(ref.state_dict(), cfg)}, ids)
+    # fp32 on both sides, the same operations in another order: roundings of ~1e-7 of logits
+    # of up to ~2.5 (here 6e-7 apart), within the suite's parity bound of 1e-5.
+    np.testing.assert_allclose(logits, _torch_logits(ref, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_to_torch_gives_jaxgpts_logits_in_the_book_model(tiny_dict, qkv_bias, rng):
+    tiny_dict["qkv_bias"] = qkv_bias
+    cfg = GPTConfig(**tiny_dict)
+    flat, tree = jax.tree_util.tree_flatten_with_path(init_params(cfg, 6))
+    keys = jax.random.split(jax.random.PRNGKey(6), len(flat))
+    params = jax.tree_util.tree_unflatten(tree, [  # norms and biases random too (init: 1 and 0)
+        a + 0.5 * jax.random.normal(key, a.shape) if path[-1].key in ("scale", "shift", "bias")
+        else a for (path, a), key in zip(flat, keys, strict=True)])
+    ref = torch_reference(tiny_dict, seed=0)
+    ref.load_state_dict(to_torch_state_dict(params, cfg))
+    ids = rng.integers(0, cfg.vocab_size, (2, cfg.context_length))
+    np.testing.assert_allclose(_torch_logits(ref, ids),
+                               GPTModel(cfg).apply({"params": params}, ids), atol=1e-5)
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_round_trip_torch_jaxgpt_torch_is_exact(tiny_dict, qkv_bias):
     tiny_dict["qkv_bias"] = qkv_bias
-    ref = torch_reference(tiny_dict, seed=5)
+    ref = _random_norms(torch_reference(tiny_dict, seed=5), seed=5)
     cfg = GPTConfig(**tiny_dict)
     back = to_torch_state_dict(from_torch_state_dict(ref.state_dict(), cfg), cfg)
     sd = ref.state_dict()
