@@ -89,3 +89,12 @@ def test_a_ci_run_without_a_dependency_of_a_reference_fails(tmp_path):
     assert res.returncode == pytest.ExitCode.USAGE_ERROR, res.stdout + res.stderr
     assert "llms_from_scratch.ch05 (ModuleNotFoundError" in res.stderr, res.stderr
     assert "skipped" not in res.stdout + res.stderr
+
+
+def test_no_test_skips_on_a_failed_import():
+    """`pytest.importorskip` skips on any ImportError, a missing dependency of the module
+    included; tests take the references from `conftest.reference` instead."""
+    here = Path(__file__)
+    users = [p.name for p in sorted(here.parent.glob("*.py"))
+             if p != here and "importorskip(" in p.read_text()]
+    assert users == []
