@@ -57,6 +57,8 @@ def read_checkpoint(path: str) -> tuple[GPTConfig, Any, str]:
     fmt = checkpoint_format(path)
     try:
         cfg, params = checkpoint.restore(path) if fmt == "orbax" else hf.load_pretrained(path)
+    except checkpoint.CheckpointError as e:  # names the checkpoint itself
+        raise SystemExit(f"jaxgpt: {e}") from e
     except (OSError, ValueError) as e:
         raise SystemExit(f"jaxgpt: cannot load the {FORMAT_NAMES[fmt]} {path}: {e}") from e
     return cfg, params, fmt
