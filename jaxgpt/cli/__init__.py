@@ -7,6 +7,7 @@ Each command is a module of this package with an `add(sub)` that declares its fl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxgpt.cli import attention, convert, generate, info, train
@@ -26,12 +27,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the `jaxgpt` command `argv` (default: the process's arguments); its exit code."""
+    """Run the `jaxgpt` command `argv` (default: the process's arguments); its exit code.
+
+    Ctrl-C outside what a command handles itself, and the OS's errors about files (a full
+    disk, a read-only directory), end the command with one line on stderr, not a traceback.
+    """
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"jaxgpt {args.command}: interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except OSError as e:
+        raise SystemExit(f"jaxgpt {args.command}: {e}") from e
+
+
+def entry() -> None:
+    """The `jaxgpt` executable: `main`, then exit with its code; after Ctrl-C at once, without
+    waiting for the device work in flight (the command has printed what it had)."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,7 +7,13 @@ import shlex
 import sys
 from typing import Any
 
-from jaxgpt.cli.common import add_cache_args, enable_compile_cache, log, read_checkpoint
+from jaxgpt.cli.common import (
+    add_cache_args,
+    check_output_dir,
+    enable_compile_cache,
+    log,
+    read_checkpoint,
+)
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.io.formats import FORMAT_NAMES
 
@@ -269,6 +275,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise _fail(f"--{name.replace('_', '-')} {path} does not exist")
+    check_output_dir(args.out, "--out", "train")
     if args.init_from and Path(args.out).resolve() in Path(args.init_from).resolve().parents:
         raise _fail(f"--init-from {args.init_from} is inside --out {args.out}, where "
                     f"checkpoints are rotated out; copy it elsewhere or choose another --out")
@@ -318,7 +325,7 @@ def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
         log(f"jaxgpt train: interrupted outside the training steps; checkpoints saved before "
             f"in {args.out} are intact")
         raise _Exit(130) from None
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         raise _fail(str(e)) from e
     except Exception as e:
         _exit_if_a_peer_died(e)
