@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxgpt.cli.common import IMAGE_SUFFIXES, add_model_args, check_output_file, load_model, log
+from jaxgpt.cli.common import (
+    IMAGE_SUFFIXES,
+    add_model_args,
+    check_output_file,
+    load_model,
+    log,
+    resolve_run_dir,
+)
 
 
 def add(sub: Any) -> None:
@@ -29,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise SystemExit("jaxgpt attention: --prompt is empty; give at least one character")
     out = check_output_file(args.out, "--out", "attention", IMAGE_SUFFIXES)
+    if args.checkpoint:
+        args.checkpoint = resolve_run_dir(args.checkpoint)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)  # [1, T]
     cfg, params, desc = load_model(args)

@@ -81,6 +81,21 @@ def check_output_file(path: str, what: str, command: str,
     return out
 
 
+def resolve_run_dir(path: str) -> str:
+    """The newest checkpoint of a training run's directory (`jaxgpt train --out`), said on
+    stderr; any other path as it is."""
+    from jaxgpt.io.formats import detect
+    from jaxgpt.training.run_dir import list_checkpoints
+
+    if not Path(path).is_dir() or detect(path) is not None:
+        return path
+    found = list_checkpoints(Path(path) / "checkpoints")
+    if not found:
+        return path
+    log(f"jaxgpt: {path} is a training run; using its newest checkpoint {found[-1]}")
+    return str(found[-1])
+
+
 def checkpoint_format(path: str) -> str:
     """'hf' or 'orbax' for the directory `path`; SystemExit saying what is wrong otherwise."""
     from pathlib import Path
@@ -92,9 +107,11 @@ def checkpoint_format(path: str) -> str:
     fmt = detect(path)
     if fmt is not None:
         return fmt
+    in_run = (Path(path) / "checkpoints").is_dir()
+    run = " nor a training run with a complete checkpoint" if in_run else ""
     raise SystemExit(
         f"jaxgpt: {path} is neither a jaxgpt orbax checkpoint (no jaxgpt.json) nor a Hugging "
-        f"Face GPT-2 directory (config.json with one of {', '.join(HF_WEIGHT_FILES)})"
+        f"Face GPT-2 directory (config.json with one of {', '.join(HF_WEIGHT_FILES)}){run}"
     )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxgpt.cli.common import check_output_dir, checkpoint_format, log, read_checkpoint
+from jaxgpt.cli.common import (
+    check_output_dir,
+    checkpoint_format,
+    log,
+    read_checkpoint,
+    resolve_run_dir,
+)
 from jaxgpt.io.formats import FORMAT_NAMES
 
 
@@ -26,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxgpt.io import checkpoint, files, hf
 
+    args.src = resolve_run_dir(args.src)
     src_fmt = checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)

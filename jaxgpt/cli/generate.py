@@ -17,6 +17,7 @@ from jaxgpt.cli.common import (
     load_model,
     log,
     peek_config,
+    resolve_run_dir,
 )
 from jaxgpt.config import GPTConfig
 
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 
     _check_flags(args)
+    if args.checkpoint:
+        args.checkpoint = resolve_run_dir(args.checkpoint)
     t_start = time.perf_counter()
     cfg = peek_config(args)  # config.json only: the flags are checked before the weights load
     _check_sampling(args, cfg)
