@@ -11,6 +11,7 @@ import os
 import sys
 
 from jaxgpt.cli import attention, convert, generate, info, train
+from jaxgpt.native_logs import start_backends, use_cpu_without_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
 
     Ctrl-C outside what a command handles itself, and the OS's errors about files (a full
     disk, a read-only directory), end the command with one line on stderr, not a traceback.
+    On a machine with no GPU or TPU, JAX runs on the CPU unless JAX_PLATFORMS says otherwise
+    (`jaxgpt.native_logs`).
     """
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
+    use_cpu_without_accelerators()
     try:
+        if args.command != "train":  # train starts them once the processes have joined
+            start_backends()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"jaxgpt {args.command}: interrupted", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from jaxgpt.cli.common import (
 )
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.io.formats import FORMAT_NAMES
+from jaxgpt.native_logs import start_backends
 
 # The `TrainConfig` settings the command line sets, in the order `--help` lists them, as
 # (field, flag or None for --field-name, add_argument overrides). Defaults, choices and help
@@ -241,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     """Train as the flags say; the last step's losses on stdout, progress on stderr."""
     _check_flags(args)
     _start_distributed(args)
+    start_backends()
     enable_compile_cache(args)
     cfg, params, desc = _train_model_config(args)
     tc = _train_config(args, cfg)
