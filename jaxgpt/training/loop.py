@@ -26,7 +26,13 @@ from jaxgpt.training.config import TrainConfig
 from jaxgpt.training.data import BatchLoader, SlidingWindows
 from jaxgpt.training.evaluation import evaluate, make_eval_step, sample_text
 from jaxgpt.training.progress import Progress, log, plot_losses, read_metrics
-from jaxgpt.training.run_dir import lock_run, prepare_run, resume_newest, save_train_checkpoint
+from jaxgpt.training.run_dir import (
+    check_run_dir,
+    lock_run,
+    prepare_run,
+    resume_newest,
+    save_train_checkpoint,
+)
 from jaxgpt.training.step import dropout_key, init_train_state, sharded_train_step, tree_all_finite
 
 
@@ -262,12 +268,17 @@ def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
         raise ValueError(
             f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
         )
-    prepare_run(out, cfg, tc, resume)  # before anything is written
+    locked = out.is_dir()
+    if locked:  # a run directory another run may be using: that is said before anything else
+        check_run_dir(out)
+        lock.enter_context(lock_run(out))
+    candidates = prepare_run(out, cfg, tc, resume)  # before anything is written
     mesh = sharding.make_mesh(devices)
     _check_split(tc, mesh)
     loader, val_batches = _data(cfg, tc, train_tokens, val_tokens, mesh)
-    lock.enter_context(lock_run(out))
-    candidates = prepare_run(out, cfg, tc, resume)  # again: another run may have just ended
+    if not locked:  # `out` is made now, and checked again under the lock
+        lock.enter_context(lock_run(out))
+        candidates = prepare_run(out, cfg, tc, resume)
     train_step, state, tokens_seen, latest, warnings = _initial_state(
         cfg, tc, mesh, params, candidates, loader)
     run = _Run(cfg, tc, out, mesh, loader, val_batches, train_step,
