@@ -409,3 +409,34 @@ def test_only_absls_info_lines_are_dropped():
     kept = (b"E0000 00:00:1795.1 21169 common_lib.cc:554] INVALID_ARGUMENT: bad\n"
             b"Traceback (most recent call last):\nI0 is not absl's\n")
     assert drop_noise(noise + kept + noise) == kept
+
+
+def test_a_metrics_line_cut_short_by_a_killed_run_is_ours(tmp_path):
+    from jaxgpt.training.progress import foreign_metrics_line, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    record = json.dumps({"step": 1, "loss": 4.6, "tokens_seen": 32})
+    path.write_text(record + "\n" + record[:9])  # killed while writing step 2
+    assert foreign_metrics_line(path) is None
+    assert [r["step"] for r in read_metrics(path)] == [1]
+    path.write_text(record + "\n" + record[:9] + "\n")  # a complete line that is not a record
+    assert foreign_metrics_line(path) == 2
+    path.write_text(record + '\n{"step": "x", "loss": 1, "tokens_seen": 2}\n')
+    assert foreign_metrics_line(path) == 2
+
+
+def test_the_cause_of_a_failure_is_one_line():
+    from jaxgpt.io.checkpoint import failure_cause
+
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/data/x")
+        except OSError as e:
+            raise RuntimeError("orbax: commit failed\nwith details") from e
+    except RuntimeError as e:
+        assert failure_cause(e) == "No space left on device (errno 28): /data/x"
+    ts = ValueError('OUT_OF_RANGE: Error writing "final_norm.shift/0" in OCDBT database at local '
+                    'file "/run/x/": Failed writing: "/run/x/d/ca0f": Failed to write 1962296 '
+                    "bytes to file 6: File too large [os_error_code='27']")
+    assert failure_cause(ts) == "writing array final_norm.shift: File too large (errno 27)"
+    assert failure_cause(RuntimeError("two\n  lines")) == "two lines"

@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `jaxgpt` executable: `main`, then exit with its code; after Ctrl-C at once, without
-    waiting for the device work in flight (the command has printed what it had)."""
-    code = main()
-    if code == INTERRUPTED:
+    """The `jaxgpt` executable: `main`, then exit with its code; a generation stopped by Ctrl-C
+    at once, without waiting for the chunk in flight (it has printed what it had)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if code == INTERRUPTED and argv[:1] == ["generate"]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
