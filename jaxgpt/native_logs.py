@@ -74,7 +74,7 @@ def use_cpu_without_accelerators() -> bool:
     import jax
     from jax._src import xla_bridge
 
-    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    if os.environ.get("JAX_PLATFORMS") or jax.config.values.get("jax_platforms"):
         return False
     if not sys.platform.startswith("linux") or accelerator_files():
         return False
