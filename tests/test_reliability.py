@@ -244,7 +244,7 @@ def test_ctrl_c_prints_the_text_so_far_and_exits_130_at_once(tmp_path, small_ckp
     finally:
         proc.kill()
     assert proc.returncode == 130
-    # On a quiet machine ~0.1 s: the chunk in flight is not waited for.
+    # The chunk in flight is not waited for; the bound leaves room for a loaded machine.
     assert elapsed < 10, elapsed
     assert "Traceback" not in rest, rest
     last = _lines(rest)[-1]
