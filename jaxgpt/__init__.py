@@ -5,6 +5,11 @@ lives by concern in `jaxgpt.nn`, `jaxgpt.inference`, `jaxgpt.training`, `jaxgpt.
 `jaxgpt.interp`, `jaxgpt.aot`, `jaxgpt.book` and `jaxgpt.cli`.
 """
 
+from jaxgpt.native_logs import quiet_native_logs
+
+with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds no GPU
+    import jax  # noqa: F401
+
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
 from jaxgpt.inference import Generator, generate, generate_stream, generate_text_simple
 from jaxgpt.nn import (

@@ -1,5 +1,5 @@
-import sys
+"""`python -m jaxgpt`: the `jaxgpt` command."""
 
-from jaxgpt.cli import main
+from jaxgpt.cli import entry
 
-sys.exit(main())
+entry()

@@ -7,9 +7,11 @@ Each command is a module of this package with an `add(sub)` that declares its fl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxgpt.cli import attention, convert, generate, info, train
+from jaxgpt.native_logs import start_backends, use_cpu_without_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +28,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the `jaxgpt` command `argv` (default: the process's arguments); its exit code."""
+    """Run the `jaxgpt` command `argv` (default: the process's arguments); its exit code.
+
+    Ctrl-C outside what a command handles itself, and the OS's errors about files (a full
+    disk, a read-only directory), end the command with one line on stderr, not a traceback.
+    On a machine with no GPU or TPU, JAX runs on the CPU unless JAX_PLATFORMS says otherwise
+    (`jaxgpt.native_logs`).
+    """
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a resume command
-    return args.func(args)
+    use_cpu_without_accelerators()
+    try:
+        if args.command != "train":  # train starts them once the processes have joined
+            start_backends()
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"jaxgpt {args.command}: interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except OSError as e:
+        raise SystemExit(f"jaxgpt {args.command}: {e}") from e
+
+
+def entry() -> None:
+    """The `jaxgpt` executable: `main`, then exit with its code; a generation stopped by Ctrl-C
+    at once, without waiting for the chunk in flight (it has printed what it had)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if code == INTERRUPTED and argv[:1] == ["generate"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxgpt.cli.common import add_model_args, load_model, log
+from jaxgpt.cli.common import (
+    IMAGE_SUFFIXES,
+    add_model_args,
+    check_output_file,
+    load_model,
+    log,
+    resolve_run_dir,
+)
 
 
 def add(sub: Any) -> None:
@@ -14,7 +21,9 @@ def add(sub: Any) -> None:
     p.add_argument("--layer", type=int, default=0, help="layer index, 0-based (default 0)")
     p.add_argument("--head", type=int, default=None,
                    help="head index, 0-based (default: every head, as a grid)")
-    p.add_argument("--out", default="attention.png", help="PNG to write (default attention.png)")
+    p.add_argument("--out", default="attention.png",
+                   help=f"picture to write, its format from the suffix "
+                        f"({', '.join(IMAGE_SUFFIXES)}; default attention.png)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -26,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise SystemExit("jaxgpt attention: --prompt is empty; give at least one character")
+    out = check_output_file(args.out, "--out", "attention", IMAGE_SUFFIXES)
+    if args.checkpoint:
+        args.checkpoint = resolve_run_dir(args.checkpoint)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)  # [1, T]
     cfg, params, desc = load_model(args)
@@ -42,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"jaxgpt: {desc}")
     weights = attention_weights(params, cfg, idx)[args.layer][0]  # [H, T, T]
     tokens = [tokenizer.decode([int(t)]) for t in idx[0]]
-    path = plot_attention(weights, tokens, args.out, layer=args.layer, head=args.head)
+    path = plot_attention(weights, tokens, out, layer=args.layer, head=args.head)
     log(f"jaxgpt: wrote {path} (layer {args.layer}, "
          f"{'head ' + str(args.head) if args.head is not None else f'{cfg.n_heads} heads'}, "
          f"{len(tokens)} tokens)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import PRESETS, GPTConfig
@@ -33,6 +35,67 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 
+# The picture formats matplotlib writes with no extra package.
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _writable_ancestor(path: Path) -> Path:
+    """The nearest existing directory at or above `path`: where a write would begin."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(path: str, what: str, command: str) -> Path:
+    """`path` as a directory the command may create or write into, checked before the work:
+    SystemExit naming `what` (a flag or argument) if it is a file or cannot be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"jaxgpt {command}: {what} {path} is a file, not a directory")
+    base = _writable_ancestor(out.absolute())
+    if not os.access(base, os.W_OK | os.X_OK):
+        where = "it" if base == out.absolute() else f"{base}, where it would be made,"
+        raise SystemExit(f"jaxgpt {command}: cannot write {what} {path}: {where} is not "
+                         f"writable")
+    return out
+
+
+def check_output_file(path: str, what: str, command: str,
+                      suffixes: tuple[str, ...] | None = None) -> Path:
+    """`path` as the file the command will write, checked before the work: not a directory,
+    a suffix of `suffixes` (when given: it is the format written), in an existing, writable
+    directory. SystemExit naming `what` (a flag or argument) otherwise."""
+    out = Path(path)
+    prefix = f"jaxgpt {command}: {what} {path}"
+    if out.is_dir():
+        raise SystemExit(f"{prefix} is a directory; give a file name, e.g. {out / 'out.png'}")
+    if suffixes and out.suffix.lower() not in suffixes:
+        got = f"'{out.suffix}'" if out.suffix else "no suffix"
+        raise SystemExit(f"{prefix}: {got} is not a picture format; use one of "
+                         f"{', '.join(suffixes)}")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise SystemExit(f"{prefix}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise SystemExit(f"{prefix}: cannot write there (permission denied)")
+    return out
+
+
+def resolve_run_dir(path: str) -> str:
+    """The newest checkpoint of a training run's directory (`jaxgpt train --out`), said on
+    stderr; any other path as it is."""
+    from jaxgpt.io.formats import detect
+    from jaxgpt.training.run_dir import list_checkpoints
+
+    if not Path(path).is_dir() or detect(path) is not None:
+        return path
+    found = list_checkpoints(Path(path) / "checkpoints")
+    if not found:
+        return path
+    log(f"jaxgpt: {path} is a training run; using its newest checkpoint {found[-1]}")
+    return str(found[-1])
+
+
 def checkpoint_format(path: str) -> str:
     """'hf' or 'orbax' for the directory `path`; SystemExit saying what is wrong otherwise."""
     from pathlib import Path
@@ -44,9 +107,11 @@ def checkpoint_format(path: str) -> str:
     fmt = detect(path)
     if fmt is not None:
         return fmt
+    in_run = (Path(path) / "checkpoints").is_dir()
+    run = " nor a training run with a complete checkpoint" if in_run else ""
     raise SystemExit(
         f"jaxgpt: {path} is neither a jaxgpt orbax checkpoint (no jaxgpt.json) nor a Hugging "
-        f"Face GPT-2 directory (config.json with one of {', '.join(HF_WEIGHT_FILES)})"
+        f"Face GPT-2 directory (config.json with one of {', '.join(HF_WEIGHT_FILES)}){run}"
     )
 
 
@@ -57,6 +122,8 @@ def read_checkpoint(path: str) -> tuple[GPTConfig, Any, str]:
     fmt = checkpoint_format(path)
     try:
         cfg, params = checkpoint.restore(path) if fmt == "orbax" else hf.load_pretrained(path)
+    except checkpoint.CheckpointError as e:  # names the checkpoint itself
+        raise SystemExit(f"jaxgpt: {e}") from e
     except (OSError, ValueError) as e:
         raise SystemExit(f"jaxgpt: cannot load the {FORMAT_NAMES[fmt]} {path}: {e}") from e
     return cfg, params, fmt

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxgpt.cli.common import checkpoint_format, log, read_checkpoint
+from jaxgpt.cli.common import (
+    check_output_dir,
+    checkpoint_format,
+    log,
+    read_checkpoint,
+    resolve_run_dir,
+)
 from jaxgpt.io.formats import FORMAT_NAMES
 
 
@@ -26,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxgpt.io import checkpoint, files, hf
 
+    args.src = resolve_run_dir(args.src)
     src_fmt = checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)
@@ -45,11 +52,15 @@ def run(args: argparse.Namespace) -> int:
             files.check_replaceable(dst)
         except FileExistsError as e:
             raise SystemExit(f"jaxgpt convert: --overwrite refused: {e}") from e
+    check_output_dir(args.dst, "DST", "convert")
     cfg, params, _ = read_checkpoint(args.src)
-    if to == "hf":
-        out = hf.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
-    else:
-        out = checkpoint.save(dst, params, cfg, overwrite=args.overwrite)
+    try:
+        if to == "hf":
+            out = hf.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
+        else:
+            out = checkpoint.save(dst, params, cfg, overwrite=args.overwrite)
+    except (OSError, checkpoint.CheckpointError) as e:  # a full disk: nothing left at DST
+        raise SystemExit(f"jaxgpt convert: cannot write {dst}: {e}") from e
     log(f"jaxgpt: {FORMAT_NAMES[src_fmt]} {args.src} -> {FORMAT_NAMES[to]} {out}")
     print(out)
     return 0

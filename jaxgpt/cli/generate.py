@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from jaxgpt.cli.common import (
     CompileClock,
     add_cache_args,
@@ -15,6 +17,7 @@ from jaxgpt.cli.common import (
     load_model,
     log,
     peek_config,
+    resolve_run_dir,
 )
 from jaxgpt.config import GPTConfig
 
@@ -80,19 +83,23 @@ class _TokenProgress:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate from `args.prompt`; the text on stdout, timings on stderr."""
+    """Generate from `args.prompt`; the text on stdout, timings on stderr. Ctrl-C prints the
+    text generated so far and returns 130."""
     import jax
 
     from jaxgpt import tokenizer as tok
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 
     _check_flags(args)
+    if args.checkpoint:
+        args.checkpoint = resolve_run_dir(args.checkpoint)
     t_start = time.perf_counter()
     cfg = peek_config(args)  # config.json only: the flags are checked before the weights load
     _check_sampling(args, cfg)
-    cache_dir = enable_compile_cache(args)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
+    _check_buffer(args, cfg, idx.shape[1])
+    cache_dir = enable_compile_cache(args)
     clock = CompileClock()  # random weights are made by a compiled init: count it apart
     with clock:
         cfg, params, desc = load_model(args)
@@ -116,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with clock:
-            if args.stream or progress:
-                n_new = _print_stream(args, params, cfg, prompt, options, progress)
-            else:
-                n_new = _print_samples(args, params, cfg, prompt, options)
+            n_new, interrupted = _print_generation(args, params, cfg, prompt, options, progress)
     except ValueError as e:
         raise _fail(str(e)) from e
+    if interrupted:
+        log(f"jaxgpt generate: interrupted: {n_new} of {args.max_new_tokens * args.num_samples} "
+            f"new tokens were generated (printed above)")
+        return 130
     # Compiling happens inside the call: its time is taken out.
     gen = max(time.perf_counter() - t0 - (clock.seconds - compile_load), 1e-9)
     log(f"jaxgpt: load {t_load - compile_load:.2f}s, compile {clock.seconds:.2f}s "
@@ -161,13 +169,27 @@ def _check_sampling(args: argparse.Namespace, cfg: GPTConfig) -> None:
                     f"0 (e.g. --temperature 1.0); without --temperature the output is greedy")
 
 
+def _check_buffer(args: argparse.Namespace, cfg: GPTConfig, prompt_len: int) -> None:
+    """SystemExit saying the limit if --max-new-tokens is more than the token buffer can hold,
+    before the weights load or anything compiles."""
+    from jaxgpt.inference.checks import check_new_tokens
+    from jaxgpt.inference.decode import program_shape
+
+    shape = program_shape(cfg, prompt_len, args.max_new_tokens)
+    try:
+        check_new_tokens(args.max_new_tokens, args.num_samples, shape.prompt_slots,
+                         shape.new_slots, name="--max-new-tokens")
+    except ValueError as e:
+        raise _fail(str(e)) from e
+
+
 def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
                        prompt_len: int) -> int:
     """How many new tokens lie past `context_length`; a warning with their cost if any."""
     from jaxgpt.nn.model import count_params
 
-    past = prompt_len + args.max_new_tokens - cfg.context_length
-    if past > 0 and args.max_new_tokens > 0:
+    past = min(prompt_len + args.max_new_tokens - cfg.context_length, args.max_new_tokens)
+    if past > 0:
         first = max(cfg.context_length - prompt_len, 0) + 1
         flops = 2 * count_params(params)  # multiply-adds of one token through the weights
         log(f"jaxgpt: warning: {past} of the {args.max_new_tokens} new tokens lie past "
@@ -178,53 +200,44 @@ def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
     return past
 
 
-def _print_stream(args: argparse.Namespace, params: Any, cfg: GPTConfig, prompt: list[int],
-                  options: dict, progress: _TokenProgress | None) -> int:
-    """Generate in chunks, printing the text as it grows (with --stream); the new tokens."""
+def _print_generation(args: argparse.Namespace, params: Any, cfg: GPTConfig,
+                      prompt: list[int], options: dict,
+                      progress: _TokenProgress | None) -> tuple[int, bool]:
+    """Generate the --num-samples rows in chunks, the text printed as it grows (--stream) or
+    at the end; `(new tokens, interrupted)`. Ctrl-C stops it at once (the chunk in flight is
+    dropped) and what was generated before is printed."""
     from jaxgpt.inference.generator import cut_after_eos, generate_stream
     from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
 
     tokenizer = get_tokenizer()
-    # Hold back a trailing partial UTF-8 character (shown as U+FFFD) until its remaining bytes
-    # arrive, so the output ends as without --stream.
-    ids, shown = list(prompt), ""
-    for chunk in generate_stream(params, cfg, [prompt], args.max_new_tokens, **options):
-        new = [int(t) for t in chunk[0]]
-        kept = cut_after_eos(new, options["eos_id"])  # later slots repeat eos_id
-        ids += kept
-        if progress:
-            progress.add(len(new))
-        ended = bool(kept) and kept[-1] == options["eos_id"]
-        if args.stream:
-            text = token_ids_to_text(ids, tokenizer).rstrip("\ufffd")
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        if ended:
-            break
+    eos, k = options["eos_id"], args.num_samples
+    new: list[list[int]] = [[] for _ in range(k)]
+    shown, interrupted = "", False
+    chunks = generate_stream(params, cfg, [prompt] * k, args.max_new_tokens,
+                             chunk_size=8 if args.stream else 32, **options)
+    try:
+        for chunk in chunks:
+            for row, tokens in zip(new, np.asarray(chunk).tolist(), strict=True):
+                row += tokens
+            if progress:
+                progress.add(chunk.shape[1])
+            if args.stream:
+                # Hold back a trailing partial UTF-8 character (shown as U+FFFD) until its
+                # remaining bytes arrive, so the output ends as without --stream.
+                text = token_ids_to_text(prompt + cut_after_eos(new[0], eos), tokenizer)
+                print(text.rstrip("\ufffd")[len(shown):], end="", flush=True)
+                shown = text.rstrip("\ufffd")
+    except KeyboardInterrupt:
+        interrupted = True
     if progress:
         progress.close()
-    text = token_ids_to_text(ids, tokenizer)
-    print(text[len(shown):] if text.startswith(shown) else "", flush=True)
-    return len(ids) - len(prompt)
-
-
-def _print_samples(args: argparse.Namespace, params: Any, cfg: GPTConfig, prompt: list[int],
-                   options: dict) -> int:
-    """Generate every sample as one batch, then print them; the new tokens."""
-    from jaxgpt.inference.generator import generate
-    from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
-
-    tokenizer = get_tokenizer()
-    if args.num_samples == 1:
-        out = generate(params, cfg, [prompt], args.max_new_tokens, **options)
-        print(token_ids_to_text(out[0], tokenizer))
-        return len(out[0]) - len(prompt)
-    # One batch of K rows: one row per sample, each with its own random draws.
-    out = generate(params, cfg, [prompt] * args.num_samples, args.max_new_tokens, **options)
-    for i, row in enumerate(out, 1):
-        print(f"--- sample {i} of {args.num_samples} ---")
-        print(token_ids_to_text(row, tokenizer))
-    return sum(len(row) - len(prompt) for row in out)
+    rows = [prompt + cut_after_eos(row, eos) for row in new]  # later slots repeat eos_id
+    for i, row in enumerate(rows, 1):
+        text = token_ids_to_text(row, tokenizer)
+        if k > 1:
+            print(f"--- sample {i} of {k} ---")
+        print(text[len(shown):] if text.startswith(shown) else "", flush=True)
+    return sum(len(row) - len(prompt) for row in rows), interrupted
 
 
 def _compile_text(clock: CompileClock, cache_dir: str | None) -> str:

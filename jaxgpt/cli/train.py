@@ -7,9 +7,17 @@ import shlex
 import sys
 from typing import Any
 
-from jaxgpt.cli.common import add_cache_args, enable_compile_cache, log, read_checkpoint
+from jaxgpt.cli.common import (
+    add_cache_args,
+    check_output_dir,
+    enable_compile_cache,
+    log,
+    read_checkpoint,
+    resolve_run_dir,
+)
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.io.formats import FORMAT_NAMES
+from jaxgpt.native_logs import start_backends
 
 # The `TrainConfig` settings the command line sets, in the order `--help` lists them, as
 # (field, flag or None for --field-name, add_argument overrides). Defaults, choices and help
@@ -207,6 +215,7 @@ def _train_model_config(args: argparse.Namespace) -> tuple[GPTConfig, Any, str]:
     from jaxgpt.training.config import DEMO_CONFIG
 
     if args.init_from:
+        args.init_from = resolve_run_dir(args.init_from)
         cfg, params, fmt = read_checkpoint(args.init_from)
         return cfg, params, f"fine-tuning the {FORMAT_NAMES[fmt]} {args.init_from}"
     if args.config:
@@ -233,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     """Train as the flags say; the last step's losses on stdout, progress on stderr."""
     _check_flags(args)
     _start_distributed(args)
+    start_backends()
     enable_compile_cache(args)
     cfg, params, desc = _train_model_config(args)
     tc = _train_config(args, cfg)
@@ -269,6 +279,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_file():
             raise _fail(f"--{name.replace('_', '-')} {path} does not exist")
+    check_output_dir(args.out, "--out", "train")
     if args.init_from and Path(args.out).resolve() in Path(args.init_from).resolve().parents:
         raise _fail(f"--init-from {args.init_from} is inside --out {args.out}, where "
                     f"checkpoints are rotated out; copy it elsewhere or choose another --out")
@@ -318,7 +329,7 @@ def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
         log(f"jaxgpt train: interrupted outside the training steps; checkpoints saved before "
             f"in {args.out} are intact")
         raise _Exit(130) from None
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
         raise _fail(str(e)) from e
     except Exception as e:
         _exit_if_a_peer_died(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -50,4 +51,52 @@ def resolve_context_size(cfg: GPTConfig, context_size: Any) -> int:
             f"context_size {size} exceeds the model's context_length {cfg.context_length}"
         )
     return size
+
+
+# Slots, positions and steps are int32 in the decoding programs.
+INT32_MAX = 2**31 - 1
+TOKEN_BYTES = 4  # an int32 token id
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """Bytes the device can hold: an accelerator's allocator limit, the host's RAM for a CPU
+    (None when neither is known)."""
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def max_new_slots(rows: int, prompt_slots: int, memory: int | None) -> int:
+    """The most new-token slots (a power of two) a token buffer of `rows` rows can have: its
+    slots must be int32 indices, and the loop's buffer and its update (2 copies of `rows` x
+    slots int32) must fit in half of `memory`."""
+    limit = 1 << 62
+    while limit > 1 and (prompt_slots + limit > INT32_MAX or (
+            memory is not None and 2 * rows * (prompt_slots + limit) * TOKEN_BYTES > memory // 2)):
+        limit >>= 1
+    return limit
+
+
+def check_new_tokens(max_new_tokens: int, rows: int, prompt_slots: int, new_slots: int,
+                     device: jax.Device | None = None, name: str = "max_new_tokens") -> None:
+    """ValueError naming the limit if the token buffer of `rows` rows of `prompt_slots +
+    new_slots` slots (`new_slots`: `max_new_tokens` rounded up) cannot be held: beyond int32
+    indices, or past half of `device`'s memory (default: the first local device)."""
+    device = device if device is not None else jax.local_devices()[0]
+    memory = device_memory(device)
+    limit = max_new_slots(rows, prompt_slots, memory)
+    if new_slots <= limit:
+        return
+    where = f"half of the {memory / 2**30:.1f} GiB of {device.platform}" if memory else "int32"
+    raise ValueError(
+        f"{name} {max_new_tokens:,} is more than the token buffer can hold: at most "
+        f"{limit:,} for {rows} row(s) here (the buffer keeps every new token, rounded up to a "
+        f"power of two, and must fit {where})"
+    )
 

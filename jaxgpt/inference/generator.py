@@ -14,8 +14,9 @@ Shapes: B batch, P prompt slots, V vocab_size.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax.sharding import Mesh
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference import decode
-from jaxgpt.inference.checks import check_count, check_token_ids
+from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_ids
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
 from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
 from jaxgpt.nn.attention import MultiHeadAttention
@@ -106,6 +107,7 @@ def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, temperature: 
     if n == 0:
         return _Call(rows, is_list, n, eos_id, None, None, sampling, knobs)
     shape = program_shape(cfg, max(len(r) for r in rows), n)
+    check_new_tokens(n, len(rows), shape.prompt_slots, shape.new_slots)  # before any tracing
     batch = _batch(rows, cfg, shape.prompt_slots)
     return _Call(rows, is_list, n, eos_id, batch, shape, sampling, knobs)
 
@@ -262,12 +264,22 @@ class Generator:
             state = decode.continue_decoding(params, state, jnp.int32(stop), call.knobs,
                                              model=model, sampling=call.sampling,
                                              prompt_slots=p)
+            wait_until_ready(state.step)
             made, done = jax.device_get((state.step, state.done))
             made = int(made)
             if done[:b].all():  # the rest is eos_id: show it all at once
                 made = n
             yield np.asarray(state.tokens[:b, p + shown:p + made])
             shown = made
+
+
+def wait_until_ready(x: jax.Array) -> None:
+    """Block until `x` is computed, in short sleeps rather than one blocking wait, so that
+    Ctrl-C (KeyboardInterrupt) is raised within milliseconds instead of after the chunk."""
+    pause = 0.0005
+    while not cast(Any, x).is_ready():  # a jax.Array method the type stubs do not list
+        time.sleep(pause)
+        pause = min(2 * pause, 0.02)
 
 
 def generate(
@@ -340,7 +352,9 @@ def generate_stream(
     The same loop as `generate` (same tokens for the same arguments), run `chunk_size` tokens
     per call with the state donated between calls. It stops early once every row is done (rows
     past their EOS yield eos_id). Concatenating the chunks gives `generate`'s new tokens.
-    Arguments are checked when this is called, before the first chunk is asked for.
+    Arguments are checked when this is called, before the first chunk is asked for. Ctrl-C
+    while a chunk computes raises KeyboardInterrupt at once (that chunk is lost; the ones
+    yielded before are the tokens so far).
     """
     gen = Generator(params, cfg, dtype=dtype, model=model)
     return gen.stream(prompts, max_new_tokens, chunk_size=chunk_size, temperature=temperature,

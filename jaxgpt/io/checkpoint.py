@@ -17,14 +17,24 @@ gathered to one host), all processes write into one temporary directory named by
 and process 0 writes the marker and renames the directory only after a barrier that every
 process reaches once its shards are on disk. Restores place every array straight into the
 shardings asked for, so a checkpoint written by N processes or devices loads on M.
+
+Whatever fails inside orbax (a damaged or missing file, a full disk, a permission) is raised as
+one `CheckpointError` naming the checkpoint and the cause; the tracebacks orbax's threads and
+asyncio would print about the same failure are kept off stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +44,98 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.io.files import check_destination, commit, remove_stale_temporaries
 from jaxgpt.io.formats import FORMAT, MARKER, VERSION, is_checkpoint
+from jaxgpt.io.params import flatten
 from jaxgpt.nn.model import param_shapes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (damaged, incomplete, arrays that do not fit its config)
+    or written (disk full, no permission): the message names it and the cause in one line."""
+
+
+# tensorstore's messages name the array and, for the OS's errors, the errno.
+_TS_ARRAY = re.compile(r'Error (reading|writing) "([^"/]+)[^"]*" in \w+ database at [^:]*: (.*)')
+_TS_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def failure_cause(e: BaseException) -> str:
+    """The innermost cause of `e`, in one line (tensorstore's long messages shortened)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})" + (f": {e.filename}" if e.filename else "")
+    m = _TS_ARRAY.search(text)
+    if m is None:
+        return text
+    verb, array, rest = m.groups()
+    code = _TS_ERRNO.search(rest)
+    detail = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else rest
+    return f"{verb} array {array}: {detail}"
+
+
+def _is_orbax_leftover(unraisable: Any) -> bool:
+    """Whether an unraisable exception is one a failed orbax call leaves behind: its coroutines
+    finalized after their event loop closed."""
+    code = getattr(unraisable.object, "cr_code", None)
+    where = code.co_filename if code is not None else ""
+    closed = (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == "Event loop is closed")
+    return f"{os.sep}orbax{os.sep}" in where or closed
+
+
+def _quiet_unraisable(previous: Any) -> Any:
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_leftover(unraisable):
+            previous(unraisable)
+
+    hook.jaxgpt_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _is_loop_closed(exc_type: type, exc: BaseException, tb: Any) -> bool:
+    """A callback from a foreign thread (tensorstore's) into an event loop orbax has closed:
+    `call_soon_threadsafe` is the outermost frame (a program's own errors start elsewhere)."""
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+def _quiet_excepthook(previous: Any) -> Any:
+    def hook(exc_type: type, exc: BaseException, tb: Any) -> None:
+        if not _is_loop_closed(exc_type, exc, tb):
+            previous(exc_type, exc, tb)
+
+    hook.jaxgpt_quiet = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _quiet_hooks() -> None:
+    """Keep off stderr what a failed orbax call leaves behind: its pending coroutines and
+    tensorstore's callbacks fail later (at garbage collection, in tensorstore's threads, at
+    exit) with asyncio errors about the failure already reported; nothing else is filtered."""
+    if not getattr(sys.unraisablehook, "jaxgpt_quiet", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    if not getattr(sys.excepthook, "jaxgpt_quiet", False):
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+
+
+@contextlib.contextmanager
+def _reported(action: str, path: Path) -> Iterator[None]:
+    """Run orbax: a failure becomes one CheckpointError `cannot {action} {path}: {cause}`; orbax's
+    own log records of it (tracebacks from its threads) are not printed."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    _quiet_hooks()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        gc.collect()  # what the failure left pending fails now, quietly, not at exit
+        raise CheckpointError(f"cannot {action} {path}: {failure_cause(e)}") from e
+    finally:
+        absl.setLevel(level)
 
 
 def _multi_process() -> bool:
@@ -88,7 +189,9 @@ def save(
     with the same arguments (`path` on a filesystem they share); it returns once the
     checkpoint is complete and in place.
 
-    Raises FileExistsError if `path` exists and `overwrite` is False.
+    Raises FileExistsError if `path` exists and `overwrite` is False, CheckpointError if
+    something cannot be written (nothing is left under `path` then, a checkpoint there before
+    is kept).
     """
     path = Path(path).absolute()
     main = jax.process_index() == 0
@@ -98,12 +201,14 @@ def save(
     committed = False
     try:
         if main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(path.parent, path.name)
-            tmp.mkdir()
-            (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            with _reported("write the checkpoint", path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(path.parent, path.name)
+                tmp.mkdir()
+                (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         _barrier(f"jaxgpt-save-start-{tag}")
-        _write_arrays(tmp, params, extra)
+        with _reported("write the checkpoint", path):
+            _write_arrays(tmp, params, extra)
         # Every process's shards are on disk past this point.
         _barrier(f"jaxgpt-save-written-{tag}")
         if main:
@@ -115,8 +220,9 @@ def save(
                 "processes": jax.process_count(),
                 **(metadata or {}),
             }
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            commit(tmp, path, tag)
+            with _reported("write the checkpoint", path):
+                (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                commit(tmp, path, tag)
         committed = True
         _barrier(f"jaxgpt-save-done-{tag}")
     finally:
@@ -140,9 +246,9 @@ def load_config(path: str | os.PathLike) -> GPTConfig:
     try:
         return GPTConfig.from_dict(json.loads(file.read_text()))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{file} is missing: the checkpoint is incomplete") from None
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete") from None
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
-        raise ValueError(f"{file}: not a valid jaxgpt config ({e})") from e
+        raise CheckpointError(f"{file}: not a valid jaxgpt config ({e})") from e
 
 
 def load_metadata(path: str | os.PathLike) -> dict:
@@ -166,16 +272,33 @@ def _abstract(tree: Any, shardings: Any = None) -> Any:
     return jax.tree_util.tree_map(one, tree, shardings)
 
 
+def _check_fits(saved: Any, shapes: Any, path: Path, cfg: GPTConfig) -> None:
+    """CheckpointError naming the first array whose saved shape is not what `cfg` needs."""
+    have = {leaf.name: tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(saved)
+            if hasattr(leaf, "shape")}
+    if not have:  # orbax reads a damaged index as an empty tree
+        raise CheckpointError(f"cannot read the checkpoint {path}: {path / 'params'} lists no "
+                              f"arrays (its _METADATA or manifest.ocdbt is damaged or missing)")
+    need = {".".join(p): tuple(leaf.shape) for p, leaf in flatten(shapes)}
+    wrong = [f"{k} is {have[k] if k in have else 'missing'}, config.json needs {need[k]}"
+             for k in need if have.get(k) != need[k]]
+    wrong += [f"{k} {have[k]} has no place in it" for k in have if k not in need]
+    if wrong:
+        raise CheckpointError(f"{path / 'params'}: the saved arrays do not fit "
+                              f"{path / 'config.json'} ({cfg}): {wrong[0]} ({len(wrong)} "
+                              f"such)")
+
+
 def restore(path: str | os.PathLike, shardings: Any = None) -> tuple[GPTConfig, Any]:
     """`(cfg, params)` from a checkpoint written by `save`, bit for bit.
 
     The params have the structure `param_shapes(cfg)` gives; each array is placed with the
     matching sharding of `shardings` (a tree of `jax.sharding.Sharding`s, e.g. over the current
     mesh; every process then reads only its own shards), by default on this process's first
-    device. A checkpoint whose arrays do not fit its config.json raises ValueError.
+    device. A checkpoint whose files are damaged or missing, or whose arrays do not fit its
+    config.json, raises CheckpointError (a ValueError) naming it and the cause.
     """
     import orbax.checkpoint as ocp
-
 
     path = Path(path).absolute()
     cfg = load_config(path)
@@ -189,13 +312,9 @@ def restore(path: str | os.PathLike, shardings: Any = None) -> tuple[GPTConfig, 
         target = _abstract(shapes, shardings)
     except ValueError as e:  # tree_map: structures differ
         raise ValueError(f"the shardings do not match the params of {cfg}: {e}") from e
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(path / "params", target)
-    except (ValueError, KeyError, TypeError) as e:  # orbax: tree or shape mismatch
-        raise ValueError(
-            f"{path / 'params'}: the saved arrays do not fit {path / 'config.json'} ({cfg}): {e}"
-        ) from e
+    with _reported("read the checkpoint", path), ocp.StandardCheckpointer() as ckptr:
+        _check_fits(ckptr.metadata(path / "params").item_metadata, shapes, path, cfg)
+        params = ckptr.restore(path / "params", target)
     return cfg, params
 
 
@@ -219,5 +338,5 @@ def restore_extra(path: str | os.PathLike, target: Any) -> Any:
             return x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
-    with ocp.StandardCheckpointer() as ckptr:
+    with _reported("read the checkpoint", path), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path / "extra", jax.tree_util.tree_map(one, target))

@@ -177,3 +177,40 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+class LockHeld(Exception):
+    """Another process holds the lock `exclusive_lock` asked for; `pid` is that process (None
+    if it has not written its pid yet)."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is held by process {pid if pid is not None else '(unknown)'}")
+        self.path, self.pid = path, pid
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an advisory `flock` on the file `path` (created if needed) while the body runs.
+
+    The file holds the holder's pid. The OS releases the lock when the holder closes it or
+    ends in any way (killed too), so a stale file is simply locked again. Raises LockHeld if
+    another process holds it. Where `fcntl` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise LockHeld(path, int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+

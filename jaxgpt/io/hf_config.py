@@ -27,6 +27,12 @@ _HF_DEFAULTS: dict[str, Any] = {
     "add_cross_attention": False,
     "tie_word_embeddings": True,
 }
+# What the GPT-2 format cannot say about a jaxgpt model, kept in config.json under a key of its
+# own (transformers keeps unknown keys and ignores them): whether Q/K/V have biases.
+QKV_BIAS_KEY = "jaxgpt_qkv_bias"
+# Keys read from config.json: one that is missing but spelt almost like a key there (n_embed
+# for n_embd) is a typo that would silently take transformers' default.
+_READ_KEYS = (*_HF_DEFAULTS, "n_ctx", "model_type", "architectures", QKV_BIAS_KEY)
 # Both spell the tanh approximation of GELU that jaxgpt computes.
 _HF_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -36,12 +42,16 @@ def hf_config_to_gpt(config: Mapping[str, Any], source: str = "config.json") -> 
 
     Keys that would make transformers compute something jaxgpt does not (another model_type,
     a LayerNorm eps other than 1e-5, a non-tanh GELU, attention scaling variants, n_inner other
-    than 4 * n_embd, cross-attention) raise ValueError naming `source` and the key. The checkpoint
-    always has query/key/value biases, so `qkv_bias=True`. jaxgpt has one dropout rate: when
+    than 4 * n_embd, cross-attention) raise ValueError naming `source` and the key, and so does a
+    key spelt almost like one of GPT-2's that is missing (`n_embed` for `n_embd`). The
+    checkpoint always has query/key/value biases, so `qkv_bias=True` unless config.json says
+    `"jaxgpt_qkv_bias": false` (as `gpt_config_to_hf` writes for a model without them: the
+    biases are then zero). jaxgpt has one dropout rate: when
     resid/embd/attn_pdrop differ, `resid_pdrop` is used (with a warning; inference ignores it).
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    _check_spelling(config, source)
     c = {**_HF_DEFAULTS, **config}
     if "n_positions" not in config and "n_ctx" in config:  # configs older than transformers 2.x
         c["n_positions"] = config["n_ctx"]
@@ -76,6 +86,9 @@ def hf_config_to_gpt(config: Mapping[str, Any], source: str = "config.json") -> 
     if not isinstance(c["tie_word_embeddings"], bool):
         raise bad("tie_word_embeddings", "it must be true or false")
     drop_rate = _drop_rate(c, bad, source)
+    qkv_bias = config.get(QKV_BIAS_KEY, True)  # a GPT-2 checkpoint always holds the biases
+    if not isinstance(qkv_bias, bool):
+        raise bad(QKV_BIAS_KEY, "it must be true or false")
     try:
         return GPTConfig(
             vocab_size=sizes["vocab_size"],
@@ -84,7 +97,7 @@ def hf_config_to_gpt(config: Mapping[str, Any], source: str = "config.json") -> 
             n_heads=sizes["n_head"],
             n_layers=sizes["n_layer"],
             drop_rate=drop_rate,
-            qkv_bias=True,
+            qkv_bias=qkv_bias,
             tie_embeddings=c["tie_word_embeddings"],
         )
     except ValueError as e:  # e.g. n_embd not divisible by n_head
@@ -117,6 +130,7 @@ def gpt_config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
         "bos_token_id": eot,
         "eos_token_id": eot,
         "dtype": "float32",
+        QKV_BIAS_KEY: cfg.qkv_bias,
     }
 
 
@@ -136,3 +150,22 @@ def _drop_rate(c: Mapping[str, Any], bad: Callable[[str, str], ValueError], sour
             stacklevel=3,
         )
     return rates["resid_pdrop"]
+
+
+def _check_spelling(config: Mapping[str, Any], source: str) -> None:
+    """ValueError naming a key that looks like a misspelt GPT-2 key (`n_embed`) whose real
+    spelling is missing: transformers would ignore it and use its default instead."""
+    import difflib
+
+    absent = [k for k in _READ_KEYS if k not in config]
+    for key in config:
+        if key in _READ_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, absent, n=1, cutoff=0.8)
+        if close:
+            default = f" {_HF_DEFAULTS[close[0]]!r}" if close[0] in _HF_DEFAULTS else ""
+            raise ValueError(
+                f"{source}: unknown key {key!r}; did you mean {close[0]!r}? Without "
+                f"{close[0]!r}, transformers and jaxgpt take its default{default}"
+            )
+

@@ -13,6 +13,7 @@ Shapes: N tokens in the stream, W windows, B batch, T = max_length.
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ def _text_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
     buf = ""
     with open(path, encoding="utf-8") as f:
         while True:
-            block = f.read(chunk_chars)
+            try:
+                block = f.read(chunk_chars)
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} is not UTF-8 text: {_first_bad_utf8(path)}") from None
             buf += block
             if not block:
                 if buf:
@@ -70,6 +74,24 @@ def _text_chunks(path: Path, chunk_chars: int) -> Iterator[str]:
             if cut > 0:
                 yield buf[:cut]
                 buf = buf[cut:]
+
+
+def _first_bad_utf8(path: Path, block: int = 1 << 20) -> str:
+    """Where the file stops being UTF-8: `byte 0xe9 at offset 1234 (invalid continuation byte)`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file fed to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            pending = len(decoder.getstate()[0])  # bytes held back from the last block
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                return f"byte 0x{e.object[e.start]:02x} at offset {at} ({e.reason})"
+            if not data:
+                return "the file changed while it was read"
+            offset += len(data)
 
 
 def tokenize_file(
@@ -105,8 +127,24 @@ def save_token_file(tokens: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
+def looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file read as text (UTF-8 without control characters other
+    than whitespace) rather than uint16 token ids: ids below 8192 (GPT-2's commonest tokens,
+    any small vocabulary) have a high byte below 0x20, which text does not hold."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut off at the end
+            return False
+        text = head[:e.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+
+
 def load_token_file(path: str | os.PathLike) -> np.ndarray:
-    """A read-only memory map `[N]` (uint16) of a file written by `save_token_file`."""
+    """A read-only memory map `[N]` (uint16) of a file written by `save_token_file`.
+
+    Raises ValueError for a file that cannot be one: an odd size, or text.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no token file at {path}")
@@ -115,6 +153,10 @@ def load_token_file(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path} has {size} bytes; a uint16 token file has an even number")
     if size == 0:
         return np.zeros((0,), TOKEN_DTYPE)
+    with open(path, "rb") as f:
+        if looks_like_text(f.read(4096)):
+            raise ValueError(f"{path} holds text, not uint16 token ids; train on it as a text "
+                             f"file (--text-file), which tokenizes it")
     return np.memmap(path, dtype="<u2", mode="r")
 
 

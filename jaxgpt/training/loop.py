@@ -21,11 +21,18 @@ import numpy as np
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
+from jaxgpt.io.checkpoint import CheckpointError
 from jaxgpt.training.config import TrainConfig
 from jaxgpt.training.data import BatchLoader, SlidingWindows
 from jaxgpt.training.evaluation import evaluate, make_eval_step, sample_text
 from jaxgpt.training.progress import Progress, log, plot_losses, read_metrics
-from jaxgpt.training.run_dir import prepare_run, restore_train_checkpoint, save_train_checkpoint
+from jaxgpt.training.run_dir import (
+    check_run_dir,
+    lock_run,
+    prepare_run,
+    resume_newest,
+    save_train_checkpoint,
+)
 from jaxgpt.training.step import dropout_key, init_train_state, sharded_train_step, tree_all_finite
 
 
@@ -123,23 +130,34 @@ def train_loop(
     `grad_norm`, `tokens_per_s`; plus `val_loss`, `val_perplexity` and `sample` where
     evaluated), `out_dir/checkpoints/step_NNNNNNNN` every `tc.save_every` steps and at the end
     (the newest `tc.keep` kept), and `out_dir/loss.png`. `out_dir` must be new, empty or a run
-    directory (`check_run_dir`). With `resume`, continues from the newest checkpoint with
-    exactly the batches, dropout keys and optimizer state the uninterrupted run would have had;
-    optimisation settings may differ from the saved run's (each change is logged as a warning),
-    the model and data settings may not. `on_step(step, record)` is called after each step.
+    directory (`check_run_dir`) that no other run is using (`lock_run`). With `resume`,
+    continues from the newest checkpoint that restores (a damaged one is passed over with a
+    warning) with exactly the batches, dropout keys and optimizer state the uninterrupted run
+    would have had; optimisation settings may differ from the saved run's (each change is logged
+    as a warning), the model and data settings may not. `on_step(step, record)` is called after
+    each step.
 
     SIGINT/SIGTERM (in the main thread) stop the run after the step in flight: a checkpoint of
     that step is saved, `metrics.jsonl` and `loss.png` are written, and TrainingInterrupted is
     raised. A second signal exits the process at once.
 
     Raises TrainingDiverged (nothing saved for that step) on a NaN or infinite loss, gradient or
-    parameter; ValueError, FileExistsError or FileNotFoundError for settings that cannot work,
-    before anything is compiled or written.
+    parameter; ValueError, FileExistsError, FileNotFoundError or PermissionError for settings
+    or a directory that cannot work, before anything is compiled or written; CheckpointError
+    when no checkpoint restores, or one cannot be written (the older ones are kept).
 
     Returns:
       The records of this run's steps (those of `metrics.jsonl` written by this call).
     """
-    run = _open_run(cfg, tc, train_tokens, val_tokens, Path(out_dir), resume, params, devices)
+    with contextlib.ExitStack() as lock:  # held from `_open_run`'s checks on
+        return _train(_open_run(cfg, tc, train_tokens, val_tokens, Path(out_dir), resume, params,
+                                devices, lock), on_step, progress)
+
+
+def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
+           progress: bool) -> list[dict]:
+    """The steps of `train_loop` on an opened run; its records."""
+    cfg, tc = run.cfg, run.tc
     start = int(run.state.step)
     main = jax.process_index() == 0  # the one writer of metrics, plot and messages
     bar = Progress(tc.steps, start) if progress and main else None
@@ -231,36 +249,49 @@ class _Run:
                 f"jaxgpt train: interrupted at step {step} with non-finite parameters; "
                 f"not saved. Last good checkpoint: {self.last_good}"
             )
-        self.last_good = save_train_checkpoint(self.out / "checkpoints", self.cfg, self.tc,
-                                               self.state, self.loader, self.tokens_seen)
+        try:
+            self.last_good = save_train_checkpoint(self.out / "checkpoints", self.cfg, self.tc,
+                                                   self.state, self.loader, self.tokens_seen)
+        except CheckpointError as e:
+            kept = f"the newest checkpoint is {self.last_good}" if self.last_good else (
+                "no checkpoint was saved")
+            raise CheckpointError(f"{e}; training stopped after step {step}, {kept}") from e
 
 
 def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
               val_tokens: np.ndarray, out: Path, resume: bool, params: Any | None,
-              devices: Sequence[jax.Device] | None) -> _Run:
-    """Everything checked, the state fresh or restored, `metrics.jsonl` cut back to the
-    checkpoint resumed from, and the run's first messages logged."""
+              devices: Sequence[jax.Device] | None, lock: contextlib.ExitStack) -> _Run:
+    """Everything checked, the directory locked (held by `lock`), the state fresh or restored,
+    `metrics.jsonl` cut back to the checkpoint resumed from, and the run's first messages
+    logged."""
     if tc.seq_len > cfg.context_length:
         raise ValueError(
             f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
         )
-    latest, changes = prepare_run(out, cfg, tc, resume)
+    locked = out.is_dir()
+    if locked:  # a run directory another run may be using: that is said before anything else
+        check_run_dir(out)
+        lock.enter_context(lock_run(out))
+    candidates = prepare_run(out, cfg, tc, resume)  # before anything is written
     mesh = sharding.make_mesh(devices)
     _check_split(tc, mesh)
     loader, val_batches = _data(cfg, tc, train_tokens, val_tokens, mesh)
-    train_step, state, tokens_seen = _initial_state(cfg, tc, mesh, params, latest, loader)
+    if not locked:  # `out` is made now, and checked again under the lock
+        lock.enter_context(lock_run(out))
+        candidates = prepare_run(out, cfg, tc, resume)
+    train_step, state, tokens_seen, latest, warnings = _initial_state(
+        cfg, tc, mesh, params, candidates, loader)
     run = _Run(cfg, tc, out, mesh, loader, val_batches, train_step,
                make_eval_step(cfg, tc.dtype), state, tokens_seen, latest, dropout_key(tc))
     start = int(state.step)
-    out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         # An interrupted run may have logged steps past its last checkpoint: they are redone.
         kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= start] if latest else []
         run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    for warning in warnings:
+        log(f"jaxgpt train: warning: {warning}")
     if latest is not None:
         log(f"jaxgpt train: resumed from {latest} (step {start}, {tokens_seen:,} tokens seen)")
-    for change in changes:
-        log(f"jaxgpt train: warning: {change}")
     log(
         f"jaxgpt train: {sharding.describe(mesh, tc.fsdp)}; {len(loader.windows):,} training "
         f"windows of {tc.seq_len} tokens, {loader.batches_per_epoch} batches per epoch"
@@ -313,19 +344,22 @@ def _data(
 
 
 def _initial_state(cfg: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, params: Any | None,
-                   latest: Path | None, loader: BatchLoader) -> tuple[Callable, Any, int]:
-    """`(train_step, state, tokens_seen)`: the step for `mesh` and the state placed with its
-    shardings, fresh (from `params` if given) or restored from the checkpoint `latest`."""
+                   candidates: list[Path], loader: BatchLoader
+                   ) -> tuple[Callable, Any, int, Path | None, list[str]]:
+    """`(train_step, state, tokens_seen, checkpoint, warnings)`: the step for `mesh` and the
+    state placed with its shardings, fresh (from `params` if given) or restored from the newest
+    of `candidates` that restores."""
     train_step, shardings = sharded_train_step(cfg, tc, mesh)
-    if latest is None:
-        return train_step, jax.device_put(init_train_state(cfg, tc, params), shardings), 0
+    if not candidates:
+        return (train_step, jax.device_put(init_train_state(cfg, tc, params), shardings), 0,
+                None, [])
     # Straight into this mesh's shardings: each process reads only its own shards.
     abstract = jax.eval_shape(lambda: init_train_state(cfg, tc))
     abstract = jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
     )
-    state, tokens_seen = restore_train_checkpoint(latest, abstract, loader)
-    return train_step, state, tokens_seen
+    path, state, tokens_seen, warnings = resume_newest(candidates, cfg, tc, abstract, loader)
+    return train_step, state, tokens_seen, path, warnings
 
 
 def _check_finite(m: dict, state: Any, step: int, saving: bool, last_good: Path | None,

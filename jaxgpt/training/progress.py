@@ -73,10 +73,42 @@ class Progress:
         log(msg)
 
 
+# What every record of `metrics.jsonl` holds (see `train_loop`).
+RECORD_KEYS = ("step", "loss", "tokens_seen")
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not all(k in record for k in RECORD_KEYS):
+        return None
+    return record if isinstance(record["step"], int) else None
+
+
+def foreign_metrics_line(path: Path) -> int | None:
+    """The first line of the file `path` that is not a record `train_loop` writes (1-based),
+    or None when every line is one: a file jaxgpt did not write is never overwritten.
+
+    A last line cut short without its newline is one of ours (a run killed while writing it).
+    """
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip() and _record(line) is None:
+            if i == len(lines) and not text.endswith("\n") and line.lstrip().startswith("{"):
+                continue
+            return i
+    return None
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The records of `metrics.jsonl` (a last line cut short by a killed run is left out)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = (_record(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r is not None]
 
 
 def plot_losses(records: Sequence[dict], path: str | os.PathLike) -> Path | None:

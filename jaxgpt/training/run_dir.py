@@ -3,8 +3,10 @@ directory's rules and what a resumed run may change."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -15,6 +17,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.io import checkpoint, files
 from jaxgpt.training.config import TrainConfig, resolve_remat, resume_fields
 from jaxgpt.training.data import BatchLoader, LoaderState
+from jaxgpt.training.progress import foreign_metrics_line
 from jaxgpt.training.step import TrainState
 
 CKPT_PREFIX = "step_"
@@ -123,14 +126,17 @@ def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
     return changes
 
 
-_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints")
+# Held by the process running in the directory (see `lock_run`); it names that process.
+RUN_LOCK = "jaxgpt-train.lock"
+_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints", RUN_LOCK)
 
 
 def check_run_dir(out: Path) -> None:
     """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes.
 
     A run rewrites `metrics.jsonl` and `loss.png` and rotates `checkpoints/`, so a directory
-    holding anything else (a project, someone's notes) is refused rather than mixed into.
+    holding anything else (a project, someone's notes), or a `metrics.jsonl` whose lines are not
+    a run's records, is refused rather than mixed into.
     """
     if out.is_symlink() and not out.exists():
         raise FileExistsError(f"{out} is a dangling symbolic link")
@@ -143,8 +149,55 @@ def check_run_dir(out: Path) -> None:
         raise FileExistsError(
             f"{out} holds files that jaxgpt train did not write "
             f"({files.describe_names(foreign)}); a run directory holds "
-            f"only {', '.join(_RUN_ENTRIES)}: choose a new or empty output directory"
+            f"only {', '.join(_RUN_ENTRIES[:3])}: choose a new or empty output directory"
         )
+    metrics = out / "metrics.jsonl"
+    if metrics.is_symlink() or metrics.exists() and not metrics.is_file():
+        raise FileExistsError(f"{metrics} is not a regular file; jaxgpt train does not replace it")
+    line = foreign_metrics_line(metrics) if metrics.exists() else None
+    if line is not None:
+        raise FileExistsError(
+            f"{metrics} was not written by jaxgpt train (line {line} is not a record of a "
+            f"training step) and would be overwritten: move it or choose another output "
+            f"directory"
+        )
+    for name in ("checkpoints", RUN_LOCK):
+        entry = out / name
+        if entry.is_symlink() or entry.exists() and entry.is_dir() != (name == "checkpoints"):
+            raise FileExistsError(f"{entry} is not what jaxgpt train writes there")
+
+
+def check_writable(out: Path) -> None:
+    """Raise PermissionError unless a run can write into `out` (or create it)."""
+    target = out
+    while not target.exists():  # the nearest existing ancestor will hold the new directories
+        target = target.parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        what = "directory" if target == out else f"directory {target}, where {out} would go,"
+        raise PermissionError(f"cannot write into {out}: the {what} is not writable")
+
+
+@contextlib.contextmanager
+def lock_run(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock while the body runs: one run per directory. Creates `out`.
+
+    The lock is advisory (`flock`) on `out/jaxgpt-train.lock` and taken by process 0 only; the
+    OS releases it when the process ends in any way, so a killed run leaves nothing stale.
+    Raises FileExistsError naming the process that holds it.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with files.exclusive_lock(out / RUN_LOCK):
+            yield
+    except files.LockHeld as e:  # raised by the lock alone, never by the body
+        holder = f"process {e.pid}" if e.pid is not None else "another process"
+        raise FileExistsError(
+            f"{out} is in use by another jaxgpt train ({holder}, which holds "
+            f"{e.path}); wait for it to end, or choose another output directory"
+        ) from None
 
 
 def restore_train_checkpoint(
@@ -166,11 +219,11 @@ def restore_train_checkpoint(
     return restored, int(extra["tokens_seen"])
 
 
-def prepare_run(
-    out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool
-) -> tuple[Path | None, list[str]]:
-    """Check `out` and the resume request: `(checkpoint to resume from or None, warnings)`."""
+def prepare_run(out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool) -> list[Path]:
+    """Check `out` and the resume request: the checkpoints to resume from, newest first (none
+    for a new run). Nothing is written; the newest is checked against this run's settings."""
     check_run_dir(out)
+    check_writable(out)
     ckpt_dir = out / "checkpoints"
     existing = list_checkpoints(ckpt_dir)
     if existing and not resume:
@@ -183,14 +236,60 @@ def prepare_run(
             f"nothing to resume: {ckpt_dir} holds no complete checkpoint; "
             f"run without --resume to start, or point --out at the run to continue"
         )
-    if not existing:
-        return None, []
-    latest = existing[-1]
-    changes = resume_changes(latest, cfg, tc)
-    step = int(checkpoint.load_metadata(latest).get("step", 0))
+    for path in existing[::-1]:  # the newest whose settings can be read (see resume_newest)
+        try:
+            _check_resumable(path, cfg, tc)
+            break
+        except checkpoint.CheckpointError:
+            continue
+    return existing[::-1]
+
+
+def _check_resumable(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
+    """`resume_changes` of `path`, and ValueError if it leaves no step to run."""
+    changes = resume_changes(path, cfg, tc)
+    step = int(checkpoint.load_metadata(path).get("step", 0))
     if tc.steps <= step:
         raise ValueError(
-            f"{latest} is at step {step}; --steps {tc.steps} leaves nothing to do "
+            f"{path} is at step {step}; --steps {tc.steps} leaves nothing to do "
             f"(pass --steps > {step} to extend the run)"
         )
-    return latest, changes
+    return changes
+
+
+def _agreed(ok: bool) -> bool:
+    """True when every process says `ok` (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
+def resume_newest(
+    candidates: list[Path], cfg: GPTConfig, tc: TrainConfig, state: TrainState,
+    loader: BatchLoader,
+) -> tuple[Path, TrainState, int, list[str]]:
+    """`(path, state, tokens_seen, warnings)` of the newest of `candidates` that restores.
+
+    A damaged checkpoint (a file truncated or missing) is passed over with a warning naming
+    it; CheckpointError if none restores. A changed model or data setting is a ValueError, as
+    in `resume_changes`: an older checkpoint of the same run would not fit either.
+    """
+    warnings: list[str] = []
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            changes = _check_resumable(path, cfg, tc)
+            restored, tokens_seen = restore_train_checkpoint(path, state, loader)
+            error = None
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        if _agreed(error is None):
+            return path, restored, tokens_seen, warnings + changes
+        failures.append(error or f"{path}: another process could not read it")
+        warnings.append(f"{failures[-1]}; trying the checkpoint before it")
+    raise checkpoint.CheckpointError(
+        f"no checkpoint in {candidates[0].parent} restores ({len(candidates)} tried); the "
+        f"newest: {failures[0]}"
+    )
