@@ -301,3 +301,46 @@ def test_lower_functions_reject_bad_sizes(tiny_cfg):
         aot.lower_train_step(tiny_cfg, TrainConfig(), batch=1, seq_len=17)
     with pytest.raises(ValueError, match="devices is empty"):
         aot.lower_decode_step(tiny_cfg, batch=1, prompt_len=4, max_new_tokens=4, devices=[])
+
+
+def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg):
+    """`generate`'s cached steps run `chunk_steps` at a time: XLA:GPU knows the inner loop's
+    trip count (`known_trip_count`), so it runs a chunk without reading the condition back to
+    the host after every step. `loop_stats` reads it off the loop that holds the step (its
+    kernels include the output head), not the loop around it that checks for EOS.
+
+    Controls: with one step per check (`chunk_steps=0`) the same reader finds no trip count,
+    and on a plain function a `fori_loop` has one where a data-dependent `while_loop` has not,
+    so a change in how XLA writes the annotation cannot make this pass vacuously."""
+    devices = _devices("h100")
+    sizes = dict(SIZES, devices=devices)
+    _, layer = aot.cache_bytes(tiny_cfg, **SIZES)
+
+    def decoding_loop(chunk_steps):
+        text = aot.lower_generate(tiny_cfg, chunk_steps=chunk_steps, **sizes).compile().as_text()
+        return aot.loop_stats(text, math.prod(layer))
+
+    chunked, plain = decoding_loop(8), decoding_loop(0)
+    assert chunked.trip_count == 8
+    assert any("out_head" in name for _, name in chunked.kernels)
+    assert all("/while/body/while/" in name for _, name in chunked.kernels if name)
+    assert plain.trip_count is None
+    assert any("out_head" in name for _, name in plain.kernels)
+    assert chunked.kernels_per_step <= KERNEL_BOUND["h100"]
+
+    sh = jax.sharding.SingleDeviceSharding(devices[0])
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh)
+
+    def trip(loop_fn):
+        comps, _ = aot.parse_hlo(jax.jit(loop_fn).lower(x).compile().as_text())
+        loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
+        assert len(loops) == 1
+        return aot.trip_count(loops[0])
+
+    def known(x):
+        return lax.fori_loop(0, 5, lambda i, y: jnp.sin(y) * i, x)
+
+    def unknown(x):
+        return lax.while_loop(lambda y: y.sum() < 100.0, lambda y: y * 2.0 + 1.0, x)
+
+    assert (trip(known), trip(unknown)) == (5, None)

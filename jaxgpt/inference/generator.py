@@ -149,11 +149,15 @@ class Generator:
         several, each decodes its share of the rows with a copy of the weights (a batch that
         does not divide is padded with copies of its last row, dropped from the result);
         the tokens are those of one device.
+      chunk_steps: cached steps run between two checks for EOS (`decode.DECODE_CHUNK`; 0:
+        one step per check). The tokens are the same for every value.
     """
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
-                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None):
+                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None,
+                 chunk_steps: int = decode.DECODE_CHUNK):
         model = model_for(cfg, model)
+        self.chunk_steps = check_count(chunk_steps, "chunk_steps")
         self.params = params
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
@@ -222,7 +226,7 @@ class Generator:
         tokens = decode.generate_tokens(
             params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
             new_slots=call.shape.new_slots, sampling=call.sampling,
-            use_cache=bool(use_cache), mesh=mesh,
+            use_cache=bool(use_cache), mesh=mesh, chunk_steps=self.chunk_steps,
         )
         p = prompt.shape[1]
         return _finish(call, tokens[:len(call.rows), p:p + call.n])
@@ -257,11 +261,12 @@ class Generator:
                                       new_slots=call.shape.new_slots, sampling=call.sampling,
                                       use_cache=use_cache, mesh=mesh)
         shown = 0
+        steps = min(self.chunk_steps, chunk_size)  # fewer inactive steps per yielded chunk
         while shown < n:
             stop = min(shown + chunk_size, n)
             state = decode.continue_decoding(params, state, jnp.int32(stop), call.knobs,
                                              model=model, sampling=call.sampling,
-                                             prompt_slots=p)
+                                             prompt_slots=p, chunk_steps=steps)
             made, done = jax.device_get((state.step, state.done))
             made = int(made)
             if done[:b].all():  # the rest is eos_id: show it all at once
