@@ -20,6 +20,9 @@ REFERENCES = {
 # Set to 1 to run only what needs no reference (the parity tests are then skipped); ignored
 # under CI, where a missing reference is always an error.
 SKIP_REFERENCES_ENV = "JAXGPT_TESTS_WITHOUT_REFERENCES"
+# CPU decoding layouts measured on the machine could differ from run to run: the suite decodes
+# with the fixed ones (`jaxgpt.inference.layouts`); the tests of measuring pass a fake timer.
+os.environ["JAXGPT_DECODE_LAYOUT"] = "fixed"
 
 
 def missing_references() -> list[str]:
