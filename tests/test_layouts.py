@@ -41,7 +41,9 @@ def cfg():
 
 @pytest.fixture
 def measuring(monkeypatch):
+    """Measuring on, on a machine that looks quiet (a busy one keeps nothing)."""
     monkeypatch.setenv(layouts.LAYOUT_ENV, "measure")
+    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
 
 
 def test_rows_only_where_faster_by_more_than_the_margin():
@@ -85,6 +87,23 @@ def test_an_unreadable_cache_is_measured_again(cfg, tmp_path, measuring):
     timer = FakeTimer(TABLE)
     assert layouts.decode_layout(cfg, "float32", 2, "cpu", timer=timer, path=path) == WANT
     assert timer.calls and len(json.loads(path.read_text())) == 1
+
+
+def test_a_busy_machines_measurement_is_used_not_kept(cfg, tmp_path, measuring, monkeypatch):
+    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    monkeypatch.setattr(layouts, "_UNKEPT", {})
+    path = tmp_path / "layouts.json"
+    timer = FakeTimer(TABLE)
+    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
+    measured = len(timer.calls)
+    assert not path.exists()
+    # The same process does not measure again; a quiet one keeps its measurement.
+    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
+    assert len(timer.calls) == measured
+    monkeypatch.setattr(layouts, "_UNKEPT", {})
+    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
+    assert len(timer.calls) == 2 * measured and path.exists()
 
 
 def test_the_environment_forces_a_layout(cfg, tmp_path, monkeypatch):

@@ -6,8 +6,10 @@ that differ by matrix, row count, machine and XLA release, so the CPU layout is 
 it runs: for each matrix of the model (fused Q/K/V, the attention's output projection, the two
 feed-forward matrices, the head), as many copies as the model has, multiplied by `rows` rows in
 both forms, alternately, the best of a few rounds each. A matrix is held as rows where that is
-faster by more than `MARGIN`, else as the book's `[in, out]` (nothing to transpose). GPU and TPU
-layouts follow from the structure of their compiled programs (`Layout.for_batch`), not from
+faster by more than `MARGIN`, else as the book's `[in, out]` (nothing to transpose). A
+measurement taken while the machine is busier than its cores (load average above the CPU count)
+is used by this process but not kept, so that a later, quieter process measures again. GPU and
+TPU layouts follow from the structure of their compiled programs (`Layout.for_batch`), not from
 timings.
 
 `JAXGPT_DECODE_LAYOUT` forces a layout: "measure" (the default), "fixed" (`Layout.for_batch`,
@@ -41,6 +43,8 @@ ROUNDS = 5  # timed rounds per form, alternating; the best of each is kept
 
 # A timer: seconds for one pass over every copy of matrix `name`, held as rows or not.
 Timer = Callable[[str, bool], float]
+# Layouts measured by this process and not kept (the machine was busy), by `machine_key`.
+_UNKEPT: dict[str, Layout] = {}
 
 
 def matrix_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int, int]]:
@@ -179,12 +183,18 @@ def decode_layout(cfg: GPTConfig, dtype: Any, rows: int, backend: str | None = N
     entry = _read(path).get(key)
     if isinstance(entry, dict) and isinstance(entry.get("rows"), list):
         return Layout(fused_qkv=True, **{n: n in entry["rows"] for n in matrix_shapes(cfg)})
+    if key in _UNKEPT:
+        return _UNKEPT[key]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     timer = matmul_timer(cfg, dtype, batch_class(rows)) if timer is None else timer
     seconds = measure(cfg, timer)
     layout = choose(seconds)
+    if load > (os.cpu_count() or 1):  # other work skews the timings: do not keep them
+        _UNKEPT[key] = layout
+        return layout
     data = _read(path)  # again: another process may have added its own
     data[key] = {"rows": [n for n in seconds if getattr(layout, n)],
                  "seconds": {n: list(s) for n, s in seconds.items()},
-                 "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+                 "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": load}
     _write(path, data)
     return layout
