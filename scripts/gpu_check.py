@@ -305,7 +305,10 @@ def decoding(run: Run, out: dict, cfg: Any) -> None:
         prompt = rng.integers(0, cfg.vocab_size, (batch, a.prompt))
         row: dict[str, Any] = {"batch": batch}
         rows.append(row)
-        row.update(_aot_floor(cfg, batch, a.prompt, a.new, jnp.bfloat16, device, bandwidth))
+        try:  # reads XLA's cost analysis: the first thing a new jax may change
+            row.update(_aot_floor(cfg, batch, a.prompt, a.new, jnp.bfloat16, device, bandwidth))
+        except Exception as e:
+            row["aot_error"] = f"{type(e).__name__}: {e}"
         gens = {k: Generator(params, cfg, dtype=jnp.bfloat16, chunk_steps=k) for k in a.chunks}
         for k, timed in _step_times(gens, prompt, a.short, a.new, a.repeats).items():
             step = timed["step_s"]
@@ -373,17 +376,23 @@ def kernels(run: Run, out: dict, cfg: Any) -> None:
         sizes = dict(batch=batch, prompt_len=a.prompt, max_new_tokens=a.new, dtype=jnp.bfloat16)
         _, layer = aot.cache_bytes(cfg, **sizes)
         for k in a.chunks:
-            text = aot.lower_generate(cfg, devices=[device], chunk_steps=k,
-                                      **sizes).compile().as_text()
-            stats = aot.loop_stats(text, math.prod(layer))
-            names = {i.name for insts in parse_hlo(text)[0].values() for i in insts
-                     if i.opcode != "while"}
-            gen = Generator(params, cfg, dtype=jnp.bfloat16, chunk_steps=k)
-            np.asarray(gen.generate(prompt, a.new))  # compile and warm up
-            short = launched(lambda gen=gen: np.asarray(gen.generate(prompt, a.short)), names)
-            long = launched(lambda gen=gen: np.asarray(gen.generate(prompt, a.new)), names)
+            name = f"B={batch}/chunk_{k}"
+            try:
+                text = aot.lower_generate(cfg, devices=[device], chunk_steps=k,
+                                          **sizes).compile().as_text()
+                stats = aot.loop_stats(text, math.prod(layer))
+                names = {i.name for insts in parse_hlo(text)[0].values() for i in insts
+                         if i.opcode != "while"}
+                gen = Generator(params, cfg, dtype=jnp.bfloat16, chunk_steps=k)
+                np.asarray(gen.generate(prompt, a.new))  # compile and warm up
+                short = launched(lambda gen=gen: np.asarray(gen.generate(prompt, a.short)),
+                                 names)
+                long = launched(lambda gen=gen: np.asarray(gen.generate(prompt, a.new)), names)
+            except Exception as e:  # the next program may still work
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
             per_step = {key: (long[key] - short[key]) / (a.new - a.short) for key in long}
-            out[f"B={batch}/chunk_{k}"] = {
+            out[name] = {
                 "launched_per_step": per_step, "trace_counts": {"short": short, "long": long},
                 "loop_stats_kernels_per_step": stats.kernels_per_step,
                 "loop_stats_trip_count": stats.trip_count}
@@ -412,37 +421,47 @@ def _train_program(cfg: Any, batch: int, seq_len: int) -> tuple[Any, Any, Any, d
     return compiled, lowered, args, memory_stats(compiled)
 
 
-def _largest_batch(cfg: Any, seq_len: int, limit: int | None, cap: int, first: int) -> tuple:
-    """The largest power-of-two batch <= cap whose step's peak fits `limit` (a line through
-    the peaks at `first` and 2 * `first` guesses it; then halved until it fits)."""
+def _largest_batch(cfg: Any, seq_len: int, limit: int | None, cap: int, first: int,
+                   left: Any) -> tuple:
+    """The largest power-of-two batch <= cap whose step's peak fits `limit`: a guess from
+    the peak at `first` rows (peak / rows per row: an upper bound, the state does not grow
+    with B), down from it until one fits, then up while the next fits; no batch is tried
+    once `left()` seconds would not hold two more compiles like the last."""
     tried: dict[int, int | str] = {}
+    last = [0.0]
 
     def fits(b: int) -> tuple | None:
+        if tried and left() < 2 * last[0]:
+            tried[b] = "not tried: budget"
+            return None
+        t0 = time.perf_counter()
         try:
             prog = _train_program(cfg, b, seq_len)
         except Exception as e:  # XLA refuses a program that cannot fit
             tried[b] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return None
+        finally:
+            last[0] = time.perf_counter() - t0
         tried[b] = prog[3]["peak_bytes"]
         return prog if limit is None or prog[3]["peak_bytes"] <= limit else None
 
     best = fits(first)
     if best is None:
         return None, first, tried
-    batch, guess = first, first
-    nxt = fits(2 * first) if 2 * first <= cap else None
-    if nxt is not None:
-        best, batch = nxt, 2 * first
-        slope = max((best[3]["peak_bytes"] - tried[first]) / first, 1.0)  # type: ignore[operator]
-        room = (0.9 * limit if limit else float("inf")) - best[3]["peak_bytes"]
-        guess = batch
-        while guess * 2 <= cap and (guess * 2 - batch) * slope <= room:
-            guess *= 2
+    batch, guess, per_row = first, first, best[3]["peak_bytes"] / first
+    while guess * 2 <= cap and (limit is None or guess * 2 * per_row <= 0.9 * limit):
+        guess *= 2
     while guess > batch:
         prog = fits(guess)
         if prog is not None:
-            return prog, guess, tried
+            best, batch = prog, guess
+            break
         guess //= 2
+    while batch * 2 <= cap and batch * 2 not in tried:
+        prog = fits(batch * 2)
+        if prog is None:
+            break
+        best, batch = prog, batch * 2
     return best, batch, tried
 
 
@@ -459,7 +478,8 @@ def training(run: Run, out: dict, cfg: Any) -> None:
     if limit is not None:
         limit -= stats.get("bytes_in_use", 0)
     t = min(a.train_seq, cfg.context_length)
-    prog, batch, tried = _largest_batch(cfg, t, limit, a.max_train_batch, a.first_train_batch)
+    prog, batch, tried = _largest_batch(cfg, t, limit, a.max_train_batch, a.first_train_batch,
+                                        run.left)
     out.update(seq_len=t, memory_limit=limit, peak_bytes_tried=tried, batch=batch)
     if prog is None:
         out["error"] = f"no batch fits (tried {tried})"
@@ -477,7 +497,10 @@ def training(run: Run, out: dict, cfg: Any) -> None:
     tokens = batch * t
     n_matmul = count_params(param_shapes(cfg)) - (cfg.vocab_size + cfg.context_length) * cfg.emb_dim
     model_flops = (6 * n_matmul + 12 * cfg.n_layers * cfg.emb_dim * t) * tokens
-    xla_flops = aot.cost_stats(lowered, compiled)["flops"]
+    try:
+        xla_flops = aot.cost_stats(lowered, compiled)["flops"]
+    except Exception as e:  # XLA's cost analysis: the first thing a new jax may change
+        xla_flops, out["cost_error"] = None, f"{type(e).__name__}: {e}"
     peak = _match(device.device_kind, PEAK_BF16)
     out.update(step_s=step_s, tokens_per_s=tokens / step_s, model_flops_per_step=model_flops,
                xla_flops_per_step=xla_flops, peak_bf16_flops=peak,
@@ -582,7 +605,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     big = dict(batches=[1, 8, 32], kernel_batches=[1, 8], prompt=8, new=200, short=40,
                repeats=3, probe_mb=2048, reserve_s=120.0, train_seq=1024, max_train_batch=512,
-               first_train_batch=8, train_steps=5)
+               first_train_batch=16, train_steps=5)
     small = dict(batches=[2], kernel_batches=[2], prompt=4, new=24, short=8, repeats=1,
                  probe_mb=8, reserve_s=0.0, train_seq=16, max_train_batch=2,
                  first_train_batch=2, train_steps=2)
