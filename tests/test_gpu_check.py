@@ -68,3 +68,31 @@ def test_a_failing_section_is_recorded_and_the_next_runs(tmp_path):
     assert saved["fine"] == {"value": 2}
     assert "needed" in saved["late"]["skipped"]
     assert "error: RuntimeError: no such device" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_train_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
+    """A fake program whose peak is 100 + 10 B bytes, and which XLA refuses from B=256: with
+    1000 bytes the largest power of two is 64 (B <= 90), whatever the guess from B=16."""
+    gc = _module()
+    compiled = []
+
+    def program(cfg, batch, seq_len):
+        compiled.append(batch)
+        if batch >= 256:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return "step", "lowered", "args", {"peak_bytes": 100 + 10 * batch}
+
+    monkeypatch.setattr(gc, "_train_program", program)
+    for limit, want in ((1000, 64), (100_000, 128), (200, 8)):
+        compiled.clear()
+        prog, batch, tried = gc._largest_batch(None, 8, limit, 128 if limit > 10_000 else 512,
+                                               16 if limit > 200 else 8, lambda: 1e9)
+        assert batch == want and prog[3]["peak_bytes"] == 100 + 10 * want, (limit, tried)
+        assert len(compiled) <= 4, compiled  # a guess, not a walk over every size
+    # Nothing fits: no program, and the size tried is said.
+    prog, batch, tried = gc._largest_batch(None, 8, 50, 512, 16, lambda: 1e9)
+    assert prog is None and tried == {16: 260}
+    # Out of time after the first compile: the first is kept, nothing more is compiled.
+    compiled.clear()
+    prog, batch, tried = gc._largest_batch(None, 8, 1000, 512, 16, lambda: 0.0)
+    assert batch == 16 and compiled == [16] and "budget" in str(tried)
