@@ -6,8 +6,10 @@ workload and round, a side times `Generator.generate` for N new tokens and for a
 same compiled bucket (N's bucket / 2 + 8). A step is (t(N) - t(short)) / (N - short): the
 decoding steps alone, without the prefill or the call's overhead; "best" takes the least of
 each count over the rounds (noise only adds time), and the per-round figures show the
-spread. Weights: `init_params(124M, 0)`, fp32; prompts from `numpy.random.default_rng(0)`;
-both sides' tokens are compared.
+spread. The process's CPU time per step (all its threads) is given beside the wall time: on a
+machine shared with other work it moves less, since waiting for a core is not counted.
+Weights: `init_params(124M, 0)`, fp32; prompts from `numpy.random.default_rng(0)`; both
+sides' tokens are compared.
 
     python scripts/bench_decode.py --baseline /path/to/main          # before / after
     python scripts/bench_decode.py --baseline /path/to/main --old-layouts  # chunks alone
@@ -52,12 +54,12 @@ def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None) -> Non
     bucket = 1 << (new - 1).bit_length()
     short = bucket // 2 + 8
 
-    def call(n: int) -> tuple[float, np.ndarray]:
-        t0 = time.perf_counter()
+    def call(n: int) -> tuple[float, float, np.ndarray]:
+        c0, t0 = time.process_time(), time.perf_counter()
         out = np.asarray(jax.block_until_ready(gen.generate(prompt, n)))
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
-    _, tokens = call(new)  # compile
+    *_, tokens = call(new)  # compile
     call(short)
     model, _ = gen.weights(batch)
     layout = [k for k, v in model.layout._asdict().items() if v and k != "fused_qkv"]
@@ -66,9 +68,10 @@ def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None) -> Non
     for line in sys.stdin:
         if line.strip() != "run":
             break
-        t_long, _ = call(new)
-        t_short, _ = call(short)
-        print(json.dumps({"long_s": t_long, "short_s": t_short, "steps": new - short,
+        t_long, c_long, _ = call(new)
+        t_short, c_short, _ = call(short)
+        print(json.dumps({"long_s": t_long, "short_s": t_short, "long_cpu_s": c_long,
+                          "short_cpu_s": c_short, "steps": new - short,
                           "load": os.getloadavg()[0]}), flush=True)
 
 
@@ -111,17 +114,21 @@ def compare(name: str, workload: tuple[int, int, int], args: argparse.Namespace)
     print(f"\n{name}: {args.rounds} alternating rounds, load average "
           f"{min(loads):.1f}-{max(loads):.1f}; tokens {'equal' if same else 'DIFFER'}")
     print("| side | layout (rows) | ms/step, best | ms/step per round: median (min-max) | "
-          "tokens/s, best |")
-    print("|---|---|---:|---:|---:|")
-    best = {}
+          "tokens/s, best | CPU ms/step, best |")
+    print("|---|---|---:|---:|---:|---:|")
+    best, cpu = {}, {}
     for side, rs in replies.items():
         # The least disturbed of each count: noise only ever adds time.
         best[side] = (min(r["long_s"] for r in rs) - min(r["short_s"] for r in rs)) / rs[0]["steps"]
+        cpu[side] = (min(r["long_cpu_s"] for r in rs)
+                     - min(r["short_cpu_s"] for r in rs)) / rs[0]["steps"]
         each = [(r["long_s"] - r["short_s"]) / r["steps"] for r in rs]
         print(f"| {side} | {', '.join(ready[side]['layout']) or 'none'} | "
               f"{best[side] * 1e3:.2f} | {statistics.median(each) * 1e3:.2f} "
-              f"({min(each) * 1e3:.2f}-{max(each) * 1e3:.2f}) | {batch / best[side]:.1f} |")
-    print(f"this tree / baseline, best step: {best['this tree'] / best['baseline']:.3f}")
+              f"({min(each) * 1e3:.2f}-{max(each) * 1e3:.2f}) | {batch / best[side]:.1f} | "
+              f"{cpu[side] * 1e3:.2f} |")
+    print(f"this tree / baseline, best step: {best['this tree'] / best['baseline']:.3f} "
+          f"(CPU time: {cpu['this tree'] / cpu['baseline']:.3f})")
 
 
 def _ask_stop(proc: subprocess.Popen) -> None:
