@@ -167,7 +167,8 @@ def test_decode_step_donates_the_cache(target, compiled_generation, tiny_dict):
 @pytest.mark.parametrize("target", TARGETS)
 def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
     """Positive control of the copy check: a loop that updates its cache and also carries the
-    cache as it was, so the update cannot happen in place (XLA copies the cache each step)."""
+    cache as it was, so the update cannot happen in place (XLA copies the cache each step);
+    and the same copy made between chunks, outside the inner loop that holds the step."""
     devices = _devices(target)
     shape = (8, 64, 16)
 
@@ -184,6 +185,20 @@ def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
             jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh))
     text = jax.jit(f).lower(*args).compile().as_text()
     assert aot.loop_stats(text, math.prod(shape)).cache_copies
+
+    def chunked(cache, x):  # the same copy, made between chunks of 4 in-place updates
+        def step(i, c):
+            return lax.dynamic_update_slice(c, x[:, None, :] * i.astype(x.dtype), (0, i, 0))
+
+        def chunk(c):
+            i, cache, _ = c
+            return i + 4, lax.fori_loop(i, i + 4, step, cache), cache
+
+        return lax.while_loop(lambda c: c[0] < 64, chunk, (0, cache, cache))[1:]
+
+    text = jax.jit(chunked).lower(*args).compile().as_text()
+    loop = aot.loop_stats(text, math.prod(shape))
+    assert loop.loops == 2 and loop.cache_copies
 
 
 def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():

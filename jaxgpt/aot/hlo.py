@@ -152,9 +152,10 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     that is not free (parameters, tuples, bitcasts, constants) or an asynchronous copy
     (counted apart).
     A cache copy is a `copy`, `transpose` or `copy-start` (also inside a fusion) of an array
-    of exactly `cache_elements` elements, or a launch that writes such an array other than by
-    a dynamic-update-slice (which XLA runs in place). Launches that write larger arrays whole
-    (e.g. a weight matrix re-laid out every step) are listed as `large_writes`.
+    of exactly `cache_elements` elements anywhere in the loops that write the cache (the
+    chunk's and the one around it), or a launch of the step that writes such an array other
+    than by a dynamic-update-slice (which XLA runs in place). Launches that write larger
+    arrays whole (e.g. a weight matrix re-laid out every step) are listed as `large_writes`.
     """
     comps, _ = parse_hlo(hlo_text)
     loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
@@ -187,7 +188,10 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     def describe(i: Instruction) -> str:
         return f"{i.opcode} {i.name} {i.shape.split('{')[0]}"
 
-    inside = [i for c in _called(comps, body) + _called(comps, cond) for i in comps[c]]
+    # Copies anywhere in the loops that carry the cache (with chunks, also between them).
+    around = {c for w in decoding for part in ("body", "condition")
+              for c in _called(comps, w.attr(part))}
+    inside = [i for c in sorted(around) for i in comps[c]]
     copies = [describe(i) for i in inside
               if i.opcode in ("copy", "transpose", "copy-start") and cache_elements in _sizes(i)]
     large: list[str] = []
