@@ -17,7 +17,10 @@ one decoding step alone (`aot.lower_decode_step`), and reports:
 - copies or transposes of cache-sized arrays inside the loop, and other arrays larger than
   the cache written whole each step (e.g. weight matrices re-laid out), and apart from
   those, such arrays staged into on-chip memory (TPU: a weight copied into VMEM for a matmul);
-- a bandwidth floor: bytes per step / the target's memory bandwidth (µs per step, per token).
+- a bandwidth floor: bytes per step / the target's memory bandwidth (µs per step, per token);
+- the trip count of the loop that holds the decoding step, where XLA knows it when compiling
+  (`known_trip_count`: the steps of a chunk, run without the host reading the loop's condition
+  back in between; "-" where unknown).
 
 And the training step for 124M at T=1024, B=8 with the defaults for the target (the chunked
 loss head and attention rematerialisation: `TrainConfig.loss_chunk`, `TrainConfig.remat`):
@@ -96,6 +99,7 @@ def generation_report(cfg, dtype_name, batch, devices, info, with_blocks):
         "on_chip_writes_in_loop": len(loop.on_chip_writes),
         "async_copies_per_step": loop.async_copies_per_step,
         "loops": loop.loops,
+        "decoding_loop_trip_count": loop.trip_count,
         "cost_source": cost["source"],
         "bytes_per_step_hlo_cost_analysis": cost["bytes_accessed_hlo"],
         "decode_step": {"compile_s": round(step_s, 1), **step_mem},
@@ -202,8 +206,8 @@ def print_table(target, report):
     print(f"\n{target}: 124M, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens")
     print("| config | compile s | bytes/step | weight bytes read | ratio | flops/step | "
           "kernels/step (per block + fixed) | cache copies in loop | larger arrays written "
-          "per step (+ staged on chip) | temp | floor µs/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "per step (+ staged on chip) | temp | floor µs/token | known trip count |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in report["generate"].items():
         on_chip = r.get("on_chip_writes_in_loop", 0)
         staged = f" + {on_chip} on chip" if on_chip else ""
@@ -214,7 +218,8 @@ def print_table(target, report):
               f"{r['flops_per_step'] / 1e6:,.0f} M | {r['kernels_per_step']}{blocks} | "
               f"{r['cache_copies_in_loop']} | {r['large_writes_in_loop']}{staged} | "
               f"{_fmt_bytes(r['temp_bytes'])} | "
-              f"{r.get('floor_us_per_token', '-')} |")
+              f"{r.get('floor_us_per_token', '-')} | "
+              f"{r.get('decoding_loop_trip_count') or '-'} |")
     for dtype_name, t in report["train_step"].items():
         fit = f", largest batch that fits: {t['max_batch']}" if "max_batch" in t else ""
         if "no_remat" not in t:  # kept from a report written before remat was reported

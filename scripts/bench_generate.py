@@ -12,7 +12,11 @@ Weights: the book's `ch04.GPTModel` seeded with `torch.manual_seed`, converted t
 method are compared with jaxgpt's and the match is printed. Compile time (first call minus a
 steady call) is reported apart from the steady state (best of `--repeats` calls). The roofline
 is the weight bytes read per step (every matrix once; one row of each embedding per token)
-over the memory bandwidth measured here, with a large jitted reduction and numpy copies.
+over the memory read bandwidth measured here: the median of several jitted sums over 1 GiB
+(a read-only stream, far past the caches), measured before and after the timings; the spread
+of both is printed. Each workload prints the decoding layout `Generator` chose
+(`jaxgpt.inference.layouts`: measured once per machine and batch class, kept in
+`$XDG_CACHE_HOME/jaxgpt/decode_layouts.json`; `--layout` forces one).
 
     python scripts/bench_generate.py              # the full run (several minutes on 2 cores)
     python scripts/bench_generate.py --quick      # fewer tokens, a smoke test
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -59,37 +62,24 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure_bandwidth(repeats: int = 5) -> tuple[float, str]:
-    """Best memory read bandwidth (bytes/s) from a jitted sum and 1- and 2-thread numpy copies."""
+def measure_bandwidth(gib: float = 1.0, repeats: int = 9) -> tuple[float, str]:
+    """Memory read bandwidth (bytes/s): the median of `repeats` jitted sums over `gib` GiB of
+    fp32, a read-only stream through XLA (as decoding streams its weights) over a buffer far
+    larger than the last-level cache; the range of the runs is reported beside it."""
     import jax
     import jax.numpy as jnp
 
-    n = 256 * 1024 * 1024 // 4  # 256 MB of fp32, well past the caches
-    a = np.ones(n, np.float32)
-    out = np.empty_like(a)
-    results = {}
-    x = jnp.asarray(a)
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    results["jax sum"] = a.nbytes / _best(lambda: total(x).block_until_ready(), repeats)
-    # A copy reads and writes every byte: count both.
-    results["numpy copy"] = 2 * a.nbytes / _best(lambda: np.copyto(out, a), repeats)
-    halves_in, halves_out = np.array_split(a, 2), np.array_split(out, 2)
-
-    def two_threads() -> None:
-        threads = [
-            threading.Thread(target=np.copyto, args=(o, i))
-            for o, i in zip(halves_out, halves_in, strict=True)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    results["numpy copy, 2 threads"] = 2 * a.nbytes / _best(two_threads, repeats)
-    how = max(results, key=results.get)
-    detail = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in results.items())
-    return results[how], f"best of: {detail} GB/s"
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        rates.append(x.nbytes / (time.perf_counter() - t0))
+    median = float(np.median(rates))
+    return median, (f"median of {repeats} jitted sums over {gib:g} GiB (range "
+                    f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f})")
 
 
 def weight_bytes_per_step(cfg, bytes_per_param: int) -> int:
@@ -134,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chart", default="docs/bench_generate.png", help="PNG to write ('' = none)"
     )
+    parser.add_argument("--layout", default=None,
+                        help="force the decoding layout (JAXGPT_DECODE_LAYOUT: measure, fixed, "
+                             "none, all, or matrices held as rows, e.g. qkv,proj)")
     args = parser.parse_args(argv)
+    if args.layout is not None:
+        os.environ["JAXGPT_DECODE_LAYOUT"] = args.layout
     if args.quick:
         args.new_b1, args.new_b8, args.repeats = 24, 16, 1
         args.slow_tokens = args.slow_tokens or 8
@@ -176,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         hf.generation_config.pad_token_id = 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+    bandwidth_before, how_before = measure_bandwidth()
     workloads = [("B=1, prompt 4", 1, 4, args.new_b1), ("B=8, prompt 32", 8, 32, args.new_b8)]
     if args.with_b32:
         workloads.append(("B=32, prompt 32", 32, 32, args.new_b8))
@@ -200,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {_row(results[-1])}", flush=True)
 
         if hasattr(jaxgpt, "Generator"):  # weights prepared once, outside the timed calls
-            gen = jaxgpt.Generator(params, cfg, dtype=dtype)
+            t0 = time.perf_counter()
+            model, _ = jaxgpt.Generator(params, cfg, dtype=dtype).weights(batch)
+            prep = time.perf_counter() - t0
+            rows = [k for k, v in model.layout._asdict().items() if v and k != "fused_qkv"]
+            print(f"  decoding layout at B={batch}: rows {', '.join(rows) or 'none'} "
+                  f"(first use, with any measuring: {prep:.2f} s)", flush=True)
+            gen = jaxgpt.Generator(params, cfg, dtype=dtype)  # the layout is kept: not again
             t0 = time.perf_counter()
             gen.weights(batch)
             prep = time.perf_counter() - t0
@@ -282,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {_row(results[-1])}", flush=True)
 
-    bandwidth, how = measure_bandwidth()
+    bandwidth_after, how_after = measure_bandwidth()
+    bandwidth = float(np.median([bandwidth_before, bandwidth_after]))
+    how = f"before the timings: {bandwidth_before / 1e9:.1f}, {how_before}; after: " \
+          f"{bandwidth_after / 1e9:.1f}, {how_after}; load average {os.getloadavg()[0]:.2f}"
     bytes_per_step = weight_bytes_per_step(cfg, dtype.itemsize)
     _report(results, workloads, bandwidth, how, bytes_per_step, args)
     if args.chart:

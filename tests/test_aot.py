@@ -30,10 +30,11 @@ if not os.environ.get("JAX_PLATFORMS") and not xla_bridge.backends_are_initializ
 
 TARGETS = ["h100", "tpu-v5e"]
 SIZES = dict(batch=2, prompt_len=8, max_new_tokens=16, dtype=jnp.bfloat16)
-# Kernels per decoding step of the tiny config at B=2, as the pinned jax compiles them (the
-# 1-, 2- and 3-layer loops): (per block, the rest: embedding, head, greedy choice, loop
-# condition). TPU v5e also counts its scalar-unit instructions.
-KERNELS = {"h100": (12, 11), "tpu-v5e": (21, 38)}
+# Kernels per decoding step of the tiny config at B=2, as the pinned jax compiles the chunked
+# loop (the 1-, 2- and 3-layer loops): (per block, the rest: embedding, head, greedy choice,
+# the step's activity and the loops' counters). TPU v5e also counts its scalar-unit
+# instructions. With one step per EOS check (chunk_steps=0) the rest is 11 and 38.
+KERNELS = {"h100": (12, 12), "tpu-v5e": (21, 41)}
 # Less than the n_layers = 2 kernels that one more unfused op (or a cache copy) in every block
 # adds, so that fails; one kernel more or fewer outside the blocks does not.
 SLACK = 1
@@ -174,7 +175,8 @@ def test_decode_step_donates_the_cache(target, compiled_generation, tiny_dict):
 @pytest.mark.parametrize("target", TARGETS)
 def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
     """Positive control of the copy check: a loop that updates its cache and also carries the
-    cache as it was, so the update cannot happen in place (XLA copies the cache each step)."""
+    cache as it was, so the update cannot happen in place (XLA copies the cache each step);
+    and the same copy made between chunks, outside the inner loop that holds the step."""
     devices = _devices(target)
     shape = (8, 64, 16)
 
@@ -191,6 +193,20 @@ def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
             jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh))
     text = jax.jit(f).lower(*args).compile().as_text()
     assert aot.loop_stats(text, math.prod(shape)).cache_copies
+
+    def chunked(cache, x):  # the same copy, made between chunks of 4 in-place updates
+        def step(i, c):
+            return lax.dynamic_update_slice(c, x[:, None, :] * i.astype(x.dtype), (0, i, 0))
+
+        def chunk(c):
+            i, cache, _ = c
+            return i + 4, lax.fori_loop(i, i + 4, step, cache), cache
+
+        return lax.while_loop(lambda c: c[0] < 64, chunk, (0, cache, cache))[1:]
+
+    text = jax.jit(chunked).lower(*args).compile().as_text()
+    loop = aot.loop_stats(text, math.prod(shape))
+    assert loop.loops == 2 and loop.cache_copies
 
 
 def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
@@ -308,3 +324,47 @@ def test_lower_functions_reject_bad_sizes(tiny_cfg):
         aot.lower_train_step(tiny_cfg, TrainConfig(), batch=1, seq_len=17)
     with pytest.raises(ValueError, match="devices is empty"):
         aot.lower_decode_step(tiny_cfg, batch=1, prompt_len=4, max_new_tokens=4, devices=[])
+
+
+def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg):
+    """`generate`'s cached steps run `chunk_steps` at a time: XLA:GPU knows the inner loop's
+    trip count (`known_trip_count`), so it runs a chunk without reading the condition back to
+    the host after every step. `loop_stats` reads it off the loop that holds the step (its
+    kernels include the output head), not the loop around it that checks for EOS.
+
+    Controls: with one step per check (`chunk_steps=0`) the same reader finds no trip count,
+    and on a plain function a `fori_loop` has one where a data-dependent `while_loop` has not,
+    so a change in how XLA writes the annotation cannot make this pass vacuously."""
+    devices = _devices("h100")
+    sizes = dict(SIZES, devices=devices)
+    _, layer = aot.cache_bytes(tiny_cfg, **SIZES)
+
+    def decoding_loop(chunk_steps):
+        text = aot.lower_generate(tiny_cfg, chunk_steps=chunk_steps, **sizes).compile().as_text()
+        return aot.loop_stats(text, math.prod(layer))
+
+    chunked, plain = decoding_loop(8), decoding_loop(0)
+    assert chunked.trip_count == 8
+    assert any("out_head" in name for _, name in chunked.kernels)
+    assert all("/while/body/while/" in name for _, name in chunked.kernels if name)
+    assert plain.trip_count is None
+    assert any("out_head" in name for _, name in plain.kernels)
+    per_block, rest = KERNELS["h100"]
+    assert abs(chunked.kernels_per_step - (tiny_cfg.n_layers * per_block + rest)) <= SLACK
+
+    sh = jax.sharding.SingleDeviceSharding(devices[0])
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sh)
+
+    def trip(loop_fn):
+        comps, _ = aot.parse_hlo(jax.jit(loop_fn).lower(x).compile().as_text())
+        loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
+        assert len(loops) == 1
+        return aot.trip_count(loops[0])
+
+    def known(x):
+        return lax.fori_loop(0, 5, lambda i, y: jnp.sin(y) * i, x)
+
+    def unknown(x):
+        return lax.while_loop(lambda y: y.sum() < 100.0, lambda y: y * 2.0 + 1.0, x)
+
+    assert (trip(known), trip(unknown)) == (5, None)

@@ -8,11 +8,11 @@
 
 - `targets`: compile-only devices ("h100", "h200", "a100", "tpu-v5e", "tpu-v6e", "cpu").
 - `lowering`: `lower_generate`, `lower_decode_step`, `lower_train_step`, byte counts.
-- `costs`: `memory_stats`, `cost_stats`; `hlo`: `parse_hlo`, `loop_stats`.
+- `costs`: `memory_stats`, `cost_stats`; `hlo`: `parse_hlo`, `loop_stats`, `trip_count`.
 """
 
 from jaxgpt.aot.costs import cost_stats, memory_stats
-from jaxgpt.aot.hlo import Instruction, LoopStats, launches, loop_stats, parse_hlo
+from jaxgpt.aot.hlo import Instruction, LoopStats, launches, loop_stats, parse_hlo, trip_count
 from jaxgpt.aot.lowering import (
     cache_bytes,
     lower_decode_step,
@@ -40,5 +40,6 @@ __all__ = [
     "platform_of",
     "target_devices",
     "target_info",
+    "trip_count",
     "weight_bytes",
 ]

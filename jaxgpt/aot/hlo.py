@@ -1,7 +1,8 @@
 """Reading optimized HLO text: computations, kernel launches, and the decoding loop's cost.
 
-`loop_stats` finds the decoding loop (the while loop whose body writes a cache-sized array in
-place) and counts the kernels one iteration launches and the large arrays it writes whole.
+`loop_stats` finds the decoding loop (the innermost while loop whose body writes a cache-sized
+array in place: the one that holds the decoding step) and counts the kernels one iteration
+launches and the large arrays it writes whole, and reads its trip count where XLA knows it.
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ class LoopStats(NamedTuple):
     # TPU VMEM), apart from `large_writes`: XLA:TPU staging a weight for a matmul, not a copy
     # left in HBM.
     on_chip_writes: list[str]
+    # The loop's trip count as XLA knows it when compiling (`known_trip_count` in its backend
+    # config), or None: a loop of unknown length reads its condition back on a GPU each time.
+    trip_count: int | None = None
+
+
+def trip_count(loop: Instruction) -> int | None:
+    """The `known_trip_count` XLA put in a while loop's backend config, or None."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.rest)
+    return int(m.group(1)) if m else None
 
 
 _DMA = ("copy-start", "slice-start")
@@ -135,14 +145,17 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     """Kernels per iteration of the decoding loop, and big arrays it writes whole.
 
     The decoding loop is the while loop whose body updates an array of at least
-    `cache_elements` elements (one layer's keys) with a `dynamic-update-slice`: the cached step
-    writes each token's keys and values into the cache. Kernels are the body's and
-    condition's fusions, library calls (custom-calls) and every other instruction that is not
-    free (parameters, tuples, bitcasts, constants) or an asynchronous copy (counted apart).
+    `cache_elements` elements (one layer's keys) with a `dynamic-update-slice` (the cached step
+    writes each token's keys and values into the cache) and holds no other such loop: with
+    the steps in chunks, the inner loop of a chunk, not the one around it. Kernels are the
+    body's and condition's fusions, library calls (custom-calls) and every other instruction
+    that is not free (parameters, tuples, bitcasts, constants) or an asynchronous copy
+    (counted apart).
     A cache copy is a `copy`, `transpose` or `copy-start` (also inside a fusion) of an array
-    of exactly `cache_elements` elements, or a launch that writes such an array other than by
-    a dynamic-update-slice (which XLA runs in place). Launches that write larger arrays whole
-    (e.g. a weight matrix re-laid out every step) are listed as `large_writes`.
+    of exactly `cache_elements` elements anywhere in the loops that write the cache (the
+    chunk's and the one around it), or a launch of the step that writes such an array other
+    than by a dynamic-update-slice (which XLA runs in place). Launches that write larger
+    arrays whole (e.g. a weight matrix re-laid out every step) are listed as `large_writes`.
     """
     comps, _ = parse_hlo(hlo_text)
     loops = [i for insts in comps.values() for i in insts if i.opcode == "while"]
@@ -154,7 +167,10 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     decoding = [w for w in loops if writes_cache(w.attr("body"))]
     if not decoding:
         raise ValueError("no while loop in this program writes a cache-sized array")
-    loop = decoding[0]
+    bodies = {w.attr("body") for w in decoding}
+    innermost = [w for w in decoding
+                 if not bodies & set(_called(comps, w.attr("body"))[1:])]
+    loop = innermost[0]
     body, cond = loop.attr("body"), loop.attr("condition")
     found = launches(comps, body) + launches(comps, cond)
     dmas = [i for i in found if i.opcode in _DMA]
@@ -172,7 +188,10 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
     def describe(i: Instruction) -> str:
         return f"{i.opcode} {i.name} {i.shape.split('{')[0]}"
 
-    inside = [i for c in _called(comps, body) + _called(comps, cond) for i in comps[c]]
+    # Copies anywhere in the loops that carry the cache (with chunks, also between them).
+    around = {c for w in decoding for part in ("body", "condition")
+              for c in _called(comps, w.attr(part))}
+    inside = [i for c in sorted(around) for i in comps[c]]
     copies = [describe(i) for i in inside
               if i.opcode in ("copy", "transpose", "copy-start") and cache_elements in _sizes(i)]
     large: list[str] = []
@@ -187,7 +206,7 @@ def loop_stats(hlo_text: str, cache_elements: int) -> LoopStats:
         else:
             (on_chip if _ON_CHIP_RE.match(i.shape) else large).append(describe(i))
     return LoopStats(len(kernels_run), kernels, sorted(set(copies)), sorted(set(large)), len(dmas),
-                     len(loops), sorted(set(on_chip)))
+                     len(loops), sorted(set(on_chip)), trip_count(loop))
 
 
 # A result (the first array of a tuple) whose layout puts it in memory space 1, e.g.

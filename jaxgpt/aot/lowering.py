@@ -67,7 +67,8 @@ class _Generation(NamedTuple):
 
 
 def _generation_programs(cfg: GPTConfig, batch: int, prompt_len: int, max_new_tokens: int,
-                         dtype: Any, platform: str = "cpu") -> _Generation:
+                         dtype: Any, platform: str = "cpu",
+                         chunk_steps: int = decode.DECODE_CHUNK) -> _Generation:
     """The programs `generate` compiles for these sizes, with abstract inputs.
 
     `generate` pads prompts to a bucketed length (`decode.program_shape`), lays the weights out
@@ -89,7 +90,7 @@ def _generation_programs(cfg: GPTConfig, batch: int, prompt_len: int, max_new_to
         (w, sds((batch, shape.prompt_slots), jnp.int32), sds((batch,), jnp.int32),
          sds((), jnp.int32), knobs),
         dict(model=model, new_slots=shape.new_slots, sampling=sampling_config(0.0, None, None),
-             use_cache=True),
+             use_cache=True, chunk_steps=chunk_steps),
     )
     cache = jax.eval_shape(lambda: init_cache(cfg, batch, shape.cache_slots, dtype))
 
@@ -119,16 +120,17 @@ def _lower(program: _Program, devices: Sequence[jax.Device]) -> jax.stages.Lower
 
 
 def _lower_generation(which: str, cfg: GPTConfig, batch: int, prompt_len: int,
-                      max_new_tokens: int, dtype: Any,
-                      devices: Sequence[jax.Device] | None) -> jax.stages.Lowered:
+                      max_new_tokens: int, dtype: Any, devices: Sequence[jax.Device] | None,
+                      chunk_steps: int = decode.DECODE_CHUNK) -> jax.stages.Lowered:
     """`lower_generate` and `lower_decode_step`: `which` program of `_Generation`, lowered for
     `devices` (the layouts follow their platform) after the sizes are checked."""
     batch = _check_size(batch, "batch")
     prompt_len = _check_size(prompt_len, "prompt_len")
     max_new_tokens = _check_size(max_new_tokens, "max_new_tokens")
+    chunk_steps = _check_size(chunk_steps, "chunk_steps", minimum=0)
     targets = _devices(devices)
     programs = _generation_programs(cfg, batch, prompt_len, max_new_tokens, dtype,
-                                    platform_of(targets))
+                                    platform_of(targets), chunk_steps)
     return _lower(getattr(programs, which), targets)
 
 
@@ -140,16 +142,18 @@ def lower_generate(
     max_new_tokens: int,
     dtype: Any = jnp.float32,
     devices: Sequence[jax.Device] | None = None,
+    chunk_steps: int = decode.DECODE_CHUNK,
 ) -> jax.stages.Lowered:
     """Lower the whole jitted generation (prefill, then the cached decoding loop) that
     `jaxgpt.generate(params, cfg, prompts, max_new_tokens, dtype=dtype)` runs, greedy, for
-    `batch` prompts of `prompt_len` tokens, on `devices` (default: the first JAX device).
+    `batch` prompts of `prompt_len` tokens, on `devices` (default: the first JAX device),
+    the cached steps `chunk_steps` per check for EOS (as `Generator(chunk_steps=...)`).
 
     Lengths are bucketed as `generate` buckets them, so this is the program `generate` would
     compile. Nothing is allocated; `.compile()` the result for its devices, or export it.
     """
     return _lower_generation("generate", cfg, batch, prompt_len, max_new_tokens, dtype,
-                             devices)
+                             devices, chunk_steps)
 
 
 def lower_decode_step(

@@ -40,6 +40,10 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 # that few shapes are ever compiled.
 MIN_PROMPT_BUCKET = 8
 MIN_NEW_BUCKET = 16
+# Cached steps per check for EOS: a loop of known trip count, which XLA:GPU runs without
+# reading its condition back to the host after every step. A chunk ends with up to
+# chunk_steps - 1 inactive steps (computed, then dropped).
+DECODE_CHUNK = 8
 
 
 class Knobs(NamedTuple):
@@ -102,15 +106,22 @@ def make_knobs(key: jax.Array | None, temperature: float, top_p: float | None,
 
 
 def _write_next(
-    state: DecodeState, logits: jax.Array, knobs: Knobs, sampling: SamplingConfig, prompt_slots: int
+    state: DecodeState, logits: jax.Array, knobs: Knobs, sampling: SamplingConfig,
+    prompt_slots: int, active: jax.Array | bool = True,
 ) -> DecodeState:
-    """Choose token `state.step` for every row from logits `[B, V]`, apply EOS, store it."""
+    """Choose token `state.step` for every row from logits `[B, V]`, apply EOS, store it; an
+    inactive step (`active` False) leaves the tokens, the count and `done` as they are."""
     j = state.step
     nxt = choose_next(logits, jax.random.fold_in(knobs.key, j), knobs.temperature, knobs.top_p,
                       sampling)  # [B]
     nxt = jnp.where(state.done, knobs.eos_id, nxt)
-    tokens = lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, prompt_slots + j))
-    return state._replace(tokens=tokens, step=j + 1, done=state.done | (nxt == knobs.eos_id))
+    at = prompt_slots + j
+    if active is not True:
+        # The slot's own value back (an index past the buffer clamps alike in both calls).
+        nxt = jnp.where(active, nxt, lax.dynamic_slice_in_dim(state.tokens, at, 1, axis=1)[:, 0])
+    tokens = lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, at))
+    return state._replace(tokens=tokens, step=j + jnp.asarray(active, jnp.int32),
+                          done=state.done | (active & (nxt == knobs.eos_id)))
 
 
 def _split_rows(tree: Any, mesh: Mesh | None) -> Any:
@@ -153,8 +164,10 @@ def _head(model: GPTModel, variables: dict, x: jax.Array) -> jax.Array:
 
 
 def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | int,
-            knobs: Knobs, sampling: SamplingConfig, prompt_slots: int) -> DecodeState:
-    """Generate tokens `state.step .. stop-1` (fewer if every row is done)."""
+            knobs: Knobs, sampling: SamplingConfig, prompt_slots: int,
+            chunk_steps: int = DECODE_CHUNK) -> DecodeState:
+    """Generate tokens `state.step .. stop-1` (fewer if every row is done); the cached steps
+    `chunk_steps` at a time between checks (0: one step per check, nothing inactive)."""
     b, total = state.tokens.shape
     ctx = model.cfg.context_length
     p = prompt_slots
@@ -168,16 +181,22 @@ def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | 
         longest = p - jnp.min(state.start)
         cached_stop = jnp.minimum(stop, ctx - longest + 1)
 
-        def cached_step(s: DecodeState) -> DecodeState:
+        def cached_step(s: DecodeState, active: jax.Array | bool) -> DecodeState:
             slot = p + s.step - 1  # the slot of the last known token
             last = lax.dynamic_slice_in_dim(s.tokens, slot, 1, axis=1)  # [B, 1]
             hidden, cache = cast(tuple[jax.Array, KVCache], model.apply(
                 variables, last, positions=(slot - s.start)[:, None], cache=s.cache, slot=slot,
                 method=GPTModel.hidden))
             logits = _head(model, variables, hidden[:, 0])  # [B, V]
-            return _write_next(s._replace(cache=cache), logits, knobs, sampling, p)
+            return _write_next(s._replace(cache=cache), logits, knobs, sampling, p, active)
 
-        state = lax.while_loop(lambda s: running(s, cached_stop), cached_step, state)
+        def chunk(s: DecodeState) -> DecodeState:
+            if not chunk_steps:
+                return cached_step(s, True)
+            return lax.fori_loop(0, chunk_steps,
+                                 lambda _, s: cached_step(s, running(s, cached_stop)), s)
+
+        state = lax.while_loop(lambda s: running(s, cached_stop), chunk, state)
 
     window = min(total, ctx)
 
@@ -201,15 +220,17 @@ def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | 
 _STATIC = ("model", "new_slots", "sampling", "use_cache", "mesh")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "chunk_steps"))
 def generate_tokens(params: Any, prompt: jax.Array, start: jax.Array, n_new: jax.Array,
                     knobs: Knobs, *, model: GPTModel, new_slots: int, sampling: SamplingConfig,
-                    use_cache: bool, mesh: Mesh | None = None) -> jax.Array:
+                    use_cache: bool, mesh: Mesh | None = None,
+                    chunk_steps: int = DECODE_CHUNK) -> jax.Array:
     """The whole generation as one program: the token buffer `[B, P + new_slots]` after
-    prefilling `prompt` `[B, P]` (rows starting at `start` `[B]`) and `n_new` new tokens."""
+    prefilling `prompt` `[B, P]` (rows starting at `start` `[B]`) and `n_new` new tokens,
+    the cached steps `chunk_steps` at a time (0: one per check)."""
     TRACE_COUNTS["generate"] += 1
     state = _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache, mesh)
-    state = _decode(model, params, state, n_new, knobs, sampling, prompt.shape[1])
+    state = _decode(model, params, state, n_new, knobs, sampling, prompt.shape[1], chunk_steps)
     return state.tokens
 
 
@@ -222,11 +243,11 @@ def start_decoding(params: Any, prompt: jax.Array, start: jax.Array, knobs: Knob
     return _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "prompt_slots"),
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "prompt_slots", "chunk_steps"),
                    donate_argnums=(1,))
 def continue_decoding(params: Any, state: DecodeState, stop: jax.Array, knobs: Knobs, *,
-                      model: GPTModel, sampling: SamplingConfig,
-                      prompt_slots: int) -> DecodeState:
+                      model: GPTModel, sampling: SamplingConfig, prompt_slots: int,
+                      chunk_steps: int = DECODE_CHUNK) -> DecodeState:
     """`state` advanced to `stop` new tokens (fewer once every row is done); donated."""
     TRACE_COUNTS["generate_stream"] += 1
-    return _decode(model, params, state, stop, knobs, sampling, prompt_slots)
+    return _decode(model, params, state, stop, knobs, sampling, prompt_slots, chunk_steps)

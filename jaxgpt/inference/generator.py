@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference import decode
+from jaxgpt.inference import decode, layouts
 from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_ids
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
 from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
@@ -135,11 +135,11 @@ def _keeps_layout(cls: type, base: type) -> bool:
 class Generator:
     """Generation for one set of params: the decode-ready weights are built once and reused.
 
-    `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and on CPU the layout XLA
-    multiplies fastest at the batch size) costs a pass over all of them; a `Generator` pays it
-    once per batch-size class (1 row, or more) and keeps the result, where `jaxgpt.generate`
-    pays it on every call. Methods take the arguments of `generate` and `generate_stream`
-    after `cfg`.
+    `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and the layout the backend
+    multiplies fastest at the batch size: on the CPU measured once per machine and batch
+    class, see `jaxgpt.inference.layouts`) costs a pass over all of them; a `Generator` pays it
+    once per layout and keeps the result, where `jaxgpt.generate` pays it on every call.
+    Methods take the arguments of `generate` and `generate_stream` after `cfg`.
 
     Args:
       params: jaxgpt params for `GPTModel(cfg)`.
@@ -151,11 +151,20 @@ class Generator:
         several, each decodes its share of the rows with a copy of the weights (a batch that
         does not divide is padded with copies of its last row, dropped from the result);
         the tokens are those of one device.
+      chunk_steps: cached steps run between two checks for EOS (`decode.DECODE_CHUNK`; 0:
+        one step per check). The tokens are the same for every value.
+      layout: the `Layout` to decode with at every batch size, instead of the one chosen for
+        the backend and batch (`layouts.decode_layout`).
     """
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
-                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None):
+                 model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None,
+                 chunk_steps: int = decode.DECODE_CHUNK, layout: Layout | None = None):
         model = model_for(cfg, model)
+        self.chunk_steps = check_count(chunk_steps, "chunk_steps")
+        if layout is not None and not isinstance(layout, Layout):
+            raise ValueError(f"layout must be a jaxgpt.nn.layout.Layout or None, got {layout!r}")
+        self.layout = layout
         self.params = params
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
@@ -179,7 +188,12 @@ class Generator:
         first use and kept; on several devices, replicated over `mesh(batch)`."""
         mesh = self.mesh(batch)
         rows = -(-batch // mesh.size) if mesh is not None else batch  # per device
-        layout = Layout.for_batch(rows) if self._layouts else Layout()
+        if not self._layouts:
+            layout = Layout()
+        elif self.layout is not None:
+            layout = self.layout
+        else:
+            layout = layouts.decode_layout(self.cfg, self.dtype, rows)
         if (layout, mesh) not in self._prepared:
             # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
             # would copy them), and XLA:CPU runs the transposes slower inside the generation
@@ -224,7 +238,7 @@ class Generator:
         tokens = decode.generate_tokens(
             params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
             new_slots=call.shape.new_slots, sampling=call.sampling,
-            use_cache=bool(use_cache), mesh=mesh,
+            use_cache=bool(use_cache), mesh=mesh, chunk_steps=self.chunk_steps,
         )
         p = prompt.shape[1]
         return _finish(call, tokens[:len(call.rows), p:p + call.n])
@@ -259,11 +273,12 @@ class Generator:
                                       new_slots=call.shape.new_slots, sampling=call.sampling,
                                       use_cache=use_cache, mesh=mesh)
         shown = 0
+        steps = min(self.chunk_steps, chunk_size)  # fewer inactive steps per yielded chunk
         while shown < n:
             stop = min(shown + chunk_size, n)
             state = decode.continue_decoding(params, state, jnp.int32(stop), call.knobs,
                                              model=model, sampling=call.sampling,
-                                             prompt_slots=p)
+                                             prompt_slots=p, chunk_steps=steps)
             wait_until_ready(state.step)
             made, done = jax.device_get((state.step, state.done))
             made = int(made)

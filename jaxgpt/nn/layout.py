@@ -39,20 +39,19 @@ class Layout(NamedTuple):
 
     @classmethod
     def for_batch(cls, batch: int, backend: str | None = None) -> Layout:
-        """The faster decoding layout for `batch` rows on `backend` (default: JAX's).
+        """The decoding layout for `batch` rows on `backend` (default: JAX's), as the
+        compiled programs' structure decides it (docs/performance.md, "Decoding choices").
 
-        On GPU a LayerNorm of a single row (a decoding step at B=1) also takes its two
-        statistics in one pass (`layers.layer_norm`): XLA:GPU runs a single row's two
-        reductions as kernels one after the other, where two or more rows take one kernel.
-        Of more rows, or on TPU, one pass adds kernels; the CPU keeps the book's arithmetic.
+        On GPU every matrix is held as rows, and a LayerNorm of a single row (a decoding step
+        at B=1) takes its two statistics in one pass (`layers.layer_norm`): XLA:GPU runs a
+        single row's two reductions as kernels one after the other, where two or more rows
+        take one kernel. Of more rows, or on TPU, one pass adds kernels. On the CPU which form
+        is faster depends on the machine: `jaxgpt.inference.layouts` measures it; without a
+        measurement, the book's `[in, out]` (Q/K/V fused, as everywhere).
         """
         backend = jax.default_backend() if backend is None else backend
         if backend in ("gpu", "cuda", "rocm"):
             return cls(True, True, True, True, True, True, one_pass_norm=True)
-        if backend == "cpu" and batch > 1:
-            return cls(True, True, True, True, True, True)
-        if backend == "cpu":
-            return cls(fused_qkv=True, proj=True)
         return cls(fused_qkv=True)
 
 

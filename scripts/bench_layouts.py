@@ -1,0 +1,69 @@
+"""What the CPU decoding layout is chosen from: each matrix of 124M multiplied by a few rows as
+`[in, out]` and as rows `[out, in]` (`jaxgpt.inference.layouts.measure`, the two forms
+alternately), and the layout chosen from it.
+
+    python scripts/bench_layouts.py                      # 1 and 8 rows, fp32, 9 rounds
+    python scripts/bench_layouts.py --rows 8 --rounds 15 --dtype bfloat16
+
+Each figure is the best of the rounds (noise only adds time) with the median beside it, and
+the bytes of all the copies of that matrix over the best time. Nothing is written to the
+layout cache: this measures afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = p.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+    from jaxgpt.inference import layouts
+
+    cfg = GPTConfig(**GPT_CONFIG_124M)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    shapes = layouts.matrix_shapes(cfg)
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; 124M, {args.dtype}, "
+          f"best (median) of {args.rounds} rounds; rows win by more than "
+          f"{layouts.MARGIN:.0%}")
+    for rows in args.rows:
+        timer = layouts.matmul_timer(cfg, args.dtype, rows)
+        samples: dict[tuple[str, bool], list[float]] = {}
+
+        def recording(name: str, as_rows: bool, timer=timer, samples=samples) -> float:
+            t = timer(name, as_rows)
+            samples.setdefault((name, as_rows), []).append(t)
+            return t
+
+        chosen = layouts.choose(layouts.measure(cfg, recording, args.rounds))
+        held = [n for n in shapes if getattr(chosen, n)]
+        print(f"\n{rows} row(s): chosen rows {', '.join(held) or 'none'}")
+        print("| matrix | MB | [in, out] ms | rows ms | [in, out] GB/s | rows GB/s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        total = [0.0, 0.0]
+        for name, (d_in, d_out, copies) in shapes.items():
+            mb = d_in * d_out * copies * itemsize / 1e6
+            cells = []
+            for i, form in enumerate((False, True)):
+                ts = samples[name, form]
+                total[i] += min(ts)
+                cells.append(f"{min(ts) * 1e3:.2f} ({statistics.median(ts) * 1e3:.2f})")
+            rates = [mb / 1e3 / min(samples[name, f]) for f in (False, True)]
+            print(f"| {name} | {mb:.0f} | {cells[0]} | {cells[1]} | {rates[0]:.1f} | "
+                  f"{rates[1]:.1f} |")
+        print(f"| all | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
