@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import TINY
@@ -222,6 +223,26 @@ def test_the_python_api_refuses_it_before_tracing():
     assert max_new_slots(1, 8, None) == 2**30 and 8 + 2**30 <= INT32_MAX
     # 2 copies * 4 rows * (8 + N) slots * 4 B <= 512 MiB: N <= 2^24 - 8, a power of two.
     assert max_new_slots(4, 8, 2**30) == 2**23
+
+
+def test_the_buffer_limit_follows_the_process_memory_limits(monkeypatch, tmp_path):
+    """A value under half the host's RAM but past `ulimit -v` (or the cgroup's limit) hung in
+    the compiled loop when XLA's allocation failed: the limit is the least of the three."""
+    from jaxgpt.inference import checks
+
+    cpu = jax.devices("cpu")[0]
+    ram = checks.physical_memory()
+    assert ram and checks.device_memory(cpu) <= ram
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (6 * 2**30, resource.RLIM_INFINITY))
+    assert checks.device_memory(cpu) == min(ram, 6 * 2**30, checks.cgroup_memory_limit() or ram)
+    with pytest.raises(ValueError, match=r"at most 268,435,456 for 1 row\(s\) here .* half of "
+                                         r"the 6.0 GiB cpu memory this process may use"):
+        checks.check_new_tokens(2**30, 1, 8, 2**30, device=cpu)
+    limit = tmp_path / "memory.max"
+    limit.write_text("max\n")
+    assert checks.cgroup_memory_limit(str(limit)) is None
+    limit.write_text("1073741824\n")
+    assert checks.cgroup_memory_limit(str(limit)) == 2**30
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -59,17 +59,45 @@ TOKEN_BYTES = 4  # an int32 token id
 
 
 def device_memory(device: jax.Device) -> int | None:
-    """Bytes the device can hold: an accelerator's allocator limit, the host's RAM for a CPU
-    (None when neither is known)."""
+    """Bytes the device can hold: an accelerator's allocator limit; for a CPU the least of the
+    host's RAM, the process's address-space limit (`ulimit -v`) and its cgroup's memory limit
+    (None when none is known)."""
     stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    if device.platform == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return None
-    return None
+    if device.platform != "cpu":
+        return None
+    known = [b for b in (physical_memory(), address_space_limit(), cgroup_memory_limit()) if b]
+    return min(known) if known else None
+
+
+def physical_memory() -> int | None:
+    """The host's RAM in bytes, if the OS says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def address_space_limit() -> int | None:
+    """The process's soft RLIMIT_AS in bytes (None if unlimited or unknown): a buffer past it
+    makes XLA's allocation fail inside the compiled loop, where it cannot be reported."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, AttributeError, ValueError, OSError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft <= 0 else int(soft)
+
+
+def cgroup_memory_limit(path: str = "/sys/fs/cgroup/memory.max") -> int | None:
+    """The cgroup v2 memory limit in bytes (None for "max" or where there is none)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def max_new_slots(rows: int, prompt_slots: int, memory: int | None) -> int:
@@ -93,7 +121,8 @@ def check_new_tokens(max_new_tokens: int, rows: int, prompt_slots: int, new_slot
     limit = max_new_slots(rows, prompt_slots, memory)
     if new_slots <= limit:
         return
-    where = f"half of the {memory / 2**30:.1f} GiB of {device.platform}" if memory else "int32"
+    where = (f"half of the {memory / 2**30:.1f} GiB {device.platform} memory this process may use"
+             if memory else "int32")
     raise ValueError(
         f"{name} {max_new_tokens:,} is more than the token buffer can hold: at most "
         f"{limit:,} for {rows} row(s) here (the buffer keeps every new token, rounded up to a "
