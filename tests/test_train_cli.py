@@ -18,6 +18,7 @@ from conftest import TINY
 
 from jaxgpt.cli import main
 from jaxgpt.training.data import save_token_file
+from jaxgpt.training.run_dir import RUN_LOCK
 
 
 @pytest.fixture
@@ -375,7 +376,8 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_files):
     written = sorted(p.relative_to(run.out).as_posix() for p in run.out.rglob("*"))
     temporary = re.compile(
         rf"checkpoints(/\.step_\d{{8}}\.tmp-{run.proc.pid}-[0-9a-f]{{8}}(/.*)?)?$")
-    assert [w for w in written if w != "metrics.jsonl" and not temporary.match(w)] == [], written
+    kept = {"metrics.jsonl", RUN_LOCK}  # the lock file stays; its lock went with the process
+    assert [w for w in written if w not in kept and not temporary.match(w)] == [], written
 
 
 def test_matplotlib_is_a_dependency_of_the_default_install():
