@@ -1,5 +1,6 @@
-"""Looking inside the model.
+"""Looking inside the model, and changing it: research on the one `GPTModel`.
 
-- `activations`: the sown attention weights and block outputs.
+- `cache`: `run_with_cache`, `run_with_hooks`, the `ActivationCache` (TransformerLens's names).
+- `residual`: the logit lens, the residual stream's components, direct logit attribution.
 - `plots`: attention heatmaps.
 """
