@@ -27,7 +27,7 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.checks import check_token_ids
 from jaxgpt.interp import residual
-from jaxgpt.nn.hooks import HookTable, free_hooks, hook_names, with_hook_args
+from jaxgpt.nn.hooks import free_hooks, hook_names, with_hook_args
 from jaxgpt.nn.model import GPTModel, model_for
 
 Names = Sequence[str] | Callable[[str], bool] | None
@@ -133,9 +133,7 @@ def hooked_model(cfg: GPTConfig, model: GPTModel | None, hooks: Hooks = (),
     added to its own table (remat off), and the hooks' arrays to merge into the params."""
     model = model_for(cfg, model)
     table, args = free_hooks(cfg, hooks, cache)
-    own = model.hooks
-    merged = HookTable(own.hooks + table.hooks, own.cache | table.cache)
-    return model.clone(hooks=merged, remat=False), args
+    return model.clone(hooks=model.hooks.plus(table), remat=False), args
 
 
 def _flatten(tree: Mapping) -> Iterator[tuple[str, Any]]:

@@ -123,6 +123,11 @@ class HookTable:
     def __bool__(self) -> bool:
         return bool(self.hooks) or bool(self.cache)
 
+    def plus(self, other: HookTable) -> HookTable:
+        """This table's hooks, then `other`'s (at one point, this table's run first); both
+        tables' cached names."""
+        return HookTable(self.hooks + other.hooks, self.cache | other.cache, self.prefix)
+
     def under(self, part: str) -> HookTable:
         """The table as the part `part` of this module sees it."""
         if not self:
@@ -144,7 +149,11 @@ def hook_point(module: nn.Module, table: HookTable, name: str, x: jax.Array) -> 
             free += 1
         else:
             fn = hook.obj
-        x = fn(x, full)
+        y = fn(x, full)
+        if getattr(y, "shape", None) != x.shape:
+            raise ValueError(f"the hook at {full} returned shape {getattr(y, 'shape', type(y))} "
+                             f"for an activation of shape {x.shape}")
+        x = y.astype(x.dtype)  # a float32 vector added to bf16 activations stays bf16
     if full in table.cache:
         module.sow("intermediates", full, x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
     return x
