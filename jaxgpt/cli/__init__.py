@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import attention, convert, generate, info, train
+from jaxgpt.cli import attention, convert, generate, info, lens, patch, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `jaxgpt` parser with every command."""
     parser = argparse.ArgumentParser(
         prog="jaxgpt", description="The GPT of 'Build a Large Language Model From Scratch' in "
-        "JAX: generate, train, convert, look inside.")
+        "JAX: generate, train, convert, look inside, patch.")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add(sub)
     attention.add(sub)
+    patch.add(sub)
+    lens.add(sub)
     info.add(sub)
     convert.add(sub)
     train.add(sub)
