@@ -12,6 +12,7 @@ optimized HLO (metadata stripped).
 
     python scripts/bench_hooks.py                       # 3 rounds, several minutes on 2 cores
     python scripts/bench_hooks.py --rounds 5 --baseline REV --candidate REV_OR_DIR
+    python scripts/bench_hooks.py --programs-only       # the StableHLO comparison alone
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _strip_mlir(text: str) -> str:
     return re.sub(r"module @\S+", "module", text)
 
 
-def child(src: str, repeats: int, hlo: bool) -> None:
+def child(src: str, repeats: int, hlo: bool, timed: bool = True) -> None:
     """One side's run: prints a JSON line of timings (and program fingerprints)."""
     sys.path.insert(0, src)
     import jax
@@ -64,18 +65,19 @@ def child(src: str, repeats: int, hlo: bool) -> None:
     for batch, prompt_len, new in WORKLOADS:
         prompt = rng.integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
         run = lambda: jax.block_until_ready(gen.generate(prompt, new))  # noqa: E731
-        run()
         times = []
-        for _ in range(repeats):
+        for _ in range(repeats + 1 if timed else 0):
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
-        out["times"][f"B={batch}"] = min(times)
+        out["times"][f"B={batch}"] = min(times[1:], default=float("nan"))
         if hlo:
             lowered = lower_generate(cfg, batch=batch, prompt_len=prompt_len,
                                      max_new_tokens=new)
-            for what, text in (("StableHLO", _strip_mlir(lowered.as_text())),
-                               ("compiled HLO", _strip(lowered.compile().as_text()))):
+            texts = [("StableHLO", _strip_mlir(lowered.as_text()))]
+            if timed:
+                texts.append(("compiled HLO", _strip(lowered.compile().as_text())))
+            for what, text in texts:
                 digest = hashlib.sha256(text.encode()).hexdigest()
                 out["hlo"][f"{what}, B={batch}"] = digest
     print("RESULT " + json.dumps(out), flush=True)
@@ -93,10 +95,11 @@ def _tree(rev: str, tmp: Path) -> str:
     return str(out)
 
 
-def _run(src: str, repeats: int, hlo: bool, env: dict) -> dict:
+def _run(src: str, repeats: int, hlo: bool, env: dict, timed: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", src, "--repeats", str(repeats)]
-    proc = subprocess.run(cmd + (["--hlo"] if hlo else []), capture_output=True, text=True,
-                          env=env, cwd=tempfile.gettempdir())
+    cmd += (["--hlo"] if hlo else []) + ([] if timed else ["--programs-only"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -111,15 +114,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--hlo", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--programs-only", action="store_true",
+                   help="only compare the lowered StableHLO (no timing, no compiling)")
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.repeats, args.hlo)
+        return child(args.child, args.repeats, args.hlo, not args.programs_only)
     with tempfile.TemporaryDirectory() as tmp:
         sides = {"A": _tree(args.baseline, Path(tmp)), "B": _tree(args.candidate, Path(tmp))}
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
                "JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "xla")}
         env.pop("PYTHONPATH", None)
         results: dict[str, list[dict]] = {"A": [], "B": []}
+        if args.programs_only:
+            for side in "AB":
+                results[side].append(_run(sides[side], 0, True, env, timed=False))
+            return _programs(results)
         for r in range(args.rounds):
             for side in ("AB" if r % 2 == 0 else "BA"):
                 results[side].append(_run(sides[side], args.repeats, r == 0, env))
@@ -140,9 +149,14 @@ def _report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
         print(f"{key:10} {statistics.median(a):11.3f} {min(a):8.3f}-{max(a):<8.3f} "
               f"{statistics.median(b):11.3f} {min(b):8.3f}-{max(b):<8.3f} "
               f"{statistics.median(b) / statistics.median(a):6.3f}")
+    _programs(results)
+
+
+def _programs(results: dict[str, list[dict]]) -> None:
     for key, digest in results["A"][0]["hlo"].items():
         same = digest == results["B"][0]["hlo"][key]
-        print(f"generate program ({key}): {'identical' if same else 'DIFFERENT'}")
+        print(f"generate program ({key}): {'identical' if same else 'DIFFERENT'} "
+              f"(sha256 {digest[:12]} / {results['B'][0]['hlo'][key][:12]})")
 
 
 if __name__ == "__main__":

@@ -160,9 +160,12 @@ def test_the_metric_reads_what_it_indexes_and_is_evaluated_exactly():
 
 # --- TransformerLens ---------------------------------------------------------------------------
 
+# Not `get_act_patch_resid_mid`: TransformerLens 4.3's bridge aliases `hook_resid_mid` to
+# `ln2.hook_in`, so its patch reaches the MLP's input but not the residual connection around
+# the MLP; jaxgpt patches the residual stream itself, as HookedTransformer does (held to
+# one-at-a-time patching above).
 TL_SWEEPS = [  # ours, TransformerLens's
     ("get_act_patch_resid_pre", "get_act_patch_resid_pre"),
-    ("get_act_patch_resid_mid", "get_act_patch_resid_mid"),
     ("get_act_patch_attn_out", "get_act_patch_attn_out"),
     ("get_act_patch_mlp_out", "get_act_patch_mlp_out"),
     ("get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_out_by_pos"),
@@ -186,6 +189,9 @@ def tl_pair(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformer_lens")
     hf = random_hf_gpt2(seed=4)
+    with torch.no_grad():  # sharper attention: else patching q, k or a pattern moves nothing
+        for block in hf.transformer.h:
+            block.attn.c_attn.weight.mul_(8.0)
     cfg, params = jax_weights_of(hf)
     bridge = tl_bridge(hf, tmp_path_factory.mktemp("tok"))
     clean, corrupt = np.array([[5, 9, 13, 2, 71]]), np.array([[5, 9, 40, 2, 71]])
