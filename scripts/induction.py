@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="the run's directory (jaxgpt train --out) or a checkpoint")
     p.add_argument("--out", default="induction", help="prefix of the PNGs")
-    p.add_argument("--half", type=int, default=20, help="tokens before the repeat")
+    p.add_argument("--half", type=int, default=12, help="tokens before the repeat")
     p.add_argument("--vocab", type=int, default=64, help="ids the runs were drawn from")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
@@ -90,7 +90,7 @@ def main() -> None:
     short = induction.repeated_tokens(1, 12, args.vocab, args.seed + 7)
     _, cache = run_with_cache(params, cfg, short, names=[("pattern", layer)])
     plots.plot_attention(np.asarray(cache["pattern", layer][0]), [str(t) for t in short[0]],
-                         f"{args.out}_pattern.png", head=head)
+                         f"{args.out}_pattern.png", layer=layer, head=head)
     sweep, clean, corrupt = patch_heads(params, cfg, args.half, args.vocab, args.seed + 3)
     print(f"patching each head's output, [C, A] <- [A, A]: clean {clean:.3f}, corrupted "
           f"{corrupt:.3f}\n{np.array2string(sweep, precision=3)}")
