@@ -1,8 +1,10 @@
 """Find the induction head of a model trained on repeated random runs (docs/research.md).
 
     python scripts/repeat_tokens.py runs/repeat.u16
-    jaxgpt train --token-file runs/repeat.u16 --config docs/induction_config.json ... --out runs/ind
-    python scripts/induction.py runs/ind --out docs/induction
+    jaxgpt train --token-file runs/repeat.u16 --config runs/induction.json ... --out runs/ind
+    python scripts/induction.py runs/ind --out runs/induction
+
+(the whole recipe, with the config and the flags, is in docs/research.md)
 
 Prints the induction score of every head (its mean attention, on repeated random tokens, on the
 token after the current token's earlier copy) for the trained model and for its untrained

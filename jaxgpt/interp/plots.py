@@ -78,8 +78,9 @@ def plot_patching(values: np.ndarray, rows: Sequence[str], columns: Sequence[str
     it when the grid is small enough to read."""
     plt = _pyplot()
     n_rows, n_cols = values.shape
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_cols + 2.2), max(3.0, 0.36 * n_rows + 1.6)),
-                           layout="constrained")
+    title_width = 0.08 * max(len(line) for line in title.split("\n")) + 1.0  # 10pt text
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_cols + 2.2, title_width),
+                                    max(3.0, 0.36 * n_rows + 1.6)), layout="constrained")
     bound = float(np.abs(values).max()) or 1.0
     image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xticks(range(n_cols), [_label(c) for c in columns], rotation=90, fontsize=8)
