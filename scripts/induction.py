@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from jaxgpt.config import GPTConfig  # noqa: E402
-from jaxgpt.interp import induction, patching, plots  # noqa: E402
-from jaxgpt.interp.cache import run_with_cache  # noqa: E402
-from jaxgpt.nn.model import init_params  # noqa: E402
+from jaxgpt.config import GPTConfig
+from jaxgpt.interp import induction, patching, plots
+from jaxgpt.interp.cache import run_with_cache
+from jaxgpt.nn.model import init_params
 
 
 def half_losses(params: dict, cfg: GPTConfig, tokens: np.ndarray) -> tuple[float, float]:
