@@ -31,6 +31,7 @@ REFERENCES = {
     "llms_from_scratch.ch03": _BOOK,
     "llms_from_scratch.ch04": _BOOK,
     "llms_from_scratch.ch05": _BOOK,
+    "transformer_lens": _TEST_EXTRA,
 }
 # Set to 1 to run only what needs no reference (the parity tests are then skipped); ignored
 # under CI, where a reference that does not import is always an error.
@@ -158,3 +159,55 @@ def cached_logits(model, params, tokens, prefill, slots):
                                     positions=jnp.full((b, 1), i), cache=cache, slot=i)
         steps.append(logits)
     return jnp.concatenate(steps, axis=1)
+
+
+# --- Hugging Face GPT-2 and TransformerLens on the same weights ---------------------------------
+
+TINY_HF = dict(vocab_size=100, n_positions=16, n_embd=32, n_head=4, n_layer=2,
+               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def random_hf_gpt2(seed=0, **config):
+    """A `GPT2LMHeadModel` in eval mode with every parameter random: weights and biases
+    N(0, 0.02), LayerNorm scales 1 + N(0, 0.1) and shifts N(0, 0.1), so a swapped bias or a
+    LayerNorm read without its parameters shows."""
+    torch = reference("torch")
+    transformers = reference("transformers")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY_HF, **config}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            is_norm = ".ln_" in name or name.startswith("transformer.ln_f")
+            if is_norm and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_((0.1 if is_norm else 0.02) * noise)
+    return model.eval()
+
+
+def tl_bridge(hf_model, tmp_dir):
+    """TransformerLens 4.3's `TransformerBridge` around `hf_model`, offline: a word-level
+    tokenizer written to `tmp_dir` (the tests pass token ids, never text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(hf_model.config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1",
+                            eos_token="t1").save_pretrained(tmp_dir)
+    return TransformerBridge.boot_transformers(
+        "gpt2", hf_model=hf_model, tokenizer=AutoTokenizer.from_pretrained(str(tmp_dir)),
+        device="cpu")
+
+
+def jax_weights_of(hf_model):
+    """`(cfg, params)`: the jaxgpt config and params of a Hugging Face GPT-2."""
+    from jaxgpt.io.hf import from_hf_state_dict
+    from jaxgpt.io.hf_config import hf_config_to_gpt
+
+    cfg = hf_config_to_gpt(hf_model.config.to_dict())
+    return cfg, from_hf_state_dict(hf_model.state_dict(), cfg)

@@ -1,4 +1,4 @@
-"""One model for every path: variants of a part, sown intermediates, the Generator, bf16, top-p."""
+"""One model for every path: variants of a part, cached activations, the Generator, bf16, top-p."""
 
 import flax.linen as nn
 import jax
@@ -9,6 +9,7 @@ from conftest import TINY, cached_logits
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference import Generator, decode, generate, generate_text_simple, generator
+from jaxgpt.interp.cache import run_with_cache
 from jaxgpt.nn import FeedForward, GPTModel, LayerNorm, Linear, MultiHeadAttention, init_params
 from jaxgpt.nn.cache import init_cache
 from jaxgpt.nn.layout import Layout
@@ -103,26 +104,31 @@ def test_a_variant_for_another_config_is_refused(tiny):
         generate(params, cfg, [[1, 2]], 3, model=other)
 
 
-# --- sown intermediates -------------------------------------------------------------------------
+# --- cached activations -----------------------------------------------------------------------
 
 
-def test_attention_weights_and_block_outputs_are_sown(tiny, rng):
+def test_attention_patterns_and_block_outputs_are_kept_only_when_asked(tiny, rng):
     cfg, params = tiny
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)))
     model = GPTModel(cfg)
     plain = model.apply({"params": params}, ids)
-    assert isinstance(plain, jax.Array)  # nothing sown unless asked for
-    logits, state = model.apply({"params": params}, ids, mutable=["intermediates"])
-    np.testing.assert_array_equal(logits, plain)
-    inter = state["intermediates"]
-    assert sorted(inter) == [f"trf_blocks_{i}" for i in range(cfg.n_layers)]
+    assert isinstance(plain, jax.Array)
+    # Without a table nothing is sown, even when the collection is mutable.
+    _, state = model.apply({"params": params}, ids, mutable=["intermediates"])
+    assert not state.get("intermediates")
+    names = [f"blocks.{i}.{n}" for i in range(cfg.n_layers)
+             for n in ("attn.hook_pattern", "hook_resid_post")]
+    logits, cache = run_with_cache(params, cfg, ids, names=names)
+    np.testing.assert_allclose(logits, plain, atol=1e-5)
+    assert list(cache) == names
     for i in range(cfg.n_layers):
-        w = np.asarray(inter[f"trf_blocks_{i}"]["att"]["attn_weights"])
+        w = np.asarray(cache["pattern", i])
         assert w.shape == (2, cfg.n_heads, 7, 7)
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
         assert (w[..., np.triu_indices(7, 1)[0], np.triu_indices(7, 1)[1]] == 0).all()
     hidden = model.apply({"params": params}, ids, method=GPTModel.hidden)
-    np.testing.assert_array_equal(inter[f"trf_blocks_{cfg.n_layers - 1}"]["out"], hidden)
+    np.testing.assert_allclose(cache["resid_post", cfg.n_layers - 1], hidden, atol=1e-6)
+    inter = {"trf_blocks_0": {"att": {"attn_weights": cache["pattern", 0]}}}
 
     # Layer 0's weights recomputed by hand from the parameters (NumPy, float64).
     p = jax.tree_util.tree_map(np.asarray, params)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from jaxgpt.cli import attention, convert, generate, info, train
+from jaxgpt.cli import attention, convert, generate, info, lens, patch, train
 from jaxgpt.native_logs import start_backends, use_cpu_without_accelerators
 
 
@@ -18,10 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The `jaxgpt` parser with every command."""
     parser = argparse.ArgumentParser(
         prog="jaxgpt", description="The GPT of 'Build a Large Language Model From Scratch' in "
-        "JAX: generate, train, convert, look inside.")
+        "JAX: generate, train, convert, look inside, patch.")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add(sub)
     attention.add(sub)
+    patch.add(sub)
+    lens.add(sub)
     info.add(sub)
     convert.add(sub)
     train.add(sub)

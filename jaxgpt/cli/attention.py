@@ -29,7 +29,7 @@ def add(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxgpt.interp.activations import attention_weights
+    from jaxgpt.interp.cache import attention_weights
     from jaxgpt.interp.plots import plot_attention
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 

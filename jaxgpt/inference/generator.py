@@ -30,6 +30,7 @@ from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_i
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
 from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
 from jaxgpt.nn.attention import MultiHeadAttention
+from jaxgpt.nn.hooks import HookTable, free_hooks, with_hook_args
 from jaxgpt.nn.layers import FeedForward
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.nn.model import GPTModel, model_for
@@ -85,11 +86,14 @@ class _Call(NamedTuple):
     shape: ProgramShape | None  # the compiled program's slots; None when n == 0
     sampling: SamplingConfig
     knobs: Knobs
+    hooks: HookTable  # the free hooks' table; their arrays are in `hook_args`
+    hook_args: dict
 
 
 def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, temperature: Any,
-                top_k: Any, top_p: Any, eos_id: Any, key: Any) -> _Call:
+                top_k: Any, top_p: Any, eos_id: Any, key: Any, hooks: Any = ()) -> _Call:
     """Every argument checked, before anything is traced; the batch laid out for the loop."""
+    table, hook_args = free_hooks(cfg, hooks)
     rows, is_list = _check_prompts(prompts, cfg)
     n = check_count(max_new_tokens, "max_new_tokens")
     temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p, cfg.vocab_size)
@@ -105,11 +109,11 @@ def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, temperature: 
     sampling = sampling_config(temperature, top_k, top_p)
     knobs = make_knobs(key, temperature, top_p, eos_id, sampling.greedy)
     if n == 0:
-        return _Call(rows, is_list, n, eos_id, None, None, sampling, knobs)
+        return _Call(rows, is_list, n, eos_id, None, None, sampling, knobs, table, hook_args)
     shape = program_shape(cfg, max(len(r) for r in rows), n)
     check_new_tokens(n, len(rows), shape.prompt_slots, shape.new_slots)  # before any tracing
     batch = _batch(rows, cfg, shape.prompt_slots)
-    return _Call(rows, is_list, n, eos_id, batch, shape, sampling, knobs)
+    return _Call(rows, is_list, n, eos_id, batch, shape, sampling, knobs, table, hook_args)
 
 
 def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
@@ -155,6 +159,13 @@ class Generator:
         one step per check). The tokens are the same for every value.
       layout: the `Layout` to decode with at every batch size, instead of the one chosen for
         the backend and batch (`layouts.decode_layout`).
+
+    `generate` and `stream` take `hooks=[(name, fn), ...]` too (`jaxgpt.nn.hooks`): they run
+    in the prefill and in every step, cached or not. A cached step computes one new token, so
+    its hooks see `[B, 1, ...]` activations (and attention over the cache's slots): a hook
+    that acts on each token alike (add a steering vector, ablate a head) gives the tokens of
+    `use_cache=False`. Arrays in pytree hooks (`jax.tree_util.Partial`) are arguments of the
+    compiled loop: a new vector of the same shape does not compile anew.
     """
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
@@ -204,6 +215,18 @@ class Generator:
             self._prepared[layout, mesh] = params
         return self.model.clone(layout=layout), self._prepared[layout, mesh]
 
+    def _hooked(self, call: _Call) -> tuple[GPTModel, Any]:
+        """`weights` for the call's batch, with the call's hooks added (their arrays in the
+        params, replicated like them)."""
+        model, params = self.weights(len(call.rows))
+        if not call.hooks:
+            return model, params
+        args = call.hook_args
+        mesh = self.mesh(len(call.rows))
+        if mesh is not None and args:
+            args = jax.device_put(args, sharding.replicated(mesh))
+        return model.clone(hooks=model.hooks.plus(call.hooks)), with_hook_args(params, args)
+
     def _place(self, batch: _Batch) -> tuple[jax.Array, jax.Array, Mesh | None]:
         """The prompt `[B', P]` and first slots `[B']`, on the devices (B' = B padded to a
         multiple of the device count with copies of the last row)."""
@@ -227,13 +250,14 @@ class Generator:
         eos_id: int | None = None,
         key: jax.Array | None = None,
         use_cache: bool = True,
+        hooks: Any = (),
     ) -> jax.Array | list[list[int]]:
         """`jaxgpt.generate` with these params (see there)."""
         call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
-                           key)
+                           key, hooks)
         if call.batch is None or call.shape is None:  # no new tokens
             return _finish(call, np.zeros((len(call.rows), 0), np.int32))
-        model, params = self.weights(len(call.rows))
+        model, params = self._hooked(call)
         prompt, start, mesh = self._place(call.batch)
         tokens = decode.generate_tokens(
             params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
@@ -255,10 +279,11 @@ class Generator:
         eos_id: int | None = None,
         key: jax.Array | None = None,
         use_cache: bool = True,
+        hooks: Any = (),
     ) -> Iterator[np.ndarray]:
         """`jaxgpt.generate_stream` with these params (see there)."""
         call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
-                           key)
+                           key, hooks)
         chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
         return self._chunks(call, chunk_size, bool(use_cache))
 
@@ -266,7 +291,7 @@ class Generator:
         n = call.n
         if call.batch is None or call.shape is None:  # no new tokens
             return
-        model, params = self.weights(len(call.rows))
+        model, params = self._hooked(call)
         prompt, start, mesh = self._place(call.batch)
         p, b = prompt.shape[1], len(call.rows)
         state = decode.start_decoding(params, prompt, start, call.knobs, model=model,
@@ -311,6 +336,7 @@ def generate(
     use_cache: bool = True,
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
+    hooks: Any = (),
 ) -> jax.Array | list[list[int]]:
     """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
 
@@ -336,6 +362,9 @@ def generate(
       use_cache: False recomputes every window (same greedy tokens; slow, for checking).
       dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
       model: a variant of `GPTModel(cfg)` to apply (see `Generator`).
+      hooks: `(name, fn)` pairs run at the model's hook points in every step, e.g.
+        activation steering, `[("blocks.6.hook_resid_post", interp.interventions.add(v))]`
+        (see `Generator` and `jaxgpt.nn.hooks`).
 
     Returns:
       For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
@@ -343,7 +372,7 @@ def generate(
     """
     gen = Generator(params, cfg, dtype=dtype, model=model)
     return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)
+                        top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache, hooks=hooks)
 
 
 def generate_stream(
@@ -361,6 +390,7 @@ def generate_stream(
     use_cache: bool = True,
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
+    hooks: Any = (),
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
 
@@ -373,4 +403,5 @@ def generate_stream(
     """
     gen = Generator(params, cfg, dtype=dtype, model=model)
     return gen.stream(prompts, max_new_tokens, chunk_size=chunk_size, temperature=temperature,
-                      top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache)
+                      top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache,
+                      hooks=hooks)

@@ -19,6 +19,7 @@ from jax import lax
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.checks import check_count, check_token_ids, resolve_context_size
 from jaxgpt.inference.decode import TRACE_COUNTS
+from jaxgpt.nn.hooks import free_hooks, with_hook_args
 from jaxgpt.nn.model import GPTModel, model_for
 
 
@@ -56,6 +57,7 @@ def generate_text_simple(
     context_size: int | None = None,
     *,
     model: GPTModel | None = None,
+    hooks: Any = (),
 ) -> jax.Array:
     """Greedy decoding with the book's semantics, as one jit-compiled call.
 
@@ -67,13 +69,18 @@ def generate_text_simple(
       context_size: how many trailing tokens the model sees; default `cfg.context_length`.
       model: the module to apply, for a variant (`GPTModel(cfg, attention_cls=...)`);
         default `GPTModel(cfg)`.
+      hooks: `(name, fn)` pairs run at the model's hook points at every step (see
+        `jaxgpt.nn.hooks`); arrays in pytree hooks are arguments of the compiled loop.
 
     Returns:
       int32 `[B, T + max_new_tokens]`: the prompt followed by the generated ids.
     """
     model = model_for(cfg, model)
+    table, args = free_hooks(cfg, hooks)
     idx = check_token_ids(idx, cfg)
     max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
     context_size = resolve_context_size(cfg, context_size)
+    if table:
+        model, params = model.clone(hooks=model.hooks.plus(table)), with_hook_args(params, args)
     return _generate_simple(params, jnp.asarray(idx), model, max_new_tokens, context_size)
 

@@ -1,5 +1,5 @@
-"""Pictures of what the model computes: attention heatmaps. matplotlib is imported only when
-a picture is drawn."""
+"""Pictures of what the model computes: attention heatmaps, patching sweeps, the logit lens.
+matplotlib is imported only when a picture is drawn."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,11 +26,7 @@ def plot_attention(weights: np.ndarray, tokens: Sequence[str], path: str | os.Pa
     Returns:
       The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n_heads, t, _ = weights.shape
     heads = list(range(n_heads)) if head is None else [head]
     cols = math.ceil(math.sqrt(len(heads)))
@@ -61,3 +58,67 @@ def _label(token: str) -> str:
     """A token as an axis label: visible even when it is whitespace."""
     shown = token.replace("\n", "\\n").replace("\t", "\\t")
     return shown if shown.strip() else repr(token)
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_patching(values: np.ndarray, rows: Sequence[str], columns: Sequence[str],
+                  path: str | os.PathLike, *, title: str, label: str,
+                  column_title: str) -> Path:
+    """A heatmap of a patching sweep: `values` `[len(rows), len(columns)]` (layers by
+    positions, or by heads), a diverging colour map centred at 0, each cell's value written in
+    it when the grid is small enough to read."""
+    plt = _pyplot()
+    n_rows, n_cols = values.shape
+    title_width = 0.08 * max(len(line) for line in title.split("\n")) + 1.0  # 10pt text
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * n_cols + 2.2, title_width),
+                                    max(3.0, 0.36 * n_rows + 1.6)), layout="constrained")
+    bound = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(n_cols), [_label(c) for c in columns], rotation=90, fontsize=8)
+    ax.set_yticks(range(n_rows), rows, fontsize=8)
+    ax.set_xlabel(column_title, fontsize=9)
+    ax.set_ylabel("layer", fontsize=9)
+    if n_rows * n_cols <= 400:
+        for (r, c), v in np.ndenumerate(values):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if abs(v) > 0.6 * bound else "black")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=label)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_logit_lens(top_tokens: Sequence[Sequence[str]], probs: np.ndarray,
+                    rows: Sequence[str], columns: Sequence[str], path: str | os.PathLike, *,
+                    title: str) -> Path:
+    """The logit lens as a grid: rows are the residual stream read at each layer, columns the
+    prompt's positions; each cell the most likely next token and its probability (colour)."""
+    plt = _pyplot()
+    n_rows, n_cols = probs.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.95 * n_cols + 2.0), max(3.0, 0.34 * n_rows + 1.6)),
+                           layout="constrained")
+    image = ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    for (r, c), p in np.ndenumerate(probs):
+        ax.text(c, r, f"{_label(top_tokens[r][c])}\n{p:.2f}", ha="center", va="center",
+                fontsize=6, color="white" if p > 0.6 else "black")
+    ax.set_xticks(range(n_cols), [_label(c) for c in columns], rotation=90, fontsize=8)
+    ax.set_yticks(range(n_rows), rows, fontsize=8)
+    ax.set_xlabel("position (the token read there)", fontsize=9)
+    ax.set_ylabel("residual stream", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="probability of the top token")
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

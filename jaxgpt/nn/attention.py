@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxgpt.nn.hooks import HookTable, hook_point
 from jaxgpt.nn.layers import Dtype, Linear
 from jaxgpt.nn.layout import Layout
 
@@ -48,9 +49,12 @@ class MultiHeadAttention(nn.Module):
     keys and values, each `[B * H, S, Dh]`) and `slot` (where the T new keys are written), and
     returns `(out, cache)` with the new keys and values written in place.
 
-    The attention weights `[B, H, T, S]` are sown as `intermediates/.../att/attn_weights`
-    (kept only when applied with `mutable=["intermediates"]`). A variant that only changes
-    the scores (ALiBi, relative positions) overrides `score_bias`.
+    Hook points (`nn.hooks`; what a hook sees, whatever the layout): `hook_q`, `hook_k`,
+    `hook_v` `[B, T, H, Dh]` (the new tokens' own, also with fused Q/K/V), `hook_attn_scores`
+    `[B, H, T, S]` (scaled, biased, masked with `MASKED`), `hook_pattern` `[B, H, T, S]` (the
+    softmax, before dropout) and `hook_z` `[B, T, H, Dh]` (the weighted values, before
+    `out_proj`). A variant that only changes the scores (ALiBi, relative positions) overrides
+    `score_bias` and keeps them all.
     """
 
     d_in: int
@@ -61,6 +65,35 @@ class MultiHeadAttention(nn.Module):
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
     layout: Layout = Layout()
+    hooks: HookTable = HookTable()
+
+    def hook(self, name: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """`x` through the hook point `name`, which sees it as `shape`; back in `x`'s shape."""
+        if not self.hooks:
+            return x
+        return hook_point(self, self.hooks, name, x.reshape(shape)).reshape(x.shape)
+
+    def masked_scores(self, scores: jax.Array, mask: AttentionMask, b: int,
+                      flat: bool) -> jax.Array:
+        """Raw scores `[B*H, T, S]` scaled by `1/sqrt(Dh)`, biased (`score_bias`) and masked
+        (`MASKED` where `mask` forbids): `[B*H, T, S]` when `flat` (decoding) and there is no
+        bias, else `[B, H, T, S]`."""
+        h = self.num_heads
+        _, t, s = scores.shape
+        dh = self.d_out // h
+        # Decoding keeps the scores [B*H, T, S]: XLA:TPU copies on each reshape of tiled scores.
+        # Training keeps [B, H, T, S]: flat, XLA:TPU keeps what attention remat recomputes.
+        bias = self.score_bias(mask)  # broadcastable to [B, H, T, S]
+        allowed = mask.allowed  # [B | 1, T, S]
+        if flat and bias is None:
+            scores = scores / math.sqrt(dh)
+            if allowed.shape[0] != 1:
+                allowed = jnp.repeat(allowed, h, axis=0)  # [B*H, T, S]: row b's for its heads
+        else:
+            scores = scores.reshape(b, h, t, s) / math.sqrt(dh)
+            scores = scores if bias is None else scores + bias
+            allowed = allowed[:, None]  # [B | 1, 1, T, S]
+        return jnp.where(allowed, scores, MASKED)
 
     def score_bias(self, mask: AttentionMask) -> jax.Array | None:
         """An additive bias on the scaled scores, broadcastable to `[B, H, T, S]`, or None.
@@ -92,6 +125,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = (linear(self.d_out, name, self.qkv_bias, self.layout.qkv)(x2)
                        for name in ("W_query", "W_key", "W_value"))
+        q, k, v = (self.hook(name, y, (b, t, h, dh))
+                   for name, y in (("hook_q", q), ("hook_k", k), ("hook_v", v)))
 
         def heads(y: jax.Array) -> jax.Array:  # [B*T, D] -> [B*H, T, Dh]
             return y.reshape(b, t, h, dh).transpose(0, 2, 1, 3).reshape(b * h, t, dh)
@@ -106,28 +141,16 @@ class MultiHeadAttention(nn.Module):
         if mask is None:
             mask = AttentionMask.causal(t)
         s = keys.shape[1]
-        # Decoding keeps the scores [B*H, T, S]: XLA:TPU copies on each reshape of tiled scores.
-        # Training keeps [B, H, T, S]: flat, XLA:TPU keeps what attention remat recomputes.
-        flat = cache is not None
         scores = jnp.einsum("xqd,xkd->xqk", q, keys).astype(jnp.float32)  # [B*H, T, S]
-        bias = self.score_bias(mask)  # broadcastable to [B, H, T, S]
-        allowed = mask.allowed  # [B | 1, T, S]
-        if flat and bias is None:
-            scores = scores / math.sqrt(dh)
-            if allowed.shape[0] != 1:
-                allowed = jnp.repeat(allowed, h, axis=0)  # [B*H, T, S]: row b's for its heads
-        else:
-            scores = scores.reshape(b, h, t, s) / math.sqrt(dh)
-            scores = scores if bias is None else scores + bias
-            allowed = allowed[:, None]  # [B | 1, 1, T, S]
-        scores = jnp.where(allowed, scores, MASKED)
+        scores = self.masked_scores(scores, mask, b, flat=cache is not None)
+        scores = self.hook("hook_attn_scores", scores, (b, h, t, s))
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B*H | B, H, T, S]
-        self.sow("intermediates", "attn_weights", weights.reshape(b, h, t, s),
-                 init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        weights = self.hook("hook_pattern", weights, (b, h, t, s))
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         weights = weights.reshape(b * h, t, s)
         context = jnp.einsum("xqk,xkd->xqd", weights, values)  # [B*H, T, Dh]
-        context = context.reshape(b, h, t, dh).transpose(0, 2, 1, 3).reshape(b * t, self.d_out)
+        z = context.reshape(b, h, t, dh).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
+        context = self.hook("hook_z", z, z.shape).reshape(b * t, self.d_out)
         out = linear(self.d_out, "out_proj", True, self.layout.out)(context)
         out = out.reshape(b, t, self.d_out)
         return out if cache is None else (out, (keys, values))

@@ -8,7 +8,9 @@ Shapes: B batch, T tokens, D emb_dim.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.config import GPTConfig
+from jaxgpt.nn.hooks import HookTable, hook_point
 from jaxgpt.nn.layout import Layout
 
 Dtype = Any
@@ -26,7 +29,8 @@ INIT = nn.initializers.normal(stddev=0.02)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e-5,
-               dtype: Dtype = jnp.float32, one_pass: bool = False) -> jax.Array:
+               dtype: Dtype = jnp.float32, one_pass: bool = False,
+               hook: Callable[[str, jax.Array], jax.Array] | None = None) -> jax.Array:
     """The book's LayerNorm as a function: stats in fp32, biased variance, result in `dtype`.
 
     The book takes the mean, then the variance of `x - mean`: two reductions, one after the
@@ -35,6 +39,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e
     kernel. Shifting by a value of the row keeps the subtraction from cancelling when the
     mean is large against the spread; the variance then differs from the book's by a few
     fp32 roundings (relative ~1e-7 times 1 + (x0 - mean)**2 / var).
+
+    `hook(name, value)`, if given, sees (and may replace) `hook_scale`, the divisor
+    `sqrt(var + eps)` `[..., 1]`, and `hook_normalized`, `(x - mean) / hook_scale` `[..., D]`
+    before `scale` and `shift` (fp32 both).
     """
     x32 = x.astype(jnp.float32)
     if one_pass:
@@ -45,7 +53,12 @@ def layer_norm(x: jax.Array, scale: jax.Array, shift: jax.Array, eps: float = 1e
     else:
         centred = x32 - x32.mean(axis=-1, keepdims=True)
         var = jnp.square(centred).mean(axis=-1, keepdims=True)
-    norm_x = centred / jnp.sqrt(var + eps)
+    std = jnp.sqrt(var + eps)
+    if hook is not None:
+        std = hook("hook_scale", std)
+    norm_x = centred / std
+    if hook is not None:
+        norm_x = hook("hook_normalized", norm_x)
     return (scale * norm_x + shift).astype(dtype)
 
 
@@ -63,20 +76,25 @@ class LayerNorm(nn.Module):
     dtype: Dtype = jnp.float32
     # Statistics of a single row in one pass (`layer_norm`'s `one_pass`; GPU decoding at B=1).
     one_pass: bool = False
+    hooks: HookTable = HookTable()  # `hook_scale`, `hook_normalized` (see `layer_norm`)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), jnp.float32)
         shift = self.param("shift", nn.initializers.zeros, (self.emb_dim,), jnp.float32)
         one_pass = self.one_pass and math.prod(x.shape[:-1]) == 1
-        return layer_norm(x, scale, shift, self.eps, self.dtype, one_pass)
+        hook = functools.partial(hook_point, self, self.hooks) if self.hooks else None
+        return layer_norm(x, scale, shift, self.eps, self.dtype, one_pass, hook)
 
 
 def make_norm(norm_cls: type, emb_dim: int, dtype: Dtype, layout: Layout,
-              name: str | None = None) -> nn.Module:
-    """`norm_cls(emb_dim, dtype=dtype)`; a `LayerNorm` also gets `layout.one_pass_norm`
-    (a variant's norm is built with the defaults' fields only)."""
-    extra = {"one_pass": True} if layout.one_pass_norm and issubclass(norm_cls, LayerNorm) else {}
+              name: str | None = None, hooks: HookTable | None = None) -> nn.Module:
+    """`norm_cls(emb_dim, dtype=dtype)`; a `LayerNorm` also gets `layout.one_pass_norm` and
+    the hook table (a variant's norm is built with the defaults' fields only)."""
+    extra: dict[str, Any] = {}
+    if issubclass(norm_cls, LayerNorm):
+        extra = {"one_pass": True} if layout.one_pass_norm else {}
+        extra.update({"hooks": hooks} if hooks is not None and hooks else {})
     return norm_cls(emb_dim, dtype=dtype, name=name, **extra)
 
 
@@ -94,6 +112,7 @@ class Linear(nn.Module):
     `kernel` is `[in, out]` as in Flax; with `rows=True` it is held as `[out, in]`, a
     decode-time layout that XLA:CPU multiplies faster for a few rows (see `nn.layout.Layout`;
     `nn.layout.prepare` builds such params). Inputs and weights are cast to `dtype`.
+    `columns` (int `[C]`), if given, computes only those output features: `[..., C]`.
     """
 
     features: int
@@ -102,27 +121,38 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
         d_in = x.shape[-1]
         shape = (self.features, d_in) if self.rows else (d_in, self.features)
         kernel = self.param("kernel", INIT, shape, jnp.float32)
+        if columns is not None:
+            kernel = kernel[columns] if self.rows else kernel[:, columns]
         contract = ((x.ndim - 1,), (1 if self.rows else 0,))
         y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
+            y = y + (bias if columns is None else bias[columns]).astype(self.dtype)
         return y
 
 
 class FeedForward(nn.Module):
     """Linear(D, 4D) -> GELU -> Linear(4D, D); names `layers_0`/`layers_2` as in nn.Sequential.
 
-    A variant (another activation, a gated unit) subclasses this and overrides `__call__`.
+    A variant (another activation, a gated unit) subclasses this and overrides `__call__`
+    (calling `self.hook` on its own activations, if it wants them seen). Hook points
+    `hook_pre` and `hook_post`, `[B, T, 4D]`: before and after GELU.
     """
 
     cfg: GPTConfig
     dtype: Dtype = jnp.float32
     layout: Layout = Layout()
+    hooks: HookTable = HookTable()
+
+    def hook(self, name: str, x: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+        """`x` `[B*T, F]` through the hook point `name`, which sees it as `[*lead, F]`."""
+        if not self.hooks:
+            return x
+        return hook_point(self, self.hooks, name, x.reshape(*lead, -1)).reshape(x.shape)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,7 +161,8 @@ class FeedForward(nn.Module):
         # Matmuls on [B*T, D] rather than [B, T, D]: XLA:CPU then needs no transposing copies
         # in the backward pass.
         x = Linear(4 * d, rows=self.layout.fc, dtype=self.dtype, name="layers_0")(x.reshape(-1, d))
-        x = GELU()(x)  # [B*T, 4D]
+        x = self.hook("hook_pre", x, lead)
+        x = self.hook("hook_post", GELU()(x), lead)  # [B*T, 4D]
         x = Linear(d, rows=self.layout.proj, dtype=self.dtype, name="layers_2")(x)
         return x.reshape(*lead, d)  # [B, T, D]
 

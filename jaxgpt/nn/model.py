@@ -23,6 +23,7 @@ from jax import lax
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.attention import AttentionMask, MultiHeadAttention
 from jaxgpt.nn.cache import KVCache
+from jaxgpt.nn.hooks import HookTable, hook_point
 from jaxgpt.nn.layers import INIT, Dtype, FeedForward, LayerNorm, Linear, make_norm
 from jaxgpt.nn.layout import Layout
 
@@ -44,8 +45,11 @@ class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
 
     The parts are module classes (fields), so a variant of one plugs in without copying the
-    block; they are built with the defaults' fields (see `GPTModel`). The output is sown as
-    `intermediates/.../out`. With a `cache` returns `(x, cache)` (see MultiHeadAttention).
+    block; they are built with the defaults' fields (see `GPTModel`), and a subclass of a
+    default part also gets the hook table. With a `cache` returns `(x, cache)` (see
+    MultiHeadAttention). Hook points `[B, T, D]`: `hook_resid_pre` (the input),
+    `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out`, `hook_resid_post` (the output); the
+    parts' under `ln1`, `attn`, `ln2`, `mlp`.
     """
 
     cfg: GPTConfig
@@ -54,6 +58,11 @@ class TransformerBlock(nn.Module):
     attention_cls: type = MultiHeadAttention
     feed_forward_cls: type = FeedForward
     norm_cls: type = LayerNorm
+    hooks: HookTable = HookTable()
+
+    def part_hooks(self, cls: type, base: type, part: str) -> dict:
+        """`{"hooks": ...}` for a part of class `cls` if it has the default's hook field."""
+        return {"hooks": self.hooks.under(part)} if self.hooks and issubclass(cls, base) else {}
 
     @nn.compact
     def __call__(
@@ -65,6 +74,7 @@ class TransformerBlock(nn.Module):
         slot: jax.Array | int | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         cfg = self.cfg
+        point = functools.partial(hook_point, self, self.hooks)
         drop_resid = nn.Dropout(cfg.drop_rate)
         att = self.attention_cls(
             d_in=cfg.emb_dim,
@@ -76,19 +86,25 @@ class TransformerBlock(nn.Module):
             dtype=self.dtype,
             layout=self.layout,
             name="att",
+            **self.part_hooks(self.attention_cls, MultiHeadAttention, "attn"),
         )
-        shortcut = x
-        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm1")(x)
+        x = shortcut = point("hook_resid_pre", x)
+        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm1",
+                      self.hooks.under("ln1"))(x)
         x = att(x, deterministic, mask, cache, slot)
         if cache is not None:
             x, cache = x
+        x = point("hook_attn_out", x)
         x = drop_resid(x, deterministic=deterministic) + shortcut
 
-        shortcut = x
-        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm2")(x)
-        x = self.feed_forward_cls(cfg, dtype=self.dtype, layout=self.layout, name="ff")(x)
+        x = shortcut = point("hook_resid_mid", x)
+        x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm2",
+                      self.hooks.under("ln2"))(x)
+        x = self.feed_forward_cls(cfg, dtype=self.dtype, layout=self.layout, name="ff",
+                                  **self.part_hooks(self.feed_forward_cls, FeedForward, "mlp"))(x)
+        x = point("hook_mlp_out", x)
         x = drop_resid(x, deterministic=deterministic) + shortcut
-        self.sow("intermediates", "out", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        x = point("hook_resid_post", x)
         return x if cache is None else (x, cache)
 
 
@@ -126,6 +142,9 @@ class GPTModel(nn.Module):
       attention_cls, feed_forward_cls, norm_cls: the block's parts (default
         `MultiHeadAttention`, `FeedForward`, `LayerNorm`). A variant subclasses one, e.g.
         overrides `MultiHeadAttention.score_bias`, and every path uses it.
+      hooks: the hook table (`nn.hooks.HookTable`): hooks to run and activations to keep, by
+        TransformerLens's names (`hook_embed`, `hook_pos_embed`, `blocks.{i}.*`,
+        `ln_final.*`). Empty by default, which traces the same program as no hooks at all.
 
     Called the book's way, `apply(variables, in_idx)` with int `[B, T]` (T <= context_length)
     returns float32 logits `[B, T, V]`; dropout is off unless `deterministic=False` and a
@@ -135,7 +154,7 @@ class GPTModel(nn.Module):
       cache: a `nn.cache.KVCache` of S slots, and slot: where the T tokens are written (their
         keys attend to every valid slot up to their own); then returns `(logits, cache)`.
     `hidden` and `head` are the two halves, so a caller that needs one position's logits
-    skips the V-wide head for the others.
+    skips the V-wide head for the others; `run_block` applies one block alone.
     """
 
     cfg: GPTConfig
@@ -145,6 +164,7 @@ class GPTModel(nn.Module):
     attention_cls: type = MultiHeadAttention
     feed_forward_cls: type = FeedForward
     norm_cls: type = LayerNorm
+    hooks: HookTable = HookTable()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -159,10 +179,12 @@ class GPTModel(nn.Module):
         block = block_class(self.remat)
         self.trf_blocks = [
             block(cfg, self.dtype, self.layout, attention_cls=self.attention_cls,
-                  feed_forward_cls=self.feed_forward_cls, norm_cls=self.norm_cls)
-            for _ in range(cfg.n_layers)
+                  feed_forward_cls=self.feed_forward_cls, norm_cls=self.norm_cls,
+                  hooks=self.hooks.under(f"blocks.{i}"))
+            for i in range(cfg.n_layers)
         ]
-        self.final_norm = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout)
+        self.final_norm = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout,
+                                    hooks=self.hooks.under("ln_final"))
         if not cfg.tie_embeddings:
             self.out_head = Linear(cfg.vocab_size, use_bias=False, rows=self.layout.head,
                                    dtype=self.dtype)
@@ -193,20 +215,23 @@ class GPTModel(nn.Module):
         valid: jax.Array | None = None,
         cache: KVCache | None = None,
         slot: jax.Array | int | None = None,
+        stop_at_layer: int | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Token ids `[B, T]` -> output of the last block `[B, T, D]` (before final_norm);
-        with a cache, `(hidden, cache)`. Arguments as in `__call__`."""
+        with a cache, `(hidden, cache)`. Arguments as in `__call__`; without a cache,
+        `stop_at_layer` n returns the input of block n instead (0: the embeddings) and runs
+        no block from n on."""
         b, t = in_idx.shape
         if positions is None:
             positions = jnp.arange(t)[None, :]  # [1, T]
-        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # [B, T, D]
+        x = self.embed(in_idx, positions)  # [B, T, D]
         x = self.drop_emb(x, deterministic=deterministic)
         # The new tokens as keys: their positions, -1 where they are padding.
         own = positions if valid is None else jnp.where(valid, positions, -1)  # [B|1, T]
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
             mask = AttentionMask(causal[None] & (own >= 0)[:, None, :], positions, own)
-            for block in self.trf_blocks:
+            for block in self.trf_blocks[:stop_at_layer]:
                 x = block(x, deterministic, mask)
             return x
         if slot is None:
@@ -224,12 +249,33 @@ class GPTModel(nn.Module):
             values.append(vc)
         return x, KVCache(tuple(keys), tuple(values), k_pos)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """final_norm + output head: `[..., D]` -> float32 logits `[..., V]`."""
+    def embed(self, in_idx: jax.Array, positions: jax.Array) -> jax.Array:
+        """`tok_emb(in_idx) + pos_emb(positions)` `[B, T, D]`, through `hook_embed` and
+        `hook_pos_embed` (which sees the position embeddings broadcast to `[B, T, D]`)."""
+        tok, pos = self.tok_emb(in_idx), self.pos_emb(positions)
+        if self.hooks:
+            tok = hook_point(self, self.hooks, "hook_embed", tok)
+            pos = hook_point(self, self.hooks, "hook_pos_embed", jnp.broadcast_to(pos, tok.shape))
+        return tok + pos
+
+    def run_block(self, i: int, x: jax.Array, mask: AttentionMask,
+                  cache: tuple[jax.Array, jax.Array] | None = None,
+                  slot: jax.Array | int | None = None,
+                  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Block `i` (static) alone on the residual stream `x` `[B, T, D]`, dropout off, with
+        an explicit mask and, optionally, that layer's cache (see `TransformerBlock`)."""
+        return self.trf_blocks[i](x, True, mask, cache, slot)
+
+    def head(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+        """final_norm + output head: `[..., D]` -> float32 logits `[..., V]`; with `columns`
+        (int `[C]`), the logits of those tokens only, `[..., C]`."""
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
+            if columns is not None:
+                return (x @ self.tok_emb.embedding[columns].T.astype(self.dtype)).astype(
+                    jnp.float32)
             return self.tok_emb.attend(x).astype(jnp.float32)
-        return self.out_head(x).astype(jnp.float32)
+        return self.out_head(x, columns).astype(jnp.float32)
 
 
 def head_param_names(cfg: GPTConfig) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from jax import lax
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
+from jaxgpt.nn.hooks import hook_table
 from jaxgpt.nn.model import GPTModel, head_param_names, init_params, model_for
 from jaxgpt.training.config import (
     DTYPES,
@@ -119,6 +120,7 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     state_shardings: Any = None,
     model: GPTModel | None = None,
+    hooks: Any = (),
 ) -> Callable[[TrainState, tuple[jax.Array, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """The jitted `train_step(state, (inputs, targets), key) -> (state, metrics)`.
 
@@ -134,11 +136,14 @@ def make_train_step(
     gradients are finite; the loop checks the parameters before it saves them).
 
     `model` trains a variant (`GPTModel(cfg, attention_cls=...)`); its dtype and remat are set
-    from `tc`.
+    from `tc`. `hooks` (`(name, fn)` pairs, `jaxgpt.nn.hooks`) run in every forward pass of
+    the step (e.g. a head ablated while training); their arrays are constants of the step,
+    and the gradients flow through them.
     """
     platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    model = model_for(cfg, model).clone(dtype=DTYPES[tc.dtype],
-                                        remat=resolve_remat(tc.remat, platform))
+    model = model_for(cfg, model)
+    model = model.clone(dtype=DTYPES[tc.dtype], remat=resolve_remat(tc.remat, platform),
+                        hooks=model.hooks.plus(hook_table(cfg, hooks)))
     tx = make_optimizer(tc)
     schedule = make_schedule(tc)
     grad_fn = _loss_and_grad(model, resolve_loss_chunk(tc, platform), cfg.drop_rate > 0)

@@ -1,0 +1,55 @@
+"""`jaxgpt lens`: the logit lens of a prompt, each layer's best guess at every position."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jaxgpt.cli.common import add_model_args, load_model, log
+from jaxgpt.cli.patch import check_png, layer_range
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser("lens", help="the logit lens: what each layer would predict")
+    p.add_argument("--prompt", required=True, help="text whose positions to read")
+    p.add_argument("--layers", metavar="FIRST:STOP", default=None,
+                   help="draw only these rows (0-based over the layers' inputs and the final "
+                        "output, STOP excluded; default all)")
+    p.add_argument("--out", default="lens.png", help="PNG to write (default lens.png)")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from jaxgpt.interp.cache import run_with_cache
+    from jaxgpt.interp.plots import plot_logit_lens
+    from jaxgpt.interp.residual import logit_lens
+    from jaxgpt.tokenizer import get_tokenizer
+
+    out = check_png(args.out, "lens")
+    tokenizer = get_tokenizer()
+    ids = np.asarray(tokenizer.encode(args.prompt), np.int32)
+    if not len(ids):
+        raise SystemExit("jaxgpt lens: --prompt is empty; give at least one character")
+    cfg, params, desc = load_model(args)
+    if len(ids) > cfg.context_length:
+        raise SystemExit(f"jaxgpt lens: the prompt has {len(ids)} tokens, more than the "
+                         f"model's context_length {cfg.context_length}")
+    rows = layer_range(args.layers, cfg.n_layers + 1, "lens")
+    log(f"jaxgpt: {desc}")
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
+    names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+    _, cache = run_with_cache(params, cfg, ids, names=names)
+    logits, labels = logit_lens(cache)  # [L + 1, 1, T, V]
+    probs = jax.nn.softmax(logits[:, 0], axis=-1)  # [L + 1, T, V]
+    top = np.asarray(probs.argmax(-1))  # [L + 1, T]
+    best = np.take_along_axis(np.asarray(probs), top[..., None], axis=-1)[..., 0]
+    words = [[tokenizer.decode([int(t)]) for t in row] for row in top]
+    path = plot_logit_lens([words[r] for r in rows], best[rows.start:rows.stop],
+                           [labels[r] for r in rows], [tokenizer.decode([int(t)]) for t in ids],
+                           out, title=f"logit lens: {args.prompt!r}")
+    log(f"jaxgpt: wrote {path} ({len(rows)} rows x {len(ids)} positions)")
+    return 0

@@ -1,0 +1,259 @@
+"""Hook points: every activation of the model by name, to read (cache) or to change (hooks).
+
+Each module of the model passes its activations through `hook_point(self, table, name, x)`.
+The names are TransformerLens's for GPT-2 (`blocks.3.attn.hook_pattern`), so its notebooks
+port. `GPTModel` carries a `HookTable`, a static, hashable module field that it hands down to
+its blocks and their parts; an empty table (the default) returns at trace time, so a model
+without hooks traces exactly the program it traced before hooks existed.
+
+A hook is `fn(activation, name) -> activation`, a pure JAX function. Two ways to give its
+arrays (a steering vector, a clean activation) to the model:
+
+- bound: the function as it is, arrays and all, in the table (`hook_table`): a module field,
+  so a new function is a new model and compiles anew. Training with hooks uses this.
+- free: a hook that is a pytree (`jax.tree_util.Partial(fn, vector)`, or the makers in
+  `jaxgpt.interp.interventions`) keeps only its structure in the table (`free_hooks`); its
+  arrays ride in the params, beside the parameters of the module that holds the hook point
+  (`params[...][HOOK_ARGS]`). The compiled program takes them as arguments, so a new vector
+  of the same shape reuses it. `run_with_hooks`, `generate` and `generate_text_simple` do this.
+
+Shapes: B batch, T tokens (queries), S key slots, D emb_dim, H heads, Dh head_dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+
+# Where a module's params hold the arrays of its free hooks: `{local name: [leaves, ...]}`.
+HOOK_ARGS = "hook_args"
+
+EMBED_POINTS = ("hook_embed", "hook_pos_embed")
+NORM_POINTS = ("hook_scale", "hook_normalized")  # [B, T, 1] and [B, T, D] (before scale/shift)
+ATTN_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
+MLP_POINTS = ("hook_pre", "hook_post")  # [B, T, 4D], before and after GELU
+
+# A TransformerLens prefix and the Flax module that holds its hook points, inside a block.
+_PARTS = {"ln1": "norm1", "attn": "att", "ln2": "norm2", "mlp": "ff"}
+
+
+def block_names(i: int) -> tuple[str, ...]:
+    """Block `i`'s hook points, in the order the forward pass reaches them."""
+    b = f"blocks.{i}"
+    return (f"{b}.hook_resid_pre", *(f"{b}.ln1.{n}" for n in NORM_POINTS),
+            *(f"{b}.attn.{n}" for n in ATTN_POINTS), f"{b}.hook_attn_out",
+            f"{b}.hook_resid_mid", *(f"{b}.ln2.{n}" for n in NORM_POINTS),
+            *(f"{b}.mlp.{n}" for n in MLP_POINTS), f"{b}.hook_mlp_out", f"{b}.hook_resid_post")
+
+
+def hook_names(cfg: GPTConfig) -> tuple[str, ...]:
+    """Every hook point of `GPTModel(cfg)`, in the order the forward pass reaches them."""
+    blocks = (name for i in range(cfg.n_layers) for name in block_names(i))
+    return (*EMBED_POINTS, *blocks, *(f"ln_final.{n}" for n in NORM_POINTS))
+
+
+def module_path(name: str) -> tuple[tuple[str, ...], str]:
+    """`(flax module path, local name)` of a hook point: where its free arrays live.
+
+    `blocks.3.attn.hook_q` -> `(("trf_blocks_3", "att"), "hook_q")`.
+    """
+    *prefix, local = name.split(".")
+    if prefix == ["ln_final"]:
+        return ("final_norm",), local
+    if not prefix:
+        return (), local
+    path = [f"trf_blocks_{prefix[1]}"]
+    if len(prefix) == 3:
+        path.append(_PARTS[prefix[2]])
+    return tuple(path), local
+
+
+class _Same:
+    """An object hashed and compared by identity: a bound hook in a hashable table."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+
+@dataclasses.dataclass(frozen=True)
+class FreeHook:
+    """The static part of a pytree hook: its structure and non-array leaves. Its arrays are
+    read from the params when the model runs (`HOOK_ARGS`)."""
+
+    treedef: Any
+    statics: tuple  # each leaf, or None where an array goes
+
+    def build(self, arrays: Sequence[Any]) -> Callable:
+        """The hook with `arrays` in the array places."""
+        it = iter(arrays)
+        leaves = [next(it) if s is None else s.obj for s in self.statics]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class HookTable:
+    """Which hook points run which hooks, and which keep their value (a static module field).
+
+    `hooks`: `(name, hook)` pairs, run in order at their point (a `_Same` holder of a bound
+    function, or a `FreeHook`); `cache`: names whose value (after the hooks) is sown in the
+    `intermediates` collection under the name; `prefix`: where in the model this table was
+    handed down to (`blocks.3.attn`).
+    """
+
+    hooks: tuple[tuple[str, Any], ...] = ()
+    cache: frozenset[str] = frozenset()
+    prefix: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks) or bool(self.cache)
+
+    def plus(self, other: HookTable) -> HookTable:
+        """This table's hooks, then `other`'s (at one point, this table's run first); both
+        tables' cached names."""
+        return HookTable(self.hooks + other.hooks, self.cache | other.cache, self.prefix)
+
+    def under(self, part: str) -> HookTable:
+        """The table as the part `part` of this module sees it."""
+        if not self:
+            return self
+        return dataclasses.replace(self, prefix=f"{self.prefix}.{part}" if self.prefix else part)
+
+
+def hook_point(module: nn.Module, table: HookTable, name: str, x: jax.Array) -> jax.Array:
+    """`x` through the hooks at `module`'s point `name`, kept if the table caches it."""
+    if not table:
+        return x
+    full = f"{table.prefix}.{name}" if table.prefix else name
+    free = 0
+    for point, hook in table.hooks:
+        if point != full:
+            continue
+        if isinstance(hook, FreeHook):
+            fn = hook.build(module.get_variable("params", HOOK_ARGS)[name][free])
+            free += 1
+        else:
+            fn = hook.obj
+        y = fn(x, full)
+        if getattr(y, "shape", None) != x.shape:
+            raise ValueError(f"the hook at {full} returned shape {getattr(y, 'shape', type(y))} "
+                             f"for an activation of shape {x.shape}")
+        x = y.astype(x.dtype)  # a float32 vector added to bf16 activations stays bf16
+    if full in table.cache:
+        module.sow("intermediates", full, x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    return x
+
+
+def check_names(cfg: GPTConfig, names: Iterable[str], what: str = "hook point") -> None:
+    """A ValueError naming the first name `GPTModel(cfg)` has no hook point for."""
+    known = set(hook_names(cfg))
+    for name in names:
+        if name not in known:
+            layer = re.match(r"blocks\.(\d+)\.", name) if isinstance(name, str) else None
+            if layer and int(layer.group(1)) >= cfg.n_layers:
+                raise ValueError(f"{what} {name!r}: layer {layer.group(1)} is out of range "
+                                 f"[0, {cfg.n_layers - 1}]")
+            raise ValueError(f"unknown {what} {name!r}: names are TransformerLens's, e.g. "
+                             f"'blocks.0.hook_resid_pre', 'blocks.0.attn.hook_pattern', "
+                             f"'ln_final.hook_scale' (all: jaxgpt.nn.hooks.hook_names(cfg))")
+
+
+def _check_hooks(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in hooks:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and callable(item[1])):
+            raise ValueError(f"a hook is a (name, fn) pair with fn(activation, name) -> "
+                             f"activation, got {item!r}")
+        pairs.append((item[0], item[1]))
+    check_names(cfg, [name for name, _ in pairs])
+    return pairs
+
+
+def hook_table(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]] = (),
+               cache: Iterable[str] = ()) -> HookTable:
+    """A table of bound hooks (their arrays are constants of the program) and cached names,
+    checked against `GPTModel(cfg)`'s hook points."""
+    pairs = _check_hooks(cfg, hooks)
+    cache = frozenset(cache)
+    check_names(cfg, sorted(cache), "cached name")
+    return HookTable(tuple((name, _Same(fn)) for name, fn in pairs), cache)
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def free_hooks(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]] = (),
+               cache: Iterable[str] = ()) -> tuple[HookTable, dict]:
+    """`(table, args)`: the hooks with their arrays taken out, and those arrays laid out as
+    params (merge them in with `with_hook_args`). Equal structures give equal tables, so a
+    compiled program is reused when only the arrays change. A hook without arrays (a plain
+    function) stays bound."""
+    table = hook_table(cfg, hooks, cache)
+    entries: list[tuple[str, Any]] = []
+    args: dict[str, Any] = {}
+    for name, held in table.hooks:
+        leaves, treedef = jax.tree_util.tree_flatten(held.obj)
+        arrays = [leaf for leaf in leaves if _is_array(leaf)]
+        if not arrays:
+            entries.append((name, held))
+            continue
+        statics = tuple(None if _is_array(leaf) else _Same(leaf) if not _hashable(leaf)
+                        else _Static(leaf) for leaf in leaves)
+        entries.append((name, FreeHook(treedef, statics)))
+        path, local = module_path(name)
+        node = args
+        for key in path:
+            node = node.setdefault(key, {})
+        node.setdefault(HOOK_ARGS, {}).setdefault(local, []).append(arrays)
+    return dataclasses.replace(table, hooks=tuple(entries)), args
+
+
+class _Static:
+    """A hashable non-array leaf, compared by value (a Python number, a string)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return hash((type(self.obj), self.obj))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _Static) and type(other.obj) is type(self.obj)
+                and other.obj == self.obj)
+
+
+def _hashable(leaf: Any) -> bool:
+    try:
+        hash(leaf)
+    except TypeError:
+        return False
+    return True
+
+
+def with_hook_args(params: Any, args: dict) -> Any:
+    """`params` with the free hooks' arrays merged in (new dicts along the way; the arrays
+    are not copied)."""
+    if not args:
+        return params
+    out = dict(params)
+    for key, value in args.items():
+        out[key] = value if key == HOOK_ARGS else with_hook_args(out.get(key, {}), value)
+    return out

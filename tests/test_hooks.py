@@ -1,0 +1,313 @@
+"""Hook points: every activation by name, hooks that change them, and nothing when unused."""
+
+import hashlib
+
+import flax
+import flax.linen as nn
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.interp import cache as cache_module
+from jaxgpt.interp.cache import act_name, run_with_cache, run_with_hooks
+from jaxgpt.nn import FeedForward, GPTModel, MultiHeadAttention, init_params
+from jaxgpt.nn.cache import init_cache
+from jaxgpt.nn.hooks import HookTable, free_hooks, hook_names, hook_table, module_path
+from jaxgpt.nn.layout import Layout, prepare
+from jaxgpt.training.step import flat_logits
+
+Partial = jax.tree_util.Partial
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = GPTConfig(**TINY)
+    return cfg, init_params(cfg, 1)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 7)).astype(np.int32)
+
+
+def _add(vector, x, name):
+    return x + vector
+
+
+def _scale(factor, x, name):
+    return x * factor
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def test_the_cache_holds_every_hook_point_in_forward_order(tiny, ids):
+    cfg, params = tiny
+    _, cache = run_with_cache(params, cfg, ids)
+    assert list(cache) == list(hook_names(cfg))
+    assert len(cache) == 2 + 17 * cfg.n_layers + 2
+    b, t, d, h, dh = 2, 7, cfg.emb_dim, cfg.n_heads, cfg.head_dim
+    shapes = {"hook_pos_embed": (b, t, d), "blocks.1.ln2.hook_scale": (b, t, 1),
+              "blocks.1.attn.hook_q": (b, t, h, dh), "blocks.1.attn.hook_z": (b, t, h, dh),
+              "blocks.1.attn.hook_attn_scores": (b, h, t, t), "blocks.1.mlp.hook_post":
+              (b, t, 4 * d), "ln_final.hook_normalized": (b, t, d)}
+    for name, shape in shapes.items():
+        assert cache[name].shape == shape, name
+    # The residual stream adds up: embeddings, then each block's two writes.
+    total = cache["hook_embed"] + cache["hook_pos_embed"]
+    np.testing.assert_allclose(total, cache["resid_pre", 0], atol=1e-6)
+    for i in range(cfg.n_layers):
+        total = total + cache["attn_out", i] + cache["mlp_out", i]
+        np.testing.assert_allclose(total, cache["resid_post", i], atol=1e-5)
+
+
+def test_short_names_are_transformer_lens_s(tiny):
+    assert act_name("resid_pre", 3) == "blocks.3.hook_resid_pre"
+    assert act_name("pattern", 0) == act_name("attn", 0) == "blocks.0.attn.hook_pattern"
+    assert act_name("scale", 2, "ln2") == "blocks.2.ln2.hook_scale"
+    assert act_name("scale") == "ln_final.hook_scale"
+    assert act_name("embed") == "hook_embed"
+    assert act_name("blocks.1.mlp.hook_pre") == "blocks.1.mlp.hook_pre"
+    with pytest.raises(ValueError, match="unknown activation 'resid'"):
+        act_name("resid", 1)
+    assert module_path("blocks.3.attn.hook_q") == (("trf_blocks_3", "att"), "hook_q")
+    assert module_path("ln_final.hook_scale") == (("final_norm",), "hook_scale")
+
+
+def test_run_with_cache_keeps_only_what_is_asked_for(tiny, ids):
+    cfg, params = tiny
+    _, cache = run_with_cache(params, cfg, ids, names=[("pattern", 1), "hook_embed"])
+    assert list(cache) == ["hook_embed", "blocks.1.attn.hook_pattern"]
+    _, cache = run_with_cache(params, cfg, ids, names=lambda n: n.endswith("hook_scale"))
+    assert list(cache) == ["blocks.0.ln1.hook_scale", "blocks.0.ln2.hook_scale",
+                           "blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_scale",
+                           "ln_final.hook_scale"]
+    with pytest.raises(KeyError, match="not in this cache"):
+        cache["resid_pre", 0]
+    with pytest.raises(ValueError, match=r"layer 2 is out of range \[0, 1\]"):
+        run_with_cache(params, cfg, ids, names=[("resid_pre", 2)])
+    with pytest.raises(ValueError, match="unknown cached name 'blocks.0.hook_x'"):
+        run_with_cache(params, cfg, ids, names=["blocks.0.hook_x"])
+    with pytest.raises(ValueError, match="a list of names or a predicate"):
+        run_with_cache(params, cfg, ids, names="hook_embed")
+    with pytest.raises(ValueError, match="more than the model's context_length 16"):
+        run_with_cache(params, cfg, np.zeros((1, 17), np.int32))
+
+
+def test_stop_at_layer_returns_the_residual_stream_and_runs_nothing_after(tiny, ids):
+    cfg, params = tiny
+    _, full = run_with_cache(params, cfg, ids)
+    for n in range(cfg.n_layers + 1):
+        resid, cache = run_with_cache(params, cfg, ids, stop_at_layer=n)
+        want = full["resid_pre", n] if n < cfg.n_layers else full["resid_post", n - 1]
+        np.testing.assert_allclose(resid, want, atol=1e-6)
+        assert not [k for k in cache if k.startswith(f"blocks.{n}.") or k.startswith("ln_final")]
+    jaxpr = jax.make_jaxpr(lambda p: GPTModel(cfg).apply(
+        {"params": p}, jnp.asarray(ids), stop_at_layer=1, method=GPTModel.hidden))(params)
+    # Block 0 only: Q, K, V, scores, weighted values, out_proj and the two feed-forward layers.
+    assert str(jaxpr).count("dot_general") == 8
+    with pytest.raises(ValueError, match=r"stop_at_layer must be an int in \[0, 2\], got 3"):
+        run_with_hooks(params, cfg, ids, [], stop_at_layer=3)
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+
+def test_patching_a_whole_residual_stream_reproduces_the_other_run(tiny, ids):
+    cfg, params = tiny
+    clean, corrupt = ids[:1], ids[1:]
+    clean_logits, clean_cache = run_with_cache(params, cfg, clean)
+    replace = Partial(lambda value, x, name: value, clean_cache["resid_pre", 1])
+    patched = run_with_hooks(params, cfg, corrupt, [("blocks.1.hook_resid_pre", replace)])
+    np.testing.assert_allclose(patched, clean_logits, atol=1e-5)
+    plain = run_with_hooks(params, cfg, corrupt, [])
+    assert np.abs(plain - clean_logits).max() > 0.1  # the patch did the work
+
+
+def test_ablating_one_head_removes_exactly_its_write(tiny, ids):
+    cfg, params = tiny
+    head = 2
+
+    def ablate(x, name):  # [B, T, H, Dh]
+        return x.at[:, :, head].set(0.0)
+
+    _, plain = run_with_cache(params, cfg, ids, names=[("z", 0), ("attn_out", 0)])
+    _, ablated = run_with_cache(params, cfg, ids, names=[("attn_out", 0)],
+                                hooks=[("blocks.0.attn.hook_z", ablate)])
+    w_o = np.asarray(params["trf_blocks_0"]["att"]["out_proj"]["kernel"])  # [D, D]
+    dh = cfg.head_dim
+    write = np.asarray(plain["z", 0])[:, :, head] @ w_o[head * dh:(head + 1) * dh]
+    np.testing.assert_allclose(ablated["attn_out", 0], plain["attn_out", 0] - write, atol=1e-5)
+
+
+def test_hooks_at_one_point_run_in_order_and_see_their_name(tiny, ids):
+    cfg, params = tiny
+    seen = []
+
+    def record(x, name):
+        seen.append(name)
+        return x
+
+    vector = jnp.asarray(np.random.default_rng(1).normal(size=cfg.emb_dim), jnp.float32)
+    hooks = [("blocks.0.hook_resid_post", Partial(_add, vector)),
+             ("blocks.0.hook_resid_post", Partial(_scale, jnp.float32(2.0))),
+             ("blocks.0.hook_resid_post", record)]
+    _, plain = run_with_cache(params, cfg, ids, names=[("resid_post", 0)])
+    _, hooked = run_with_cache(params, cfg, ids, names=[("resid_post", 0)], hooks=hooks)
+    np.testing.assert_allclose(hooked["resid_post", 0], (plain["resid_post", 0] + vector) * 2,
+                               atol=1e-5)
+    assert seen == ["blocks.0.hook_resid_post"]
+    with pytest.raises(ValueError, match="a hook is a \\(name, fn\\) pair"):
+        run_with_hooks(params, cfg, ids, [("blocks.0.hook_resid_post",)])
+
+
+def test_run_with_hooks_is_differentiable_in_the_hooks_arrays(tiny, ids):
+    cfg, params = tiny
+
+    def logit(vector):
+        out = run_with_hooks(params, cfg, ids[:1], [("blocks.0.hook_resid_mid",
+                                                     Partial(_add, vector))])
+        return out[0, -1, 5] - out[0, -1, 7]
+
+    v0 = jnp.asarray(np.random.default_rng(2).normal(size=cfg.emb_dim), jnp.float32)
+    grad = jax.grad(logit)(v0)
+    direction = jnp.asarray(np.random.default_rng(3).normal(size=cfg.emb_dim), jnp.float32)
+    eps = 1e-2
+    # Central difference: error ~ eps**2 * (third derivative) plus fp32 rounding of logits of
+    # order 1 divided by 2 eps (~1e-5): well inside 2e-3 of a derivative of order 0.1-1.
+    numeric = (logit(v0 + eps * direction) - logit(v0 - eps * direction)) / (2 * eps)
+    assert abs(float(grad @ direction)) > 1e-2
+    np.testing.assert_allclose(grad @ direction, numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_new_arrays_in_a_pytree_hook_reuse_the_compiled_program(tiny, ids):
+    cfg, params = tiny
+    rng = np.random.default_rng(4)
+    run_with_hooks(params, cfg, ids, [("blocks.1.hook_resid_pre", Partial(_add, jnp.zeros(32)))])
+    size = cache_module._forward._cache_size()
+    outs = [run_with_hooks(params, cfg, ids, [("blocks.1.hook_resid_pre", Partial(
+        _add, jnp.asarray(rng.normal(size=32), jnp.float32)))]) for _ in range(3)]
+    assert cache_module._forward._cache_size() == size
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3  # and each ran with its own vector
+    # A plain closure is a new function each time: it compiles anew.
+    vec = jnp.ones(32)
+    run_with_hooks(params, cfg, ids, [("blocks.1.hook_resid_pre", lambda x, n: x + vec)])
+    assert cache_module._forward._cache_size() == size + 1
+    table, args = free_hooks(cfg, [("blocks.1.attn.hook_q", Partial(_scale, jnp.ones(())))])
+    assert args == {"trf_blocks_1": {"att": {"hook_args": {"hook_q": [[jnp.ones(())]]}}}}
+
+
+def test_hooks_see_per_head_qkv_in_the_fused_decoding_layout(tiny, ids):
+    cfg, params = tiny
+    names = [f"blocks.1.attn.hook_{n}" for n in "qkv"]
+    _, want = run_with_cache(params, cfg, ids[:, :5], names=names)
+    layout = Layout(fused_qkv=True, qkv=True, out=True, fc=True, proj=True, head=True)
+    model = GPTModel(cfg, layout=layout, hooks=hook_table(cfg, cache=names))
+    variables = {"params": prepare(params, cfg, jnp.float32, layout)}
+    cache = init_cache(cfg, 2, 8)
+    (_, cache), state = model.apply(variables, jnp.asarray(ids[:, :4]), cache=cache, slot=0,
+                                    mutable=["intermediates"])
+    _, state = model.apply(variables, jnp.asarray(ids[:, 4:5]), positions=jnp.full((2, 1), 4),
+                           cache=cache, slot=4, mutable=["intermediates"])
+    got = dict(cache_module._flatten(state["intermediates"]))
+    for name in names:  # the cached step sees only its new token, [B, 1, H, Dh]
+        np.testing.assert_allclose(got[name], want[name][:, 4:5], atol=1e-5)
+
+
+class DoubledFeedForward(FeedForward):
+    """A variant that replaces `__call__` and does not call the hook points inside it."""
+
+    @nn.compact
+    def __call__(self, x):
+        return 2.0 * nn.Dense(self.cfg.emb_dim, name="layers_0")(x)
+
+
+class QuietAttention(MultiHeadAttention):
+    def score_bias(self, mask):
+        return -0.5 * jnp.abs(mask.q_pos[:, None, :, None] - mask.k_pos[:, None, None, :])
+
+
+def test_a_variant_part_keeps_the_hook_points_it_inherits(tiny, ids):
+    cfg, params = tiny
+    model = GPTModel(cfg, attention_cls=QuietAttention)
+    _, plain = run_with_cache(params, cfg, ids, names=[("pattern", 0)])
+    _, biased = run_with_cache(params, cfg, ids, names=[("pattern", 0)], model=model)
+    assert np.abs(plain["pattern", 0] - biased["pattern", 0]).max() > 0.05
+    doubled = GPTModel(cfg, feed_forward_cls=DoubledFeedForward)
+    weights = doubled.init(jax.random.key(0), jnp.asarray(ids))["params"]
+    _, cache = run_with_cache(weights, cfg, ids, names=[("mlp_out", 0)], model=doubled)
+    assert cache["mlp_out", 0].shape == (2, 7, cfg.emb_dim)
+    with pytest.raises(ValueError, match="never reached 'blocks.0.mlp.hook_pre'"):
+        run_with_cache(weights, cfg, ids, names=[("pre", 0)], model=doubled)
+
+
+# --- no hooks, no cost ---------------------------------------------------------------------------
+
+# sha256 of the jaxprs, dead equations removed, that commit 9cb758e (before hook points existed)
+# traced for these programs, under the pinned jax and flax of the test extra. The model's math
+# changing on purpose changes them; hooks must not.
+BEFORE_HOOKS = {
+    "forward": "a2f2ac20ff913e9799fc416084cc14c85a816194a39e3c04e404fe3344944c19",
+    "cached_step": "80f2e652f17c5314b6355e7abcb3b5151ad4a5ffababae7ac97071932f47a63c",
+    "train_grad": "191509d42c2dfbdc7e0bfb19ff7f9273a604cd424ec7602eef6a703ce36348ef",
+}
+PINNED = ("0.10.2", "0.12.8")  # jax, flax
+
+
+def _live(jaxpr):
+    """`jaxpr` without the equations nothing uses (the lowering drops them too)."""
+    literal = jax.extend.core.Literal
+    used = {v for v in jaxpr.outvars if not isinstance(v, literal)}
+    keep = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in used for v in eqn.outvars):
+            keep.append(eqn)
+            used.update(v for v in eqn.invars if not isinstance(v, literal))
+    return jaxpr.replace(eqns=keep[::-1])
+
+
+def _fingerprints(cfg, params, model):
+    ids = jnp.zeros((2, 7), jnp.int32)
+    programs = {
+        "forward": jax.make_jaxpr(lambda p, i: model.apply({"params": p}, i))(params, ids),
+        "cached_step": jax.make_jaxpr(lambda p, c, t: model.apply(
+            {"params": p}, t, positions=jnp.full((2, 1), 7), cache=c, slot=7))(
+            params, init_cache(cfg, 2, 16), jnp.zeros((2, 1), jnp.int32)),
+        "train_grad": jax.make_jaxpr(jax.grad(lambda p, i: model.clone(remat="attention").apply(
+            {"params": p}, i).sum()))(params, ids),
+    }
+    return {k: hashlib.sha256(str(_live(p.jaxpr)).encode()).hexdigest()
+            for k, p in programs.items()}
+
+
+def test_a_model_without_hooks_traces_the_program_it_traced_before_hooks(tiny):
+    if (jax.__version__, flax.__version__) != PINNED:
+        pytest.skip(f"the fingerprints are of jax {PINNED[0]} and flax {PINNED[1]}'s tracing "
+                    f"(the test extra pins them); this is jax {jax.__version__}, flax "
+                    f"{flax.__version__}")
+    cfg, params = tiny
+    assert _fingerprints(cfg, params, GPTModel(cfg)) == BEFORE_HOOKS
+    assert _fingerprints(cfg, params, GPTModel(cfg, hooks=HookTable())) == BEFORE_HOOKS
+    # Positive control: a hook that adds 0 is seen in every program.
+    zero = GPTModel(cfg, hooks=hook_table(cfg, [("blocks.1.hook_resid_mid", _zero)]))
+    changed = _fingerprints(cfg, params, zero)
+    assert all(changed[k] != BEFORE_HOOKS[k] for k in BEFORE_HOOKS)
+
+
+def _zero(x, name):
+    return x + 0.0
+
+
+def test_flat_logits_take_the_models_hooks(tiny, ids):
+    # The training loss reads the logits through `flat_logits`: a hooked model changes them.
+    cfg, params = tiny
+    vector = jnp.asarray(np.random.default_rng(5).normal(size=cfg.emb_dim), jnp.float32)
+    model = GPTModel(cfg, hooks=hook_table(cfg, [("blocks.0.hook_resid_post",
+                                                  Partial(_add, vector))]))
+    got = flat_logits(model, params, jnp.asarray(ids))
+    want = run_with_hooks(params, cfg, ids, [("blocks.0.hook_resid_post", Partial(_add, vector))])
+    np.testing.assert_allclose(got, want.reshape(-1, cfg.vocab_size), atol=1e-5)

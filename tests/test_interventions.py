@@ -1,0 +1,85 @@
+"""The intervention makers and the induction tools: what each computes, on the tiny model."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.interp import induction
+from jaxgpt.interp import interventions as iv
+from jaxgpt.interp.cache import run_with_cache, run_with_hooks
+from jaxgpt.nn.model import init_params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = GPTConfig(**TINY)
+    return cfg, init_params(cfg, 0)
+
+
+def test_the_makers_do_what_they_say(tiny):
+    cfg, params = tiny
+    ids = np.array([[3, 14, 15, 92, 65]])
+    _, cache = run_with_cache(params, cfg, ids)
+    name = "blocks.0.attn.hook_z"
+    vector = jnp.arange(cfg.emb_dim, dtype=jnp.float32) / 10
+    z = cache[name]  # [B, T, H, Dh]
+    cases = [
+        (iv.add(vector), "blocks.1.hook_resid_pre",
+         cache["blocks.1.hook_resid_pre"] + vector),
+        (iv.scale(0.5), name, z * 0.5),
+        (iv.ablate(), name, z * 0.0),
+        (iv.ablate_head(2, cfg.n_heads), name, z.at[:, :, 2].set(0.0)),
+        (iv.replace(jnp.ones_like(z), jnp.arange(5)[None, :, None, None] == 3), name,
+         z.at[:, 3].set(1.0)),
+    ]
+    for hook, point, want in cases:  # a cached value is the one after the hooks
+        _, got = run_with_cache(params, cfg, ids, names=[point], hooks=[(point, hook)])
+        # The same float32 arithmetic in another program: a rounding or two of O(0.1) values.
+        np.testing.assert_allclose(got[point], want, atol=1e-6)
+    with pytest.raises(ValueError, match=r"head must be an int in \[0, 3\], got 4"):
+        iv.ablate_head(4, cfg.n_heads)
+
+
+def test_a_zeroed_head_changes_the_logits_and_a_zero_vector_does_not(tiny):
+    cfg, params = tiny
+    ids = np.array([[3, 14, 15, 92, 65]])
+    plain = run_with_hooks(params, cfg, ids, [])
+    same = run_with_hooks(params, cfg, ids, [("blocks.0.hook_resid_post",
+                                              iv.add(jnp.zeros(cfg.emb_dim)))])
+    ablated = run_with_hooks(params, cfg, ids, [("blocks.0.attn.hook_z",
+                                                 iv.ablate_head(1, cfg.n_heads))])
+    # Adding zeros changes nothing but XLA's fusion: logits of O(1) within a few roundings.
+    np.testing.assert_allclose(same, plain, atol=1e-5)
+    assert np.abs(np.asarray(ablated - plain)).max() > 1e-3
+
+
+def test_the_induction_stripe_is_the_token_after_the_earlier_copy():
+    tokens = induction.repeated_tokens(2, 5, 50, seed=1)
+    assert tokens.shape == (2, 10)
+    np.testing.assert_array_equal(tokens[:, :5], tokens[:, 5:])
+    pattern = np.zeros((1, 10, 10))
+    for q in range(5, 10):
+        pattern[0, q, q - 4] = 1.0  # attends to the token after its earlier copy
+    np.testing.assert_array_equal(induction.induction_stripe(jnp.asarray(pattern), 5), 1.0)
+    shifted = np.roll(pattern, 1, axis=-1)  # one token off: not an induction head
+    np.testing.assert_array_equal(induction.induction_stripe(jnp.asarray(shifted), 5), 0.0)
+    stream = induction.repeated_runs(3, 2, 4, 20, seed=2)
+    i = 0
+    while i < len(stream):  # each run is followed by itself
+        n = next(n for n in range(2, 5) if np.array_equal(stream[i:i + n],
+                                                          stream[i + n:i + 2 * n]))
+        i += 2 * n
+    assert i == len(stream)
+
+
+def test_induction_scores_are_a_mean_attention_per_head(tiny):
+    cfg, params = tiny
+    tokens = induction.repeated_tokens(3, 6, cfg.vocab_size, seed=3)
+    scores = np.asarray(induction.induction_scores(params, cfg, tokens))
+    _, cache = run_with_cache(params, cfg, tokens)
+    want = [np.asarray(induction.induction_stripe(cache["pattern", i], 6)).mean(axis=(0, 2))
+            for i in range(cfg.n_layers)]
+    np.testing.assert_allclose(scores, want, rtol=1e-6)
+    assert scores.shape == (cfg.n_layers, cfg.n_heads) and ((scores > 0) & (scores < 1)).all()
