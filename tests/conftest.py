@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny config for fast tests; the 124M config only where the figure matters."""
 
 import importlib
+import json
 import os
 from types import ModuleType
 
@@ -10,6 +11,7 @@ import pytest
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.nn.cache import init_cache
+from jaxgpt.training.data import save_token_file
 
 _TORCH = "pip install torch==2.13.0"
 _TEST_EXTRA = 'pip install -e ".[test]"'
@@ -117,6 +119,16 @@ TINY = {
     "drop_rate": 0.0,
     "qkv_bias": True,
 }
+
+
+@pytest.fixture
+def tiny_files(tmp_path):
+    """The tiny config as JSON and 2,000 random tokens of its vocabulary as a token file, for
+    tests that run `jaxgpt train`: (config path, token file path)."""
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], 2000)
+    return cfg, save_token_file(tokens, tmp_path / "tokens.bin")
 
 
 @pytest.fixture

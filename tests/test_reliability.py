@@ -25,7 +25,6 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.io import checkpoint, hf
 from jaxgpt.native_logs import accelerator_files, drop_noise
 from jaxgpt.nn import init_params
-from jaxgpt.training.data import save_token_file
 
 # A model the command line can tokenize for (GPT-2's vocabulary), small enough to be quick.
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
@@ -61,14 +60,6 @@ def _damage(ckpt):
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 3)
     return data
-
-
-@pytest.fixture
-def tiny_files(tmp_path):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
-    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], 2000)
-    return cfg, save_token_file(tokens, tmp_path / "tokens.bin")
 
 
 def _train(out, files, *extra):

@@ -17,16 +17,7 @@ import pytest
 from conftest import TINY
 
 from jaxgpt.cli import main
-from jaxgpt.training.data import save_token_file
 from jaxgpt.training.run_dir import RUN_LOCK
-
-
-@pytest.fixture
-def tiny_files(tmp_path):
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
-    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], 2000)
-    return cfg, save_token_file(tokens, tmp_path / "tokens.bin")
 
 
 def _train(tmp_path, cfg, tokens, *extra):

@@ -40,9 +40,9 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.cache import check_tokens, run_with_cache
-from jaxgpt.interp.reads import MetricReads, metric_reads
+from jaxgpt.interp.reads import metric_reads
 from jaxgpt.nn.attention import AttentionMask
-from jaxgpt.nn.hooks import hook_table
+from jaxgpt.nn.hooks import ByIdentity, hook_table
 from jaxgpt.nn.model import GPTModel, model_for
 
 Metric = Callable[[jax.Array], jax.Array]
@@ -221,22 +221,9 @@ def _patch(kind: Kind, clean: jax.Array, tab: Tables, b: int, act: jax.Array,
     return act.at[-b * p:].set(patched.reshape(b * p, *act.shape[1:]))
 
 
-class _ById:
-    """A static jit argument hashed by identity (the metric's analysis)."""
-
-    def __init__(self, obj: MetricReads):
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ById) and other.obj is self.obj
-
-
 @functools.partial(jax.jit, static_argnames=("model", "kind", "reads", "lead"))
 def sweep_chunk(params: Any, run: Corrupted, clean: jax.Array, tab: Tables, *,
-                model: GPTModel, kind: Kind, reads: _ById, lead: bool) -> jax.Array:
+                model: GPTModel, kind: Kind, reads: ByIdentity, lead: bool) -> jax.Array:
     """The metric of every patch of one chunk at every layer: `[L, U]` (`lead`: the metric
     takes `[B, T, V]`, else `[T, V]`)."""
     cfg = model.cfg
@@ -312,9 +299,9 @@ def layout(all_units: Sequence[Unit], t: int, chunk_size: int | None,
 
 
 @functools.lru_cache(maxsize=16)
-def _reads(metric: Metric, shape: tuple[int, ...]) -> _ById:
+def _reads(metric: Metric, shape: tuple[int, ...]) -> ByIdentity:
     """The metric's analysis, once per metric and shape (so a sweep's program is reused)."""
-    return _ById(metric_reads(metric, shape))
+    return ByIdentity(metric_reads(metric, shape))
 
 
 def _clean(clean_cache: Any, kind: Kind, cfg: GPTConfig, tokens: np.ndarray) -> jax.Array:
@@ -340,7 +327,7 @@ class Plan(NamedTuple):
     model: GPTModel
     kind: Kind
     lead: bool  # the metric takes `[B, T, V]` (else `[T, V]`)
-    reads: _ById
+    reads: ByIdentity
     run: Corrupted
     clean: jax.Array  # [L, B, ...]
     units: list[Unit]

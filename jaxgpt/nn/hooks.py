@@ -76,8 +76,9 @@ def module_path(name: str) -> tuple[tuple[str, ...], str]:
     return tuple(path), local
 
 
-class _Same:
-    """An object hashed and compared by identity: a bound hook in a hashable table."""
+class ByIdentity:
+    """An object hashed and compared by identity, for a static jit argument that is not
+    hashable by value: a bound hook in a hashable table, a metric's analysis in a sweep."""
 
     __slots__ = ("obj",)
 
@@ -88,7 +89,7 @@ class _Same:
         return id(self.obj)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.obj is self.obj
+        return isinstance(other, ByIdentity) and other.obj is self.obj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class FreeHook:
 class HookTable:
     """Which hook points run which hooks, and which keep their value (a static module field).
 
-    `hooks`: `(name, hook)` pairs, run in order at their point (a `_Same` holder of a bound
+    `hooks`: `(name, hook)` pairs, run in order at their point (a `ByIdentity` holder of a bound
     function, or a `FreeHook`); `cache`: names whose value (after the hooks) is sown in the
     `intermediates` collection under the name; `prefix`: where in the model this table was
     handed down to (`blocks.3.attn`).
@@ -191,7 +192,7 @@ def hook_table(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]] = (),
     pairs = _check_hooks(cfg, hooks)
     cache = frozenset(cache)
     check_names(cfg, sorted(cache), "cached name")
-    return HookTable(tuple((name, _Same(fn)) for name, fn in pairs), cache)
+    return HookTable(tuple((name, ByIdentity(fn)) for name, fn in pairs), cache)
 
 
 def _is_array(leaf: Any) -> bool:
@@ -213,7 +214,7 @@ def free_hooks(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]] = (),
         if not arrays:
             entries.append((name, held))
             continue
-        statics = tuple(None if _is_array(leaf) else _Same(leaf) if not _hashable(leaf)
+        statics = tuple(None if _is_array(leaf) else ByIdentity(leaf) if not _hashable(leaf)
                         else _Static(leaf) for leaf in leaves)
         entries.append((name, FreeHook(treedef, statics)))
         path, local = module_path(name)
