@@ -1,6 +1,8 @@
 """What the CPU decoding layout is chosen from: each matrix of 124M multiplied by a few rows as
 `[in, out]` and as rows `[out, in]` (`jaxgpt.inference.layouts.measure`, the two forms
-alternately), and the layout chosen from it.
+alternately), the layout chosen from it, and that choice confirmed or replaced in the decoding
+program (`layouts.confirm`: the per-matrix choice, every matrix as rows and none, a cached
+step's time each).
 
     python scripts/bench_layouts.py                      # 1 and 8 rows, fp32, 9 rounds
     python scripts/bench_layouts.py --rows 8 --rounds 15 --dtype bfloat16
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
     from jaxgpt.inference import layouts
+    from jaxgpt.nn.layout import Layout
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     itemsize = jnp.dtype(args.dtype).itemsize
@@ -62,6 +65,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {mb:.0f} | {cells[0]} | {cells[1]} | {rates[0]:.1f} | "
                   f"{rates[1]:.1f} |")
         print(f"| all | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | | |")
+        steps = layouts.step_timer(cfg, args.dtype, rows)
+        step_samples: dict[str, list[float]] = {}
+        labels = {"chosen": chosen, "all": Layout(True, True, True, True, True, True),
+                  "none": Layout(fused_qkv=True)}
+
+        def step_recording(lay, steps=steps, step_samples=step_samples) -> float:
+            t = steps(lay)
+            label = next(k for k, v in labels.items() if v == lay)  # the first: as confirm
+            step_samples.setdefault(label, []).append(t)
+            return t
+
+        final, _ = layouts.confirm(chosen, step_recording, args.rounds)
+        print(f"\nconfirmed in the decoding program ({layouts.STEP_LAYERS} blocks): "
+              f"{', '.join(n for n in shapes if getattr(final, n)) or 'none'} as rows")
+        print("| candidate | ms per step, best (median) |")
+        print("|---|---:|")
+        for label, ts in step_samples.items():
+            print(f"| {label} | {min(ts) * 1e3:.2f} ({statistics.median(ts) * 1e3:.2f}) |")
     return 0
 
 

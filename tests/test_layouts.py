@@ -26,6 +26,21 @@ class FakeTimer:
         return self.table[name][as_rows] + noise
 
 
+class FakeSteps:
+    """Seconds per decoding step per layout from a table (1.0 where not given);
+    records the layouts asked for."""
+
+    def __init__(self, table=None):
+        self.table, self.calls = table or {}, []
+
+    def __call__(self, layout):
+        self.calls.append(layout)
+        return self.table.get(layout, 1.0)
+
+
+ALL_ROWS = Layout(True, True, True, True, True, True)
+NO_ROWS = Layout(fused_qkv=True)
+
 # [in, out] and rows seconds: qkv and head clearly faster as rows, proj within the margin
 # (1% faster), out and fc slower as rows.
 TABLE = {"qkv": {False: 1.0, True: 0.5}, "out": {False: 1.0, True: 1.2},
@@ -123,6 +138,28 @@ def test_the_environment_forces_a_layout(cfg, tmp_path, monkeypatch):
     assert layouts.decode_layout(cfg, "float32", 1, "gpu", timer=never, path=path) == (
         Layout.for_batch(1, "gpu"))
     assert not never.calls and not path.exists()
+
+
+def test_the_loop_confirms_or_replaces_the_per_matrix_choice():
+    """The per-matrix choice stands unless another candidate's decoding step beats it
+    by more than the margin; the candidates are timed alternately, once per round each."""
+    steps = FakeSteps({WANT: 1.0, ALL_ROWS: 0.9, NO_ROWS: 1.2})
+    layout, seconds = layouts.confirm(WANT, steps, rounds=2)
+    assert layout == ALL_ROWS and seconds == {"chosen": 1.0, "all": 0.9, "none": 1.2}
+    assert steps.calls == [WANT, ALL_ROWS, NO_ROWS] * 2
+    within = FakeSteps({WANT: 1.0, ALL_ROWS: 1.0 - layouts.MARGIN / 2})
+    assert layouts.confirm(WANT, within)[0] == WANT
+    # A per-matrix choice that is one of the others is timed once per round.
+    steps = FakeSteps()
+    assert layouts.confirm(NO_ROWS, steps, rounds=3)[0] == NO_ROWS
+    assert steps.calls == [NO_ROWS, ALL_ROWS] * 3
+
+
+def test_the_step_timer_runs_the_decoding_program_with_each_layout(cfg):
+    """Each layout's weights are prepared for the model that reads them (a mismatch fails to
+    trace), and a step's time is a difference of two runs, never negative."""
+    timer = layouts.step_timer(cfg, "float32", 2)
+    assert all(timer(lay) >= 0 for lay in (WANT, ALL_ROWS, NO_ROWS, WANT))
 
 
 def test_the_matmul_timer_times_both_forms(cfg):

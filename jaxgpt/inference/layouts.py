@@ -6,11 +6,19 @@ that differ by matrix, row count, machine and XLA release, so the CPU layout is 
 it runs: for each matrix of the model (fused Q/K/V, the attention's output projection, the two
 feed-forward matrices, the head), as many copies as the model has, multiplied by `rows` rows in
 both forms, alternately, the best of a few rounds each. A matrix is held as rows where that is
-faster by more than `MARGIN`, else as the book's `[in, out]` (nothing to transpose). A
-measurement taken while the machine is busier than its cores (load average above the CPU count)
-is used by this process but not kept, so that a later, quieter process measures again. GPU and
-TPU layouts follow from the structure of their compiled programs (`Layout.for_batch`), not from
-timings.
+faster by more than `MARGIN`, else as the book's `[in, out]` (nothing to transpose).
+
+Whether matrices timed one at a time rank layouts as the decoding program does is checked by
+`confirm` (`scripts/bench_layouts.py` runs it): the per-matrix choice, every matrix as rows and
+none as rows, each timed in the real decoding program (`step_timer`), alternately. On a 2-core
+EPYC the per-matrix choice and every matrix as rows were within 1-4% of each other in the
+program, at 1 and 8 rows (docs/performance.md): too little for `decode_layout` to pay for the
+check at first use (three compiles, 20-35 s for 124M).
+
+A measurement taken while the machine is busier than its cores (load average above the CPU
+count) is used by this process but not kept, so that a later, quieter process measures again.
+GPU and TPU layouts follow from the structure of their compiled programs (`Layout.for_batch`),
+not from timings.
 
 `JAXGPT_DECODE_LAYOUT` forces a layout: "measure" (the default), "fixed" (`Layout.for_batch`,
 no measuring: what the test suite uses), or the matrices to hold as rows, comma-separated
@@ -29,10 +37,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.layout import Layout
+from jaxgpt.inference import decode
+from jaxgpt.inference.sampling import SamplingConfig
+from jaxgpt.nn.layout import Layout, prepare
+from jaxgpt.nn.model import GPTModel, init_params
 
 LAYOUT_ENV = "JAXGPT_DECODE_LAYOUT"
 MATRICES = ("qkv", "out", "fc", "proj", "head")  # the `Layout` fields of the matrices
@@ -40,9 +52,15 @@ MATRICES = ("qkv", "out", "fc", "proj", "head")  # the `Layout` fields of the ma
 # noise from round to round, and [in, out] needs no transposing.
 MARGIN = 0.03
 ROUNDS = 5  # timed rounds per form, alternating; the best of each is kept
+CONFIRM_ROUNDS = 3  # timed rounds per candidate in the decoding program
 
+# The decoding program `step_timer` times: a prompt, and two counts of new tokens.
+STEP_PROMPT, STEP_NEW, STEP_SHORT = 16, 24, 8
+STEP_LAYERS = 6  # blocks of the model `step_timer` compiles (its weights outgrow the caches)
 # A timer: seconds for one pass over every copy of matrix `name`, held as rows or not.
 Timer = Callable[[str, bool], float]
+# A step timer: seconds per decoding step with a layout.
+StepTimer = Callable[[Layout], float]
 # Layouts measured by this process and not kept (the machine was busy), by `machine_key`.
 _UNKEPT: dict[str, Layout] = {}
 
@@ -122,6 +140,61 @@ def measure(cfg: GPTConfig, timer: Timer, rounds: int = ROUNDS) -> dict[str, tup
             rows.append(timer(name, True))
         out[name] = (min(cols), min(rows))
     return out
+
+
+def step_timer(cfg: GPTConfig, dtype: Any, rows: int) -> StepTimer:
+    """Seconds per cached decoding step of the real decoding program here, with a layout:
+    `rows` rows of `init_params` of `cfg` cut to its first `STEP_LAYERS` blocks (the compile
+    and the timing stay short for big models) after a `STEP_PROMPT`-token prompt, greedy, as
+    (t(`STEP_NEW`) - t(`STEP_SHORT`)) / (`STEP_NEW` - `STEP_SHORT`) new tokens with one
+    compiled program (the prefill and the call's overhead cancel). One layout's prepared
+    weights are held at a time."""
+    cfg = cfg.replace(n_layers=min(cfg.n_layers, STEP_LAYERS))
+    params = init_params(cfg, 0)
+    shape = decode.program_shape(cfg, STEP_PROMPT, STEP_NEW)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(
+        0, cfg.vocab_size, (rows, shape.prompt_slots)), jnp.int32)
+    start = jnp.zeros((rows,), jnp.int32)
+    knobs = decode.make_knobs(None, 0.0, None, None, True)
+    held: dict[Layout, Any] = {}
+
+    def run(layout: Layout, n_new: int) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(decode.generate_tokens(
+            held[layout], prompt, start, jnp.int32(n_new), knobs,
+            model=GPTModel(cfg, dtype=jnp.dtype(dtype), layout=layout),
+            new_slots=shape.new_slots, sampling=SamplingConfig(), use_cache=True))
+        return time.perf_counter() - t0
+
+    def timer(layout: Layout) -> float:
+        if layout not in held:
+            held.clear()
+            held[layout] = prepare(params, cfg, dtype, layout)
+            run(layout, STEP_NEW)  # compile, warm up
+        return max(run(layout, STEP_NEW) - run(layout, STEP_SHORT), 0.0) / (
+            STEP_NEW - STEP_SHORT)
+
+    return timer
+
+
+def confirm(choice: Layout, timer: StepTimer,
+            rounds: int = CONFIRM_ROUNDS) -> tuple[Layout, dict[str, float]]:
+    """The layout decoding steps run fastest with: `choice` (the per-matrix one), every
+    matrix as rows, none as rows, timed alternately, best of `rounds` each; another replaces
+    `choice` only where faster by more than `MARGIN`. Returns it and `{label: seconds}`."""
+    unique: dict[str, Layout] = {}
+    for label, lay in (("chosen", choice), ("all", Layout(True, True, True, True, True, True)),
+                       ("none", Layout(fused_qkv=True))):
+        if lay not in unique.values():
+            unique[label] = lay
+    best = {label: float("inf") for label in unique}
+    for _ in range(rounds):
+        for label, lay in unique.items():
+            best[label] = min(best[label], timer(lay))
+    winner = min(best, key=best.__getitem__)
+    if best[winner] < (1 - MARGIN) * best["chosen"]:
+        return unique[winner], best
+    return choice, best
 
 
 def cache_path() -> Path:
