@@ -74,6 +74,28 @@ def test_the_induction_stripe_is_the_token_after_the_earlier_copy():
     assert i == len(stream)
 
 
+def test_repeated_runs_with_more_copies_and_gaps_before_each():
+    stream = induction.repeated_runs(50, 3, 6, 10_000, seed=4, copies=3, max_gap=4)
+
+    def copy_at(i, run):  # the gap before the copy of `run` that starts within 4 of i
+        return next((g for g in range(5)
+                     if np.array_equal(stream[i + g:i + g + len(run)], run)), None)
+
+    i, gaps = 0, []
+    while i < len(stream):  # a run, then twice: 0-4 other ids and the run again
+        # The longest length whose copy follows (ids from 10,000 do not repeat by chance).
+        n = next(n for n in range(6, 2, -1) if copy_at(i + n, stream[i:i + n]) is not None)
+        run, i = stream[i:i + n], i + n
+        for _ in range(2):
+            g = copy_at(i, run)
+            assert g is not None
+            gaps.append(g)
+            i += g + n
+    assert i == len(stream) and len(gaps) == 100 and set(gaps) == set(range(5))
+    with pytest.raises(ValueError, match="copies >= 2"):
+        induction.repeated_runs(2, 3, 6, 10, copies=1)
+
+
 def test_induction_scores_are_a_mean_attention_per_head(tiny):
     cfg, params = tiny
     tokens = induction.repeated_tokens(3, 6, cfg.vocab_size, seed=3)

@@ -31,18 +31,30 @@ def repeated_tokens(batch: int, half: int, vocab: int, seed: int = 0) -> np.ndar
     return np.concatenate([first, first], axis=1)
 
 
-def repeated_runs(runs: int, min_half: int, max_half: int, vocab: int,
-                  seed: int = 0) -> np.ndarray:
-    """A stream `[N]` int32 of `runs` random runs, each followed by itself, of lengths drawn
-    from `[min_half, max_half]`: the repeat's offset varies, so a model can predict a
-    repeated token only by finding its earlier copy (by content), not by position."""
-    if not 1 <= min_half <= max_half or vocab < 2 or runs < 1:
-        raise ValueError(f"need runs >= 1, 1 <= min_half <= max_half and vocab >= 2, got runs "
-                         f"{runs}, min_half {min_half}, max_half {max_half}, vocab {vocab}")
+def repeated_runs(runs: int, min_half: int, max_half: int, vocab: int, seed: int = 0, *,
+                  copies: int = 2, max_gap: int = 0) -> np.ndarray:
+    """A stream `[N]` int32 of `runs` random runs, each followed by `copies - 1` copies of
+    itself, of lengths drawn from `[min_half, max_half]`: the repeat's offset varies, so a
+    model can predict a repeated token only by finding its earlier copy (by content), not by
+    position. `max_gap > 0` puts 0 to `max_gap` random ids before each copy, so that no fixed
+    distance finds the copy even within one run length."""
+    if not 1 <= min_half <= max_half or vocab < 2 or runs < 1 or copies < 2 or max_gap < 0:
+        raise ValueError(f"need runs >= 1, 1 <= min_half <= max_half, vocab >= 2, copies >= 2 "
+                         f"and max_gap >= 0, got runs {runs}, min_half {min_half}, max_half "
+                         f"{max_half}, vocab {vocab}, copies {copies}, max_gap {max_gap}")
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_half, max_half + 1, runs)
     parts = [rng.integers(0, vocab, n, dtype=np.int32) for n in lengths]
-    return np.concatenate([np.concatenate([p, p]) for p in parts])
+    if copies == 2 and max_gap == 0:  # the original stream, drawn as before
+        return np.concatenate([np.concatenate([p, p]) for p in parts])
+    units = []
+    for p in parts:
+        unit = [p]
+        for _ in range(copies - 1):
+            gap = rng.integers(0, vocab, int(rng.integers(0, max_gap + 1)), dtype=np.int32)
+            unit += [gap, p]
+        units.append(np.concatenate(unit))
+    return np.concatenate(units)
 
 
 def induction_stripe(pattern: jax.Array, half: int) -> jax.Array:

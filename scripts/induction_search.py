@@ -1,0 +1,112 @@
+"""Look for a recipe that forms an induction head quickly: train a small model with jaxgpt's
+train step on windows of `interp.induction.repeated_runs` (fresh windows every step, no
+epochs) and print, every `--every` steps, the loss and each layer's best induction score on
+repeated random tokens (halves 5, 8 and 11; 3, 5 and 7 when the context is shorter than 22).
+
+    python scripts/induction_search.py --seq 32 --min-half 4 --max-half 10 --max-gap 4
+    python scripts/induction_search.py --copies 4 --emb 128 --heads 2 --steps 8000
+
+An induction head shows as a layer >= 1 score far above the untrained model's (printed
+first); a layer-0 head cannot be one (it sees no earlier token's neighbour), so a high layer-0
+score is a head attending at a fixed distance. docs/research.md lists what was tried.
+`--save FILE` pickles the final params for `scripts/induction.py`-style analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.interp.induction import induction_scores, repeated_runs, repeated_tokens
+from jaxgpt.nn.layers import FeedForward
+from jaxgpt.nn.model import GPTModel
+from jaxgpt.training.config import TrainConfig
+from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
+
+
+class NoFeedForward(FeedForward):
+    """The feed-forward part replaced by nothing: an attention-only model."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.zeros_like(x)
+
+
+def layer_best(params: dict, cfg: GPTConfig, probes: list[np.ndarray],
+               model: GPTModel | None) -> np.ndarray:
+    """Each layer's best head score, averaged over the probes: `[L]`."""
+    scores = np.mean([np.asarray(induction_scores(params, cfg, t, model=model))
+                      for t in probes], axis=0)
+    return scores.max(axis=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--vocab", type=int, default=64)
+    add("--emb", type=int, default=64)
+    add("--layers", type=int, default=2)
+    add("--heads", type=int, default=4)
+    add("--seq", type=int, default=32, help="context length and window")
+    add("--batch", type=int, default=32)
+    add("--lr", type=float, default=3e-3, help="constant after the warmup")
+    add("--warmup", type=int, default=50)
+    add("--steps", type=int, default=4000)
+    add("--every", type=int, default=500)
+    add("--min-half", type=int, default=4)
+    add("--max-half", type=int, default=10)
+    add("--copies", type=int, default=2)
+    add("--max-gap", type=int, default=0)
+    add("--attention-only", action="store_true",
+        help="blocks without the feed-forward part (a part that adds nothing)")
+    add("--seed", type=int, default=123)
+    add("--save", help="pickle the final params here")
+    a = p.parse_args()
+    try:
+        cfg = GPTConfig(vocab_size=a.vocab, context_length=a.seq, emb_dim=a.emb,
+                        n_heads=a.heads, n_layers=a.layers, drop_rate=0.0)
+        tc = TrainConfig(steps=a.steps, batch_size=a.batch, seq_len=a.seq, lr=a.lr,
+                         min_lr=a.lr, warmup_steps=a.warmup, weight_decay=0.0, seed=a.seed)
+        stream = repeated_runs(max(20000, a.steps * a.batch * a.seq // 20), a.min_half,
+                               a.max_half, a.vocab, seed=a.seed, copies=a.copies,
+                               max_gap=a.max_gap)
+    except ValueError as e:
+        p.error(str(e))
+    halves = (5, 8, 11) if a.seq >= 22 else (3, 5, 7)
+    probes = [repeated_tokens(32, h, a.vocab, 99 + h) for h in halves]
+    model = GPTModel(cfg, feed_forward_cls=NoFeedForward) if a.attention_only else None
+    params = None
+    if model is not None:
+        params = model.init(jax.random.PRNGKey(a.seed), jnp.zeros((1, a.seq), jnp.int32))
+        params = params["params"]
+    state = init_train_state(cfg, tc, params)
+    print(f"untrained: per-layer best "
+          f"{np.round(layer_best(state.params, cfg, probes, model), 3)}")
+    step = make_train_step(cfg, tc, model=model)
+    rng, key, losses, t0 = np.random.default_rng(a.seed), dropout_key(tc), [], time.time()
+    for i in range(a.steps):
+        starts = rng.integers(0, len(stream) - a.seq - 1, a.batch)
+        windows = np.stack([stream[s:s + a.seq + 1] for s in starts])  # [B, T + 1]
+        state, m = step(state, (jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])),
+                        key)
+        losses.append(float(m["loss"]))
+        if (i + 1) % a.every == 0 or i + 1 == a.steps:
+            best = layer_best(state.params, cfg, probes, model)
+            print(f"step {i + 1}: loss {np.mean(losses[-a.every:]):.3f}, per-layer best "
+                  f"{np.round(best, 3)} ({time.time() - t0:.0f} s)", flush=True)
+    if a.save:
+        with open(a.save, "wb") as f:
+            pickle.dump(jax.device_get(state.params), f)
+
+
+if __name__ == "__main__":
+    main()
