@@ -28,20 +28,21 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp import induction, patching, plots
 from jaxgpt.interp.cache import run_with_cache
-from jaxgpt.nn.model import init_params
+from jaxgpt.nn.model import GPTModel, init_params
 
 
-def half_losses(params: dict, cfg: GPTConfig, tokens: np.ndarray) -> tuple[float, float]:
+def half_losses(params: dict, cfg: GPTConfig, tokens: np.ndarray,
+                model: GPTModel | None = None) -> tuple[float, float]:
     """Mean next-token loss over the first half's predictions and the second half's."""
-    logits, _ = run_with_cache(params, cfg, tokens, names=[])
+    logits, _ = run_with_cache(params, cfg, tokens, names=[], model=model)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], axis=-1)[..., 0]
     half = tokens.shape[1] // 2
     return float(nll[:, :half - 1].mean()), float(nll[:, half:].mean())
 
 
-def patch_heads(params: dict, cfg: GPTConfig, half: int, vocab: int,
-                seed: int) -> tuple[np.ndarray, float, float]:
+def patch_heads(params: dict, cfg: GPTConfig, half: int, vocab: int, seed: int,
+                model: GPTModel | None = None) -> tuple[np.ndarray, float, float]:
     """Each head's output (all positions) patched from a repeated sequence `[A, A]` into one
     whose first half is other tokens `[C, A]`: the metric is the mean log-probability of the
     second half's next tokens (the copy the clean run can make). `(sweep [L, H], clean,
@@ -55,11 +56,50 @@ def patch_heads(params: dict, cfg: GPTConfig, half: int, vocab: int,
         logp = jax.nn.log_softmax(logits[half:-1], axis=-1)
         return logp[np.arange(len(targets)), targets].mean()
 
-    clean_logits, clean_cache = run_with_cache(params, cfg, clean)
-    corrupt_logits, _ = run_with_cache(params, cfg, corrupt, names=[])
+    heads = [f"blocks.{i}.attn.hook_z" for i in range(cfg.n_layers)]  # what the sweep patches
+    clean_logits, clean_cache = run_with_cache(params, cfg, clean, names=heads, model=model)
+    corrupt_logits, _ = run_with_cache(params, cfg, corrupt, names=[], model=model)
     sweep = patching.get_act_patch_attn_head_out_all_pos(params, cfg, corrupt, clean_cache,
-                                                         metric)
+                                                         metric, model=model)
     return np.asarray(sweep), float(metric(clean_logits[0])), float(metric(corrupt_logits[0]))
+
+
+def report(params: dict, cfg: GPTConfig, untrained: dict, out: str, *, half: int = 12,
+           vocab: int | None = None, seed: int = 1, model: GPTModel | None = None) -> None:
+    """Print the scores, losses and patching sweep of `params` against `untrained`, and write
+    `<out>_scores.png`, `<out>_pattern.png` and `<out>_patch.png`."""
+    vocab = cfg.vocab_size if vocab is None else vocab
+    tokens = induction.repeated_tokens(64, half, vocab, seed)
+    scores = {name: np.asarray(induction.induction_scores(w, cfg, tokens, model=model))
+              for name, w in (("trained", params), ("untrained", untrained))}
+    for name, s in scores.items():
+        first, second = half_losses(params if name == "trained" else untrained, cfg, tokens,
+                                    model)
+        layer, head = np.unravel_index(s.argmax(), s.shape)
+        print(f"{name:9}: best head {layer}.{head} score {s.max():.3f} (next best "
+              f"{np.sort(s.ravel())[-2]:.3f}); loss first half {first:.3f}, second {second:.3f}")
+        print(np.array2string(s, precision=3))
+    s = scores["trained"]
+    layer, head = (int(v) for v in np.unravel_index(s.argmax(), s.shape))
+    both = np.concatenate([s, scores["untrained"]])
+    rows = [f"{i} trained" for i in range(cfg.n_layers)] + \
+        [f"{i} untrained" for i in range(cfg.n_layers)]
+    plots.plot_patching(both, rows, [str(h) for h in range(cfg.n_heads)],
+                        f"{out}_scores.png", title="induction score per head",
+                        label="mean attention on the stripe", column_title="head")
+    short = induction.repeated_tokens(1, min(12, half), vocab, seed + 7)
+    _, cache = run_with_cache(params, cfg, short, names=[("pattern", layer)], model=model)
+    plots.plot_attention(np.asarray(cache["pattern", layer][0]), [str(t) for t in short[0]],
+                         f"{out}_pattern.png", layer=layer, head=head)
+    sweep, clean, corrupt = patch_heads(params, cfg, half, vocab, seed + 3, model)
+    print(f"patching each head's output, [C, A] <- [A, A]: clean {clean:.3f}, corrupted "
+          f"{corrupt:.3f}\n{np.array2string(sweep, precision=3)}")
+    plots.plot_patching(sweep - corrupt, [str(i) for i in range(cfg.n_layers)],
+                        [str(h) for h in range(cfg.n_heads)], f"{out}_patch.png",
+                        title=f"patching each head's output, [C, A] <- [A, A]\n"
+                              f"clean {clean:.2f}, corrupted {corrupt:.2f}",
+                        label="change of the mean log-prob of the copy", column_title="head")
+    print(f"wrote {out}_scores.png, {out}_pattern.png, {out}_patch.png")
 
 
 def main() -> None:
@@ -71,37 +111,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     params, cfg = load_params(args.checkpoint)
-    untrained = init_params(cfg, 123)
-    tokens = induction.repeated_tokens(64, args.half, args.vocab, args.seed)
-    scores = {name: np.asarray(induction.induction_scores(w, cfg, tokens))
-              for name, w in (("trained", params), ("untrained", untrained))}
-    for name, s in scores.items():
-        layer, head = np.unravel_index(s.argmax(), s.shape)
-        first, second = half_losses(params if name == "trained" else untrained, cfg, tokens)
-        print(f"{name:9}: best head {layer}.{head} score {s.max():.3f} (next best "
-              f"{np.sort(s.ravel())[-2]:.3f}); loss first half {first:.3f}, second {second:.3f}")
-        print(np.array2string(s, precision=3))
-    s = scores["trained"]
-    layer, head = (int(v) for v in np.unravel_index(s.argmax(), s.shape))
-    both = np.concatenate([s, scores["untrained"]])
-    rows = [f"{i} trained" for i in range(cfg.n_layers)] + \
-        [f"{i} untrained" for i in range(cfg.n_layers)]
-    plots.plot_patching(both, rows, [str(h) for h in range(cfg.n_heads)],
-                        f"{args.out}_scores.png", title="induction score per head",
-                        label="mean attention on the stripe", column_title="head")
-    short = induction.repeated_tokens(1, 12, args.vocab, args.seed + 7)
-    _, cache = run_with_cache(params, cfg, short, names=[("pattern", layer)])
-    plots.plot_attention(np.asarray(cache["pattern", layer][0]), [str(t) for t in short[0]],
-                         f"{args.out}_pattern.png", layer=layer, head=head)
-    sweep, clean, corrupt = patch_heads(params, cfg, args.half, args.vocab, args.seed + 3)
-    print(f"patching each head's output, [C, A] <- [A, A]: clean {clean:.3f}, corrupted "
-          f"{corrupt:.3f}\n{np.array2string(sweep, precision=3)}")
-    plots.plot_patching(sweep - corrupt, [str(i) for i in range(cfg.n_layers)],
-                        [str(h) for h in range(cfg.n_heads)], f"{args.out}_patch.png",
-                        title=f"patching each head's output, [C, A] <- [A, A]\n"
-                              f"clean {clean:.2f}, corrupted {corrupt:.2f}",
-                        label="change of the mean log-prob of the copy", column_title="head")
-    print(f"wrote {args.out}_scores.png, {args.out}_pattern.png, {args.out}_patch.png")
+    report(params, cfg, init_params(cfg, 123), args.out, half=args.half, vocab=args.vocab,
+           seed=args.seed)
 
 
 def load_params(path: str) -> tuple[dict, GPTConfig]:

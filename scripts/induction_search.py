@@ -9,7 +9,8 @@ repeated random tokens (halves 5, 8 and 11; 3, 5 and 7 when the context is short
 An induction head shows as a layer >= 1 score far above the untrained model's (printed
 first); a layer-0 head cannot be one (it sees no earlier token's neighbour), so a high layer-0
 score is a head attending at a fixed distance. docs/research.md lists what was tried.
-`--save FILE` pickles the final params for `scripts/induction.py`-style analysis.
+`--save FILE` pickles the final params; `--out PREFIX` prints `scripts/induction.py`'s report
+(scores trained and untrained, losses, a patching sweep of each head) and draws its pictures.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.induction import induction_scores, repeated_runs, repeated_tokens
 from jaxgpt.nn.layers import FeedForward
-from jaxgpt.nn.model import GPTModel
+from jaxgpt.nn.model import GPTModel, init_params
 from jaxgpt.training.config import TrainConfig
 from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
@@ -49,6 +50,21 @@ def layer_best(params: dict, cfg: GPTConfig, probes: list[np.ndarray],
     return scores.max(axis=1)
 
 
+def batch_of_windows(rng: np.random.Generator, a: argparse.Namespace,
+                     stream: np.ndarray) -> np.ndarray:
+    """`[B, T + 1]` windows: at random places in `stream` (`--runs`), or back to back from a
+    stream drawn for this step (no window is seen twice)."""
+    if a.runs:
+        starts = rng.integers(0, len(stream) - a.seq - 1, a.batch)
+        return np.stack([stream[s:s + a.seq + 1] for s in starts])
+    need = a.batch * (a.seq + 1)
+    runs = need // (a.copies * a.min_half) + 2  # enough even if every run is the shortest
+    fresh = repeated_runs(runs, a.min_half, a.max_half, a.vocab, seed=int(rng.integers(2**31)),
+                          copies=a.copies, max_gap=a.max_gap)
+    skip = int(rng.integers(0, a.copies * a.min_half))  # the first window starts mid-run
+    return fresh[skip:skip + need].reshape(a.batch, a.seq + 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = p.add_argument
@@ -66,19 +82,21 @@ def main() -> None:
     add("--max-half", type=int, default=10)
     add("--copies", type=int, default=2)
     add("--max-gap", type=int, default=0)
+    add("--runs", type=int, default=0,
+        help="draw windows from one stream of this many runs (0: a fresh stream every step)")
     add("--attention-only", action="store_true",
         help="blocks without the feed-forward part (a part that adds nothing)")
     add("--seed", type=int, default=123)
     add("--save", help="pickle the final params here")
+    add("--out", help="write scripts/induction.py's report and pictures to this prefix")
     a = p.parse_args()
     try:
         cfg = GPTConfig(vocab_size=a.vocab, context_length=a.seq, emb_dim=a.emb,
                         n_heads=a.heads, n_layers=a.layers, drop_rate=0.0)
         tc = TrainConfig(steps=a.steps, batch_size=a.batch, seq_len=a.seq, lr=a.lr,
                          min_lr=a.lr, warmup_steps=a.warmup, weight_decay=0.0, seed=a.seed)
-        stream = repeated_runs(max(20000, a.steps * a.batch * a.seq // 20), a.min_half,
-                               a.max_half, a.vocab, seed=a.seed, copies=a.copies,
-                               max_gap=a.max_gap)
+        stream = repeated_runs(a.runs or 1, a.min_half, a.max_half, a.vocab, seed=a.seed,
+                               copies=a.copies, max_gap=a.max_gap)
     except ValueError as e:
         p.error(str(e))
     halves = (5, 8, 11) if a.seq >= 22 else (3, 5, 7)
@@ -94,8 +112,7 @@ def main() -> None:
     step = make_train_step(cfg, tc, model=model)
     rng, key, losses, t0 = np.random.default_rng(a.seed), dropout_key(tc), [], time.time()
     for i in range(a.steps):
-        starts = rng.integers(0, len(stream) - a.seq - 1, a.batch)
-        windows = np.stack([stream[s:s + a.seq + 1] for s in starts])  # [B, T + 1]
+        windows = batch_of_windows(rng, a, stream)  # [B, T + 1]
         state, m = step(state, (jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])),
                         key)
         losses.append(float(m["loss"]))
@@ -106,6 +123,13 @@ def main() -> None:
     if a.save:
         with open(a.save, "wb") as f:
             pickle.dump(jax.device_get(state.params), f)
+    if a.out:
+        import induction as induction_report  # scripts/induction.py, beside this file
+
+        untrained = init_params(cfg, a.seed + 1) if model is None else model.init(
+            jax.random.PRNGKey(a.seed + 1), jnp.zeros((1, a.seq), jnp.int32))["params"]
+        induction_report.report(state.params, cfg, untrained, a.out, half=min(12, a.seq // 2),
+                                vocab=a.vocab, model=model)
 
 
 if __name__ == "__main__":
