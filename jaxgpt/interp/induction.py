@@ -45,14 +45,14 @@ def repeated_runs(runs: int, min_half: int, max_half: int, vocab: int, seed: int
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_half, max_half + 1, runs)
     parts = [rng.integers(0, vocab, n, dtype=np.int32) for n in lengths]
-    if copies == 2 and max_gap == 0:  # the original stream, drawn as before
-        return np.concatenate([np.concatenate([p, p]) for p in parts])
     units = []
     for p in parts:
         unit = [p]
         for _ in range(copies - 1):
-            gap = rng.integers(0, vocab, int(rng.integers(0, max_gap + 1)), dtype=np.int32)
-            unit += [gap, p]
+            if max_gap:  # drawn only when asked for: without gaps the stream is as it was
+                unit.append(rng.integers(0, vocab, int(rng.integers(0, max_gap + 1)),
+                                         dtype=np.int32))
+            unit.append(p)
         units.append(np.concatenate(unit))
     return np.concatenate(units)
 
