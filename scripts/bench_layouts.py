@@ -31,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
     from jaxgpt.inference import layouts
-    from jaxgpt.nn.layout import Layout
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     itemsize = jnp.dtype(args.dtype).itemsize
@@ -67,13 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| all | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | | |")
         steps = layouts.step_timer(cfg, args.dtype, rows)
         step_samples: dict[str, list[float]] = {}
-        labels = {"chosen": chosen, "all": Layout(True, True, True, True, True, True),
-                  "none": Layout(fused_qkv=True)}
+        labels = {lay: label for label, lay in layouts.candidates(chosen).items()}
 
-        def step_recording(lay, steps=steps, step_samples=step_samples) -> float:
+        def step_recording(lay, steps=steps, step_samples=step_samples, labels=labels) -> float:
             t = steps(lay)
-            label = next(k for k, v in labels.items() if v == lay)  # the first: as confirm
-            step_samples.setdefault(label, []).append(t)
+            step_samples.setdefault(labels[lay], []).append(t)
             return t
 
         final, _ = layouts.confirm(chosen, step_recording, args.rounds)

@@ -177,16 +177,23 @@ def step_timer(cfg: GPTConfig, dtype: Any, rows: int) -> StepTimer:
     return timer
 
 
-def confirm(choice: Layout, timer: StepTimer,
-            rounds: int = CONFIRM_ROUNDS) -> tuple[Layout, dict[str, float]]:
-    """The layout decoding steps run fastest with: `choice` (the per-matrix one), every
-    matrix as rows, none as rows, timed alternately, best of `rounds` each; another replaces
-    `choice` only where faster by more than `MARGIN`. Returns it and `{label: seconds}`."""
+def candidates(choice: Layout) -> dict[str, Layout]:
+    """What `confirm` times, by label: "chosen" (the per-matrix choice), "all" (every matrix
+    as rows) and "none", each layout once (a choice equal to another keeps "chosen")."""
     unique: dict[str, Layout] = {}
     for label, lay in (("chosen", choice), ("all", Layout(True, True, True, True, True, True)),
                        ("none", Layout(fused_qkv=True))):
         if lay not in unique.values():
             unique[label] = lay
+    return unique
+
+
+def confirm(choice: Layout, timer: StepTimer,
+            rounds: int = CONFIRM_ROUNDS) -> tuple[Layout, dict[str, float]]:
+    """The layout decoding steps run fastest with, of `candidates(choice)`, timed alternately,
+    best of `rounds` each; another replaces `choice` only where faster by more than `MARGIN`.
+    Returns it and `{label: seconds}`."""
+    unique = candidates(choice)
     best = {label: float("inf") for label in unique}
     for _ in range(rounds):
         for label, lay in unique.items():
