@@ -42,6 +42,14 @@ class NoFeedForward(FeedForward):
         return jnp.zeros_like(x)
 
 
+def initial_params(cfg: GPTConfig, model: GPTModel | None, seed: int) -> dict:
+    """The untrained params of `model` (None: the book's model, `init_params`)."""
+    if model is None:
+        return init_params(cfg, seed)
+    ids = jnp.zeros((1, cfg.context_length), jnp.int32)
+    return model.init(jax.random.PRNGKey(seed), ids)["params"]
+
+
 def layer_best(params: dict, cfg: GPTConfig, probes: list[np.ndarray],
                model: GPTModel | None) -> np.ndarray:
     """Each layer's best head score, averaged over the probes: `[L]`."""
@@ -102,11 +110,7 @@ def main() -> None:
     halves = (5, 8, 11) if a.seq >= 22 else (3, 5, 7)
     probes = [repeated_tokens(32, h, a.vocab, 99 + h) for h in halves]
     model = GPTModel(cfg, feed_forward_cls=NoFeedForward) if a.attention_only else None
-    params = None
-    if model is not None:
-        params = model.init(jax.random.PRNGKey(a.seed), jnp.zeros((1, a.seq), jnp.int32))
-        params = params["params"]
-    state = init_train_state(cfg, tc, params)
+    state = init_train_state(cfg, tc, initial_params(cfg, model, a.seed))
     print(f"untrained: per-layer best "
           f"{np.round(layer_best(state.params, cfg, probes, model), 3)}")
     step = make_train_step(cfg, tc, model=model)
@@ -126,10 +130,8 @@ def main() -> None:
     if a.out:
         import induction as induction_report  # scripts/induction.py, beside this file
 
-        untrained = init_params(cfg, a.seed + 1) if model is None else model.init(
-            jax.random.PRNGKey(a.seed + 1), jnp.zeros((1, a.seq), jnp.int32))["params"]
-        induction_report.report(state.params, cfg, untrained, a.out, half=min(12, a.seq // 2),
-                                vocab=a.vocab, model=model)
+        induction_report.report(state.params, cfg, initial_params(cfg, model, a.seed + 1),
+                                a.out, half=min(12, a.seq // 2), vocab=a.vocab, model=model)
 
 
 if __name__ == "__main__":
