@@ -164,12 +164,12 @@ def cached_logits(model, params, tokens, prefill, slots):
     cache, then one token per call, as generation runs it."""
     b, t = tokens.shape
     cache = init_cache(model.cfg, b, slots, model.dtype)
-    out, cache = model.apply({"params": params}, tokens[:, :prefill], cache=cache, slot=0)
-    steps = [out]
+    out = model.apply({"params": params}, tokens[:, :prefill], cache, 0, method=type(model).decode)
+    steps = [out.logits]
     for i in range(prefill, t):
-        logits, cache = model.apply({"params": params}, tokens[:, i:i + 1],
-                                    positions=jnp.full((b, 1), i), cache=cache, slot=i)
-        steps.append(logits)
+        out = model.apply({"params": params}, tokens[:, i:i + 1], out.cache, i,
+                          positions=jnp.full((b, 1), i), method=type(model).decode)
+        steps.append(out.logits)
     return jnp.concatenate(steps, axis=1)
 
 

@@ -209,10 +209,11 @@ def test_hooks_see_per_head_qkv_in_the_fused_decoding_layout(tiny, ids):
     model = GPTModel(cfg, layout=layout, hooks=hook_table(cfg, cache=names))
     variables = {"params": prepare(params, cfg, jnp.float32, layout)}
     cache = init_cache(cfg, 2, 8)
-    (_, cache), state = model.apply(variables, jnp.asarray(ids[:, :4]), cache=cache, slot=0,
-                                    mutable=["intermediates"])
-    _, state = model.apply(variables, jnp.asarray(ids[:, 4:5]), positions=jnp.full((2, 1), 4),
-                           cache=cache, slot=4, mutable=["intermediates"])
+    out, state = model.apply(variables, jnp.asarray(ids[:, :4]), cache, 0,
+                             method=GPTModel.decode, mutable=["intermediates"])
+    _, state = model.apply(variables, jnp.asarray(ids[:, 4:5]), out.cache, 4,
+                           positions=jnp.full((2, 1), 4), method=GPTModel.decode,
+                           mutable=["intermediates"])
     got = dict(cache_module._flatten(state["intermediates"]))
     for name in names:  # the cached step sees only its new token, [B, 1, H, Dh]
         np.testing.assert_allclose(got[name], want[name][:, 4:5], atol=1e-5)
@@ -275,7 +276,7 @@ def _fingerprints(cfg, params, model):
     programs = {
         "forward": jax.make_jaxpr(lambda p, i: model.apply({"params": p}, i))(params, ids),
         "cached_step": jax.make_jaxpr(lambda p, c, t: model.apply(
-            {"params": p}, t, positions=jnp.full((2, 1), 7), cache=c, slot=7))(
+            {"params": p}, t, c, 7, positions=jnp.full((2, 1), 7), method=GPTModel.decode))(
             params, init_cache(cfg, 2, 16), jnp.zeros((2, 1), jnp.int32)),
         "train_grad": jax.make_jaxpr(jax.grad(lambda p, i: model.clone(remat="attention").apply(
             {"params": p}, i).sum()))(params, ids),

@@ -12,12 +12,18 @@ from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.io.torch_state import from_torch_state_dict
 from jaxgpt.nn import (
     GELU,
+    AttentionMask,
     FeedForward,
     GPTModel,
+    KVCache,
     LayerNorm,
+    LayerOutput,
     MultiHeadAttention,
+    Output,
     TransformerBlock,
+    apply_method,
     count_params,
+    init_cache,
     init_params,
     layer_norm,
     param_shapes,
@@ -254,3 +260,35 @@ def test_init_is_seeded(tiny_cfg):
     assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
     assert not np.array_equal(a["tok_emb"]["embedding"], c["tok_emb"]["embedding"])
 
+
+
+def test_each_call_returns_one_type_whatever_its_arguments(rng, tiny_cfg):
+    cfg = tiny_cfg
+    params = init_params(cfg, 0)
+    variables = {"params": params}
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
+    model = GPTModel(cfg)
+    full = model.apply(variables, ids)  # [B, T, V], the book's call
+    decode = apply_method(model, variables, GPTModel.decode)
+    out = decode(ids, init_cache(cfg, 2, 8), 0)
+    assert isinstance(out, Output) and isinstance(out.cache, KVCache)
+    np.testing.assert_allclose(out.logits, full, atol=1e-5)
+    last = decode(ids, init_cache(cfg, 2, 8), 0, last_only=True)
+    assert last.logits.shape == (2, cfg.vocab_size)
+    np.testing.assert_allclose(last.logits, full[:, -1], atol=1e-5)
+    np.testing.assert_array_equal(last.cache.pos[:, :6], [[0, 1, 2, 3, 4, -1]] * 2)
+    # One block, with and without a cache: a LayerOutput, the book's call its `out`.
+    x = apply_method(model, variables, GPTModel.hidden)(ids, stop_at_layer=1)  # [B, T, D]
+    mask = AttentionMask.causal(5)
+    alone = apply_method(model, variables, GPTModel.run_block)(1, x, mask)
+    h, dh = cfg.n_heads, cfg.emb_dim // cfg.n_heads
+    assert isinstance(alone, LayerOutput) and alone.kv[0].shape == (2 * h, 5, dh)
+    book = TransformerBlock(cfg).apply({"params": params["trf_blocks_1"]}, x)
+    np.testing.assert_allclose(alone.out, book, atol=1e-6)
+    att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length, 0.0, cfg.n_heads,
+                             cfg.qkv_bias)
+    att_params = {"params": params["trf_blocks_1"]["att"]}
+    y = att.apply(att_params, x)  # [B, T, D], the book's call
+    z = att.apply(att_params, x, method=MultiHeadAttention.attend)
+    assert isinstance(z, LayerOutput)
+    np.testing.assert_array_equal(z.out, y)

@@ -195,6 +195,18 @@ def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypa
     np.testing.assert_array_equal(generate(params, cfg, prompt, 6), first)
 
 
+def test_a_part_that_replaces_where_it_reads_its_matrices_gets_the_books_layout():
+    class OwnAttention(MultiHeadAttention):  # reads its matrices in its own compact method
+        @nn.compact
+        def attend(self, x, deterministic=True, mask=None, cache=None, slot=None):
+            return super().attend(x, deterministic, mask, cache, slot)
+
+    keeps = generator._keeps_layout
+    assert keeps(ALiBiAttention, MultiHeadAttention) and keeps(FeedForward, FeedForward)
+    assert not keeps(OwnAttention, MultiHeadAttention)
+    assert not keeps(SquaredReLUFeedForward, FeedForward)
+
+
 # --- bf16 ---------------------------------------------------------------------------------------
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per rounding); through two

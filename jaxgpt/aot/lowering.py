@@ -25,7 +25,7 @@ from jaxgpt.inference import decode
 from jaxgpt.inference.sampling import sampling_config
 from jaxgpt.nn.cache import init_cache
 from jaxgpt.nn.layout import Layout, prepare
-from jaxgpt.nn.model import GPTModel, param_shapes
+from jaxgpt.nn.model import GPTModel, apply_method, param_shapes
 from jaxgpt.training.config import TrainConfig
 from jaxgpt.training.step import init_train_state, make_train_step
 
@@ -74,7 +74,7 @@ def _generation_programs(cfg: GPTConfig, batch: int, prompt_len: int, max_new_to
     `generate` pads prompts to a bucketed length (`decode.program_shape`), lays the weights out
     for the backend and the batch (`Layout.for_batch`, `prepare`, as `Generator.weights` does),
     then calls `decode.generate_tokens`, which applies `GPTModel`; one decoding step is
-    `GPTModel.apply` on a `KVCache` of `[B * H, S, Dh]` per layer.
+    `GPTModel.decode` on a `KVCache` of `[B * H, S, Dh]` per layer.
     """
     sds = jax.ShapeDtypeStruct
     dtype = jnp.dtype(dtype)
@@ -96,9 +96,9 @@ def _generation_programs(cfg: GPTConfig, batch: int, prompt_len: int, max_new_to
 
     def step(w: Any, cache: Any, tokens: jax.Array, positions: jax.Array,
              slot: jax.Array) -> tuple[jax.Array, Any]:
-        logits, cache = model.apply({"params": w}, tokens[:, None], positions=positions[:, None],
-                                    cache=cache, slot=slot)  # [B, 1, V]
-        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache  # [B], cache
+        out = apply_method(model, {"params": w}, GPTModel.decode)(
+            tokens[:, None], cache, slot, positions=positions[:, None])  # logits [B, 1, V]
+        return jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32), out.cache
 
     vec = sds((batch,), jnp.int32)
     decode_step = _Program(jax.jit(step, donate_argnums=1),

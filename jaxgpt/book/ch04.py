@@ -18,7 +18,7 @@ Names as in the book's code. Shapes: B batch, T tokens, D emb_dim, V vocab_size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,7 @@ from jaxgpt.config import GPTConfig
 # GPTModel's initialisation, so that the two models' shared parameters start alike (the
 # book's placeholder keeps PyTorch's defaults).
 from jaxgpt.nn.layers import GELU, INIT
+from jaxgpt.nn.model import apply_method
 
 # --- the placeholder GPT -------------------------------------------------------------------------
 
@@ -183,7 +184,7 @@ def print_gradients(model: nn.Module, x: Any, params: Any | None = None) -> dict
     x = jnp.asarray(x)
 
     def loss_fn(p: Any) -> jax.Array:
-        output = cast(jax.Array, model.apply({"params": p}, x))
+        output = apply_method(model, {"params": p}, type(model).__call__)(x)
         return jnp.mean(jnp.square(output - 0.0))  # MSELoss against the target 0
 
     # One compiled pass: op by op, a GPT's backward pass would dispatch thousands of small ops.

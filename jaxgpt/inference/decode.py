@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.sampling import SamplingConfig, choose_next
 from jaxgpt.nn.cache import KVCache, init_cache
-from jaxgpt.nn.model import GPTModel
+from jaxgpt.nn.model import GPTModel, apply_method
 
 # How many times each jitted entry point has been traced (a test pins re-tracing down).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -150,17 +150,10 @@ def _start(model: GPTModel, params: Any, prompt: jax.Array, start: jax.Array, ne
     positions = jnp.maximum(at - start[:, None], 0)  # [B, P]
     variables = {"params": params}
     cache = _split_rows(init_cache(cfg, b, slots, model.dtype), mesh)
-    hidden, cache = cast(tuple[jax.Array, KVCache], model.apply(
-        variables, prompt, positions=positions, valid=at >= start[:, None], cache=cache,
-        slot=0, method=GPTModel.hidden,
-    ))  # [B, P, D]
-    logits = _head(model, variables, hidden[:, -1])  # [B, V]
-    return _write_next(state._replace(cache=cache), logits, knobs, sampling, p)
-
-
-def _head(model: GPTModel, variables: dict, x: jax.Array) -> jax.Array:
-    """float32 logits `[B, V]` of hidden states `[B, D]` (final_norm and the output head)."""
-    return cast(jax.Array, model.apply(variables, x, method=GPTModel.head))
+    # Left-padded: every row's last prompt token is in the last slot.
+    out = apply_method(model, variables, GPTModel.decode)(
+        prompt, cache, 0, positions=positions, valid=at >= start[:, None], last_only=True)
+    return _write_next(state._replace(cache=out.cache), out.logits, knobs, sampling, p)
 
 
 def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | int,
@@ -180,15 +173,16 @@ def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | 
         # Token j reads position len[b] + j - 1: exact with the cache while that is < C for all.
         longest = p - jnp.min(state.start)
         cached_stop = jnp.minimum(stop, ctx - longest + 1)
+        decode_step = apply_method(model, variables, GPTModel.decode)
 
         def cached_step(s: DecodeState, active: jax.Array | bool) -> DecodeState:
             slot = p + s.step - 1  # the slot of the last known token
             last = lax.dynamic_slice_in_dim(s.tokens, slot, 1, axis=1)  # [B, 1]
-            hidden, cache = cast(tuple[jax.Array, KVCache], model.apply(
-                variables, last, positions=(slot - s.start)[:, None], cache=s.cache, slot=slot,
-                method=GPTModel.hidden))
-            logits = _head(model, variables, hidden[:, 0])  # [B, V]
-            return _write_next(s._replace(cache=cache), logits, knobs, sampling, p, active)
+            assert isinstance(s.cache, KVCache)  # the carry of this loop holds the cache
+            out = decode_step(last, s.cache, slot, positions=(slot - s.start)[:, None],
+                              last_only=True)  # logits [B, V]
+            return _write_next(s._replace(cache=out.cache), out.logits, knobs, sampling, p,
+                               active)
 
         def chunk(s: DecodeState) -> DecodeState:
             if not chunk_steps:
@@ -207,11 +201,10 @@ def _decode(model: GPTModel, params: Any, state: DecodeState, stop: jax.Array | 
         at = first + jnp.arange(window)[None, :]  # [1, W]
         positions = jnp.clip(at - row_first[:, None], 0, ctx - 1)  # [B, W]
         toks = lax.dynamic_slice(s.tokens, (0, first), (b, window))  # [B, W]
-        hidden = cast(jax.Array, model.apply(variables, toks, positions=positions,
-                                             valid=at >= row_first[:, None],
-                                             method=GPTModel.hidden))  # [B, W, D]
+        hidden = apply_method(model, variables, GPTModel.hidden)(
+            toks, positions=positions, valid=at >= row_first[:, None])  # [B, W, D]
         last = lax.dynamic_index_in_dim(hidden, known - 1 - first, axis=1, keepdims=False)
-        logits = _head(model, variables, last)  # [B, V]
+        logits = apply_method(model, variables, GPTModel.head)(last)  # [B, V]
         return _write_next(s, logits, knobs, sampling, p)
 
     return lax.while_loop(lambda s: running(s, stop), window_step, state)

@@ -131,9 +131,11 @@ def _finish(call: _Call, new_tokens: np.ndarray | jax.Array) -> jax.Array | list
 
 
 def _keeps_layout(cls: type, base: type) -> bool:
-    """Whether `cls` reads its matrices as `base` does (it does not replace `__call__`)."""
+    """Whether `cls` reads its matrices as `base` does: it replaces neither `__call__` nor
+    the compact method that reads them (`MultiHeadAttention.attend`)."""
     return issubclass(cls, base) and all(
-        "__call__" not in vars(c) for c in cls.__mro__ if c is not base and issubclass(c, base))
+        name not in vars(c) for c in cls.__mro__ if c is not base and issubclass(c, base)
+        for name in ("__call__", "attend"))
 
 
 class Generator:
@@ -184,7 +186,7 @@ class Generator:
             raise ValueError("devices is empty: give at least one device")
         self.model = model.clone(dtype=self.dtype, remat=False, layout=Layout())
         # The decode layouts read the book's parameter names; a part that replaces __call__
-        # may not, so it gets its params as they are (cast to dtype).
+        # (or attend) may not, so it gets its params as they are (cast to dtype).
         self._layouts = all(_keeps_layout(cls, base) for cls, base in (
             (model.attention_cls, MultiHeadAttention), (model.feed_forward_cls, FeedForward)))
         self._prepared: dict[tuple, Any] = {}

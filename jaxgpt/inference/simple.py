@@ -10,7 +10,7 @@ Shapes: B batch, T prompt tokens, N new tokens, W window, D emb_dim, V vocab_siz
 from __future__ import annotations
 
 import functools
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.inference.checks import check_count, check_token_ids, resolve_context_size
 from jaxgpt.inference.decode import TRACE_COUNTS
 from jaxgpt.nn.hooks import free_hooks, with_hook_args
-from jaxgpt.nn.model import GPTModel, model_for
+from jaxgpt.nn.model import GPTModel, apply_method, model_for
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "context_size"))
@@ -40,9 +40,9 @@ def _generate_simple(params: Any, idx: jax.Array, model: GPTModel, max_new_token
         # every position we read; positions are renumbered 0..window-1 as in the reference.
         start = jnp.maximum(length - window, 0)
         ctx = lax.dynamic_slice(buf, (0, start), (b, window))  # [B, W]
-        hidden = model.apply(variables, ctx, method=GPTModel.hidden)  # [B, W, D]
+        hidden = apply_method(model, variables, GPTModel.hidden)(ctx)  # [B, W, D]
         last = lax.dynamic_index_in_dim(hidden, length - start - 1, axis=1, keepdims=False)
-        logits = cast(jax.Array, model.apply(variables, last, method=GPTModel.head))  # [B, V]
+        logits = apply_method(model, variables, GPTModel.head)(last)  # [B, V]
         nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
         return lax.dynamic_update_slice(buf, nxt[:, None], (0, length))
 

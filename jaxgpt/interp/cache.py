@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,16 +150,13 @@ def _forward(params: Any, tokens: jax.Array, *, model: GPTModel, stop_at_layer: 
     """Logits `[B, T, V]` (or the residual stream before block `stop_at_layer`) and, when
     `keep`, the sown activations by name."""
     variables = {"params": params}
-    kwargs: dict[str, Any] = {"mutable": ["intermediates"]} if keep else {}
+    mutable = ["intermediates"] if keep else []  # with `mutable`, apply returns (out, state)
     if stop_at_layer is None:
-        out = model.apply(variables, tokens, **kwargs)
+        out, state = model.apply(variables, tokens, mutable=mutable)
     else:
-        out = model.apply(variables, tokens, stop_at_layer=stop_at_layer,
-                          method=GPTModel.hidden, **kwargs)
-    if not keep:
-        return cast(jax.Array, out), {}
-    result, state = cast(tuple[jax.Array, dict], out)
-    return result, dict(_flatten(state.get("intermediates", {})))
+        out, state = model.apply(variables, tokens, stop_at_layer=stop_at_layer,
+                                 method=GPTModel.hidden, mutable=mutable)
+    return out, dict(_flatten(state.get("intermediates", {})))
 
 
 def _check_layer(cfg: GPTConfig, stop_at_layer: Any) -> int | None:

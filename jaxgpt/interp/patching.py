@@ -32,7 +32,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from jaxgpt.interp.cache import check_tokens, run_with_cache
 from jaxgpt.interp.reads import metric_reads
 from jaxgpt.nn.attention import AttentionMask
 from jaxgpt.nn.hooks import ByIdentity, hook_table
-from jaxgpt.nn.model import GPTModel, model_for
+from jaxgpt.nn.model import GPTModel, apply_method, model_for
 
 Metric = Callable[[jax.Array], jax.Array]
 Progress = Callable[[int, int], None]
@@ -251,8 +251,7 @@ def sweep_chunk(params: Any, run: Corrupted, clean: jax.Array, tab: Tables, *,
     hidden = both[:, :, tab.pick]  # [L, B, U, R, D]
     analysis = reads.obj
     columns = None if analysis.columns is None else jnp.asarray(analysis.columns)
-    logits = cast(jax.Array, model.apply(variables, hidden, columns,
-                                         method=GPTModel.head))  # [L, B, U, R, C]
+    logits = apply_method(model, variables, GPTModel.head)(hidden, columns)  # [L, B, U, R, C]
     logits = jnp.moveaxis(logits, 1, 2)  # [L, U, B, R, C]
     return jax.vmap(jax.vmap(analysis.evaluate))(logits if lead else logits[:, :, 0])
 

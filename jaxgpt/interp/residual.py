@@ -13,14 +13,14 @@ Shapes: C components, B batch, T tokens, D emb_dim, H heads, Dh head_dim, V voca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.model import GPTModel
+from jaxgpt.nn.model import GPTModel, apply_method
 
 PosSlice = int | slice | Sequence[int] | None
 
@@ -53,6 +53,10 @@ def _final(cfg: GPTConfig, layer: int | None) -> int:
     return cfg.n_layers if layer is None or layer == -1 else layer
 
 
+def _final_norm(model: GPTModel, x: jax.Array) -> jax.Array:
+    return model.final_norm(x)
+
+
 def apply_ln_to_stack(cache: Cached, residual_stack: jax.Array, layer: int | None = None,
                       mlp_input: bool = False, pos_slice: PosSlice = None,
                       recompute_ln: bool = False) -> jax.Array:
@@ -65,8 +69,7 @@ def apply_ln_to_stack(cache: Cached, residual_stack: jax.Array, layer: int | Non
     cfg = cache.cfg
     layer = _final(cfg, layer)
     if recompute_ln and layer == cfg.n_layers:
-        return cast(jax.Array, cache.model.apply({"params": cache.params}, residual_stack,
-                                                 method=lambda m, x: m.final_norm(x)))
+        return apply_method(cache.model, {"params": cache.params}, _final_norm)(residual_stack)
     if layer == cfg.n_layers:
         key = "ln_final.hook_scale"
     else:
@@ -211,5 +214,5 @@ def logit_lens(cache: Cached, pos_slice: PosSlice = None) -> tuple[jax.Array, li
     last, each through `final_norm` (its own statistics) and the output head,
     `[n_layers + 1, B, T, V]`; the last is the model's logits."""
     stack, labels = accumulated_resid(cache, pos_slice=pos_slice, return_labels=True)
-    logits = cache.model.apply({"params": cache.params}, stack, method=GPTModel.head)
-    return cast(jax.Array, logits), labels
+    logits = apply_method(cache.model, {"params": cache.params}, GPTModel.head)(stack)
+    return logits, labels

@@ -1,22 +1,26 @@
 """The model: the book's GPT in Flax linen, the only forward pass of jaxgpt.
 
 - `layers`: `LayerNorm`, `GELU`, `Linear`, `FeedForward`.
-- `attention`: `MultiHeadAttention` and the `AttentionMask` it reads.
-- `model`: `TransformerBlock`, `GPTModel`, parameter initialisation and counts.
+- `attention`: `MultiHeadAttention`, the `AttentionMask` it reads and the `LayerOutput` it
+  returns.
+- `model`: `TransformerBlock`, `GPTModel` and the `Output` of its cached decoding,
+  `apply_method` (a method applied, typed as the method), parameter initialisation and counts.
 - `cache`: the `KVCache` that cached decoding passes through the model.
 - `layout`: decode-time weight layouts (`Layout`, `prepare`), a parameter transform.
 
 Never imports torch, training, inference or the command line.
 """
 
-from jaxgpt.nn.attention import AttentionMask, MultiHeadAttention
+from jaxgpt.nn.attention import AttentionMask, LayerOutput, MultiHeadAttention
 from jaxgpt.nn.cache import KVCache, init_cache
 from jaxgpt.nn.layers import GELU, FeedForward, LayerNorm, Linear, gelu, layer_norm
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.nn.model import (
     REMAT_MODES,
     GPTModel,
+    Output,
     TransformerBlock,
+    apply_method,
     count_params,
     init_params,
     model_for,
@@ -32,10 +36,13 @@ __all__ = [
     "GPTModel",
     "KVCache",
     "LayerNorm",
+    "LayerOutput",
     "Layout",
     "Linear",
     "MultiHeadAttention",
+    "Output",
     "TransformerBlock",
+    "apply_method",
     "count_params",
     "gelu",
     "init_cache",

@@ -41,13 +41,27 @@ class AttentionMask(NamedTuple):
 
 
 
+class LayerOutput(NamedTuple):
+    """What `MultiHeadAttention.attend` and `TransformerBlock.run` return, whatever the
+    arguments: the layer's output and its keys and values.
+
+    `kv` is the cache after the T new keys and values were written at `slot`, each
+    `[B * H, S, Dh]`; without a cache, the T tokens' own, each `[B * H, T, Dh]`.
+    """
+
+    out: jax.Array  # [B, T, D]
+    kv: tuple[jax.Array, jax.Array]  # (keys, values)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with dropout on the attention weights.
 
-    Called the book's way, `att(x)` with x `[B, T, D_in]` returns `[B, T, D_out]`. For cached
-    decoding it also takes `mask` (an `AttentionMask` over S key slots), `cache` (this layer's
-    keys and values, each `[B * H, S, Dh]`) and `slot` (where the T new keys are written), and
-    returns `(out, cache)` with the new keys and values written in place.
+    Called the book's way, `att(x)` with x `[B, T, D_in]` returns `[B, T, D_out]`. Cached
+    decoding calls `attend(x, deterministic, mask, cache, slot)`: `mask` an `AttentionMask`
+    over S key slots, `cache` this layer's keys and values (each `[B * H, S, Dh]`), `slot`
+    where the T new keys are written; it returns a `LayerOutput` whose `kv` is the cache with
+    them written in place. `attend` is where the matrices are read (the compact method):
+    `__call__` is `attend(x, deterministic).out`.
 
     Hook points (`nn.hooks`; what a hook sees, whatever the layout): `hook_q`, `hook_k`,
     `hook_v` `[B, T, H, Dh]` (the new tokens' own, also with fused Q/K/V), `hook_attn_scores`
@@ -103,15 +117,21 @@ class MultiHeadAttention(nn.Module):
         """
         return None
 
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The book's forward: `[B, T, D_in]` -> `[B, T, D_out]`, causal over the T tokens."""
+        return self.attend(x, deterministic).out
+
     @nn.compact
-    def __call__(
+    def attend(
         self,
         x: jax.Array,
         deterministic: bool = True,
         mask: AttentionMask | None = None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         slot: jax.Array | int | None = None,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    ) -> LayerOutput:
+        """`x` `[B, T, D_in]` attending over `mask` (default: causal over the T tokens) and,
+        with a `cache`, over its slots with the new keys written at `slot` (see the class)."""
         b, t, _ = x.shape
         h, dh = self.num_heads, self.d_out // self.num_heads
         x2 = x.reshape(b * t, -1)  # [B*T, D_in]: 2-D matmuls (see FeedForward)
@@ -153,5 +173,5 @@ class MultiHeadAttention(nn.Module):
         context = self.hook("hook_z", z, z.shape).reshape(b * t, self.d_out)
         out = linear(self.d_out, "out_proj", True, self.layout.out)(context)
         out = out.reshape(b, t, self.d_out)
-        return out if cache is None else (out, (keys, values))
+        return LayerOutput(out, (keys, values))
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 import flax.linen as nn
 import jax
@@ -21,11 +21,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn.attention import AttentionMask, MultiHeadAttention
+from jaxgpt.nn.attention import AttentionMask, LayerOutput, MultiHeadAttention
 from jaxgpt.nn.cache import KVCache
 from jaxgpt.nn.hooks import HookTable, hook_point
 from jaxgpt.nn.layers import INIT, Dtype, FeedForward, LayerNorm, Linear, make_norm
 from jaxgpt.nn.layout import Layout
+
+M = TypeVar("M", bound=nn.Module)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # What `GPTModel.remat` may be: recompute nothing, the attention core, or whole blocks.
 REMAT_MODES = ("none", "attention", "block")
@@ -46,10 +50,11 @@ class TransformerBlock(nn.Module):
 
     The parts are module classes (fields), so a variant of one plugs in without copying the
     block; they are built with the defaults' fields (see `GPTModel`), and a subclass of a
-    default part also gets the hook table. With a `cache` returns `(x, cache)` (see
-    MultiHeadAttention). Hook points `[B, T, D]`: `hook_resid_pre` (the input),
-    `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out`, `hook_resid_post` (the output); the
-    parts' under `ln1`, `attn`, `ln2`, `mlp`.
+    default part also gets the hook table. Called the book's way, `block(x)` returns
+    `[B, T, D]`; `run` (the compact method, which cached decoding calls) returns a
+    `LayerOutput` with the attention's keys and values too. Hook points `[B, T, D]`:
+    `hook_resid_pre` (the input), `hook_attn_out`, `hook_resid_mid`, `hook_mlp_out`,
+    `hook_resid_post` (the output); the parts' under `ln1`, `attn`, `ln2`, `mlp`.
     """
 
     cfg: GPTConfig
@@ -64,15 +69,22 @@ class TransformerBlock(nn.Module):
         """`{"hooks": ...}` for a part of class `cls` if it has the default's hook field."""
         return {"hooks": self.hooks.under(part)} if self.hooks and issubclass(cls, base) else {}
 
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 mask: AttentionMask | None = None) -> jax.Array:
+        """The book's forward: `[B, T, D]` -> `[B, T, D]` over `mask` (default: causal)."""
+        return self.run(x, deterministic, mask).out
+
     @nn.compact
-    def __call__(
+    def run(
         self,
         x: jax.Array,
         deterministic: bool = True,
         mask: AttentionMask | None = None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         slot: jax.Array | int | None = None,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    ) -> LayerOutput:
+        """The block on `x` `[B, T, D]`, the attention given `mask`, `cache` and `slot` (see
+        `MultiHeadAttention.attend`): its output and the attention's keys and values."""
         cfg = self.cfg
         point = functools.partial(hook_point, self, self.hooks)
         drop_resid = nn.Dropout(cfg.drop_rate)
@@ -91,9 +103,7 @@ class TransformerBlock(nn.Module):
         x = shortcut = point("hook_resid_pre", x)
         x = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout, "norm1",
                       self.hooks.under("ln1"))(x)
-        x = att(x, deterministic, mask, cache, slot)
-        if cache is not None:
-            x, cache = x
+        x, kv = att.attend(x, deterministic, mask, cache, slot)
         x = point("hook_attn_out", x)
         x = drop_resid(x, deterministic=deterministic) + shortcut
 
@@ -105,7 +115,7 @@ class TransformerBlock(nn.Module):
         x = point("hook_mlp_out", x)
         x = drop_resid(x, deterministic=deterministic) + shortcut
         x = point("hook_resid_post", x)
-        return x if cache is None else (x, cache)
+        return LayerOutput(x, kv)
 
 
 def block_class(remat: bool | str) -> type:
@@ -121,6 +131,13 @@ def block_class(remat: bool | str) -> type:
     policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "attention"
               else None)
     return nn.remat(TransformerBlock, static_argnums=(2,), policy=policy)
+
+
+class Output(NamedTuple):
+    """What `GPTModel.decode` returns, whatever its arguments."""
+
+    logits: jax.Array  # float32 [B, T, V]; [B, V], the last token's, with last_only
+    cache: KVCache  # with the new tokens' keys, values and positions written
 
 
 class GPTModel(nn.Module):
@@ -148,13 +165,12 @@ class GPTModel(nn.Module):
 
     Called the book's way, `apply(variables, in_idx)` with int `[B, T]` (T <= context_length)
     returns float32 logits `[B, T, V]`; dropout is off unless `deterministic=False` and a
-    `dropout` rng is given. For generation it also takes, by keyword:
-      positions: int `[B, T]`, each token's `pos_emb` row (default 0..T-1);
-      valid: bool `[B, T]`, False for padding (no token attends to it);
-      cache: a `nn.cache.KVCache` of S slots, and slot: where the T tokens are written (their
-        keys attend to every valid slot up to their own); then returns `(logits, cache)`.
-    `hidden` and `head` are the two halves, so a caller that needs one position's logits
-    skips the V-wide head for the others; `run_block` applies one block alone.
+    `dropout` rng is given. Generation also passes, by keyword, `positions`: int `[B, T]`,
+    each token's `pos_emb` row (default 0..T-1), and `valid`: bool `[B, T]`, False for
+    padding (no token attends to it). Cached decoding is `decode`, which always returns an
+    `Output` (logits and the cache). `hidden` and `head` are the two halves of the forward, so
+    a caller that needs one position's logits skips the V-wide head for the others;
+    `run_block` applies one block alone. `apply_method` calls any of them with its own type.
     """
 
     cfg: GPTConfig
@@ -196,15 +212,9 @@ class GPTModel(nn.Module):
         *,
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
-        cache: KVCache | None = None,
-        slot: jax.Array | int | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        out = self.hidden(in_idx, deterministic, positions=positions, valid=valid, cache=cache,
-                          slot=slot)
-        if not isinstance(out, tuple):
-            return self.head(out)
-        hidden, cache = out
-        return self.head(hidden), cache
+    ) -> jax.Array:
+        """Token ids `[B, T]` -> float32 logits `[B, T, V]`, as the book's `GPTModel.forward`."""
+        return self.head(self.hidden(in_idx, deterministic, positions=positions, valid=valid))
 
     def hidden(
         self,
@@ -213,29 +223,36 @@ class GPTModel(nn.Module):
         *,
         positions: jax.Array | None = None,
         valid: jax.Array | None = None,
-        cache: KVCache | None = None,
-        slot: jax.Array | int | None = None,
         stop_at_layer: int | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Token ids `[B, T]` -> output of the last block `[B, T, D]` (before final_norm);
-        with a cache, `(hidden, cache)`. Arguments as in `__call__`; without a cache,
-        `stop_at_layer` n returns the input of block n instead (0: the embeddings) and runs
-        no block from n on."""
+    ) -> jax.Array:
+        """Token ids `[B, T]` -> output of the last block `[B, T, D]` (before final_norm).
+        Arguments as in `__call__`; `stop_at_layer` n returns the input of block n instead
+        (0: the embeddings) and runs no block from n on."""
+        t = in_idx.shape[1]
+        x, positions, own = self.inputs(in_idx, deterministic, positions, valid)
+        causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
+        mask = AttentionMask(causal[None] & (own >= 0)[:, None, :], positions, own)
+        for block in self.trf_blocks[:stop_at_layer]:
+            x = block(x, deterministic, mask)
+        return x
+
+    def decode(
+        self,
+        in_idx: jax.Array,
+        cache: KVCache,
+        slot: jax.Array | int,
+        *,
+        positions: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        last_only: bool = False,
+    ) -> Output:
+        """Cached decoding, dropout off: token ids `[B, T]` written to the `cache` (S slots)
+        at slots `slot .. slot + T - 1`, each attending to every valid slot up to its own.
+        `positions` and `valid` as in `__call__`. Returns `Output(logits, cache)`: float32
+        logits `[B, T, V]`, or with `last_only` the last token's `[B, V]` (the head runs on
+        it alone), and the cache with the T tokens' keys, values and positions written."""
         b, t = in_idx.shape
-        if positions is None:
-            positions = jnp.arange(t)[None, :]  # [1, T]
-        x = self.embed(in_idx, positions)  # [B, T, D]
-        x = self.drop_emb(x, deterministic=deterministic)
-        # The new tokens as keys: their positions, -1 where they are padding.
-        own = positions if valid is None else jnp.where(valid, positions, -1)  # [B|1, T]
-        if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T]
-            mask = AttentionMask(causal[None] & (own >= 0)[:, None, :], positions, own)
-            for block in self.trf_blocks[:stop_at_layer]:
-                x = block(x, deterministic, mask)
-            return x
-        if slot is None:
-            raise ValueError("GPTModel: a cache needs the slot its tokens are written to")
+        x, positions, own = self.inputs(in_idx, True, positions, valid)
         own = jnp.broadcast_to(own, (b, t)).astype(jnp.int32)
         k_pos = lax.dynamic_update_slice(cache.pos, own, (0, slot))  # [B, S]
         s = k_pos.shape[1]
@@ -244,10 +261,23 @@ class GPTModel(nn.Module):
         mask = AttentionMask(allowed, positions, k_pos)  # allowed [B, T, S]
         keys, values = [], []
         for block, kc, vc in zip(self.trf_blocks, cache.keys, cache.values, strict=True):
-            x, (kc, vc) = block(x, deterministic, mask, (kc, vc), slot)
+            x, (kc, vc) = block.run(x, True, mask, (kc, vc), slot)
             keys.append(kc)
             values.append(vc)
-        return x, KVCache(tuple(keys), tuple(values), k_pos)
+        cache = KVCache(tuple(keys), tuple(values), k_pos)
+        return Output(self.head(x[:, -1] if last_only else x), cache)
+
+    def inputs(self, in_idx: jax.Array, deterministic: bool, positions: jax.Array | None,
+               valid: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """What the first block reads: the embeddings `[B, T, D]` after dropout, the tokens'
+        positions `[B | 1, T]` (default 0..T-1) and their positions as keys (-1 where `valid`
+        is False: padding)."""
+        if positions is None:
+            positions = jnp.arange(in_idx.shape[1])[None, :]  # [1, T]
+        x = self.embed(in_idx, positions)  # [B, T, D]
+        x = self.drop_emb(x, deterministic=deterministic)
+        own = positions if valid is None else jnp.where(valid, positions, -1)  # [B | 1, T]
+        return x, positions, own
 
     def embed(self, in_idx: jax.Array, positions: jax.Array) -> jax.Array:
         """`tok_emb(in_idx) + pos_emb(positions)` `[B, T, D]`, through `hook_embed` and
@@ -260,11 +290,10 @@ class GPTModel(nn.Module):
 
     def run_block(self, i: int, x: jax.Array, mask: AttentionMask,
                   cache: tuple[jax.Array, jax.Array] | None = None,
-                  slot: jax.Array | int | None = None,
-                  ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                  slot: jax.Array | int | None = None) -> LayerOutput:
         """Block `i` (static) alone on the residual stream `x` `[B, T, D]`, dropout off, with
-        an explicit mask and, optionally, that layer's cache (see `TransformerBlock`)."""
-        return self.trf_blocks[i](x, True, mask, cache, slot)
+        an explicit mask and, optionally, that layer's cache (see `TransformerBlock.run`)."""
+        return self.trf_blocks[i].run(x, True, mask, cache, slot)
 
     def head(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
         """final_norm + output head: `[..., D]` -> float32 logits `[..., V]`; with `columns`
@@ -281,6 +310,23 @@ class GPTModel(nn.Module):
 def head_param_names(cfg: GPTConfig) -> tuple[str, ...]:
     """The parameters `GPTModel.head` reads: final_norm and the output head (tok_emb if tied)."""
     return ("final_norm", "tok_emb" if cfg.tie_embeddings else "out_head")
+
+
+def apply_method(module: M, variables: Mapping[str, Any],
+                 method: Callable[Concatenate[M, P], R], *, rngs: Any = None) -> Callable[P, R]:
+    """`method` of `module` applied to `variables`, as a function typed as the method is:
+    `apply_method(model, {"params": p}, GPTModel.head)(x)` is
+    `model.apply({"params": p}, x, method=GPTModel.head)`, which a type checker sees as a
+    `jax.Array`. `rngs` as `apply` takes them (`{"dropout": key}`)."""
+
+    # Flax types `apply` as returning the output or `(output, state)`, by its `mutable`
+    # argument; called without `mutable`, it returns the method's own output.
+    apply: Callable[..., Any] = module.apply
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        return cast(R, apply(variables, *args, rngs=rngs, method=method, **kwargs))
+
+    return call
 
 
 def model_for(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:

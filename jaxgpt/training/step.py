@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import flax
 import jax
@@ -27,7 +27,13 @@ from jax import lax
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.hooks import hook_table
-from jaxgpt.nn.model import GPTModel, head_param_names, init_params, model_for
+from jaxgpt.nn.model import (
+    GPTModel,
+    apply_method,
+    head_param_names,
+    init_params,
+    model_for,
+)
 from jaxgpt.training.config import (
     DTYPES,
     TrainConfig,
@@ -74,13 +80,8 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def _apply(model: GPTModel, variables: dict, x: jax.Array, method: Callable,
-           **kwargs: Any) -> jax.Array:
-    """`model.apply` of one of its methods that returns an array (no mutable collections)."""
-    return cast(jax.Array, model.apply(variables, x, method=method, **kwargs))
-
-
-def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs: Any) -> jax.Array:
+def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, deterministic: bool = True,
+                rngs: Any = None) -> jax.Array:
     """Logits `[B * T, V]` of `inputs` `[B, T]`: the blocks, then the head on 2-D activations.
 
     Applying the head to `[B * T, D]` rather than `[B, T, D]` keeps the gradient of the
@@ -88,22 +89,24 @@ def flat_logits(model: GPTModel, params: Any, inputs: jax.Array, **kwargs: Any) 
     transposes the whole `[B * T, V]` logit gradient first (twice as slow a step at V = 50257).
     """
     variables = {"params": params}
-    hidden = _apply(model, variables, inputs, GPTModel.hidden, **kwargs)  # [B, T, D]
+    hidden = apply_method(model, variables, GPTModel.hidden, rngs=rngs)(
+        inputs, deterministic)  # [B, T, D]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
-    return _apply(model, variables, hidden, GPTModel.head)  # [B * T, V]
+    return apply_method(model, variables, GPTModel.head)(hidden)  # [B * T, V]
 
 
 def loss_sum(
     model: GPTModel, params: Any, inputs: jax.Array, targets: jax.Array, chunk: int,
-    **kwargs: Any,
+    deterministic: bool = True, rngs: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and target count of `inputs`/`targets` `[B, T]`: with `chunk` > 0 the head
     runs inside the chunked loss (`chunked_cross_entropy_sum`), else on all tokens at once."""
     if not chunk or inputs.size <= chunk:  # one chunk: the plain path is the same, and faster
-        logits = flat_logits(model, params, inputs, **kwargs)  # [B * T, V]
+        logits = flat_logits(model, params, inputs, deterministic, rngs)  # [B * T, V]
         return cross_entropy_sum(logits, targets.reshape(-1))
     variables = {"params": params}
-    hidden = _apply(model, variables, inputs, GPTModel.hidden, **kwargs)  # [B, T, D]
+    hidden = apply_method(model, variables, GPTModel.hidden, rngs=rngs)(
+        inputs, deterministic)  # [B, T, D]
     hidden = hidden.reshape(-1, hidden.shape[-1])  # [B * T, D]
     head_params = {name: params[name] for name in head_param_names(model.cfg)}
     return chunked_cross_entropy_sum(functools.partial(_apply_head, model), head_params, hidden,
@@ -111,7 +114,7 @@ def loss_sum(
 
 
 def _apply_head(model: GPTModel, head_params: Any, x: jax.Array) -> jax.Array:
-    return _apply(model, {"params": head_params}, x, GPTModel.head)  # [L, V] float32
+    return apply_method(model, {"params": head_params}, GPTModel.head)(x)  # [L, V] float32
 
 
 def make_train_step(
