@@ -184,7 +184,7 @@ def print_gradients(model: nn.Module, x: Any, params: Any | None = None) -> dict
     x = jnp.asarray(x)
 
     def loss_fn(p: Any) -> jax.Array:
-        output = apply_method(model, {"params": p}, type(model).__call__)(x)
+        output = apply_method(model, {"params": p}, type(model).__call__)(x)  # model(x)
         return jnp.mean(jnp.square(output - 0.0))  # MSELoss against the target 0
 
     # One compiled pass: op by op, a GPT's backward pass would dispatch thousands of small ops.

@@ -40,7 +40,6 @@ class AttentionMask(NamedTuple):
         return cls(jnp.tril(jnp.ones((t, t), dtype=bool))[None], pos, pos)
 
 
-
 class LayerOutput(NamedTuple):
     """What `MultiHeadAttention.attend` and `TransformerBlock.run` return, whatever the
     arguments: the layer's output and its keys and values.

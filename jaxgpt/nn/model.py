@@ -158,7 +158,8 @@ class GPTModel(nn.Module):
         `nn.layout.prepare`.
       attention_cls, feed_forward_cls, norm_cls: the block's parts (default
         `MultiHeadAttention`, `FeedForward`, `LayerNorm`). A variant subclasses one, e.g.
-        overrides `MultiHeadAttention.score_bias`, and every path uses it.
+        overrides `MultiHeadAttention.score_bias`, and every path uses it. The block calls
+        the attention part's `attend`, which returns a `LayerOutput`.
       hooks: the hook table (`nn.hooks.HookTable`): hooks to run and activations to keep, by
         TransformerLens's names (`hook_embed`, `hook_pos_embed`, `blocks.{i}.*`,
         `ln_final.*`). Empty by default, which traces the same program as no hooks at all.
