@@ -100,7 +100,10 @@ def bench(name, cfg, params, bridge, clean, corrupt, sweep, tl_sweep, metric, re
 def chunk_memory(patching, params, cfg, corrupt, clean_cache, metric, kind) -> float:
     """MB of activations XLA allocates for the sweep's (first) chunk program."""
     plan = patching.plan_sweep(params, cfg, corrupt, clean_cache, metric, kind)
-    return patching.chunk_program(params, plan).memory_analysis().temp_size_in_bytes / 2**20
+    _, packing = patching.plan_chunk(plan, plan.chunks[0])
+    program = patching.sweep_chunk.lower(params, plan.run, plan.clean, packing, model=plan.model,
+                                         kind=plan.kind, reads=plan.reads, lead=plan.lead)
+    return program.compile().memory_analysis().temp_size_in_bytes / 2**20
 
 
 def main() -> None:

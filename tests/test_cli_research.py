@@ -8,8 +8,10 @@ from jaxgpt import cli
 from jaxgpt.cli import lens as lens_command
 from jaxgpt.cli import patch as patch_command
 from jaxgpt.config import GPTConfig
-from jaxgpt.interp import plots
+from jaxgpt.interp import patching, plots
+from jaxgpt.interp.cache import run_with_cache
 from jaxgpt.nn.model import init_params
+from jaxgpt.tokenizer import get_tokenizer
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -47,6 +49,16 @@ def test_patch_draws_layers_by_positions_and_by_heads(tiny_model, tmp_path, monk
     assert "logit(' Mary') - logit(' John')" in kwargs["title"]
     values, rows, columns, _ = drawn[str(heads)]
     assert values.shape == (1, 4) and rows == ["1"] and columns == ["0", "1", "2", "3"]
+    # The picture is the sweep of the answer's logit difference, one head at a time.
+    cfg, params = tiny_model
+    tokenizer = get_tokenizer()
+    clean, corrupt = (np.asarray(tokenizer.encode(t), np.int32) for t in (CLEAN, CORRUPT))
+    mary, john = tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0]
+    _, clean_cache = run_with_cache(params, cfg, clean)
+    want = patching.reference_sweep(params, cfg, corrupt, clean_cache,
+                                    lambda logits: logits[-1, mary] - logits[-1, john],
+                                    "z_all_pos")
+    np.testing.assert_allclose(values, want[1:2], atol=2e-5)
     err = capsys.readouterr().err
     assert "patches" in err and "wrote" in err  # progress, then the file
 

@@ -1,5 +1,6 @@
-"""Activation patching: every sweep equals patching one activation at a time, and
-TransformerLens's `transformer_lens.patching` on the same weights; the metric's reads."""
+"""Activation patching: every sweep equals `patching.reference_sweep` (one activation patched
+at a time, one forward pass each), and TransformerLens's `transformer_lens.patching` on the
+same weights; the metric's reads."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from conftest import TINY, jax_weights_of, random_hf_gpt2, reference, tl_bridge
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp import patching
-from jaxgpt.interp.cache import run_with_cache, run_with_hooks
+from jaxgpt.interp.cache import run_with_cache
 from jaxgpt.interp.reads import metric_reads
 from jaxgpt.nn.model import init_params
 
@@ -34,44 +35,13 @@ def logit_diff(logits):  # [T, V]
     return logits[-1, 3] - logits[-1, 4]
 
 
-def _take_clean(where, clean, x, name):
-    return jnp.where(where, clean, x)
-
-
-def one_at_a_time(params, cfg, corrupt, clean_cache, metric, kind):
-    """The sweep as TransformerLens runs it: one forward pass with one hook per patch (a
-    free hook whose mask picks the patched entries, so one program serves a layer's patches)."""
-    what = patching.KINDS[kind]
-    t = np.shape(corrupt)[-1]
-    sizes = [t if a != "head" else cfg.n_heads for a in what.axes]
-    out = np.zeros((cfg.n_layers, *sizes), np.float32)
-    for layer in range(cfg.n_layers):
-        name = f"blocks.{layer}.{what.hook}"
-        clean = jnp.asarray(clean_cache[name])
-        for u in patching.units(what, t, cfg.n_heads):
-            every = slice(None)
-            if what.hook.endswith("pattern"):
-                at = (every, u.head, every if u.pos is None else u.pos,
-                      every if u.src is None else u.src)
-            elif u.head is not None:
-                at = (every, every if u.pos is None else u.pos, u.head)
-            else:
-                at = (every, u.pos)
-            where = np.zeros(clean.shape, bool)
-            where[at] = True
-            hook = (name, jax.tree_util.Partial(_take_clean, jnp.asarray(where), clean))
-            logits = run_with_hooks(params, cfg, corrupt, [hook])
-            out[(layer, *u.cell)] = metric(logits if np.ndim(corrupt) == 2 else logits[0])
-    return out
-
-
 @pytest.mark.parametrize("kind", list(patching.KINDS))
 def test_every_sweep_equals_patching_one_activation_at_a_time(tiny, pair, kind):
     cfg, params = tiny
     clean, corrupt = pair
     _, clean_cache = run_with_cache(params, cfg, clean)
     got = np.asarray(patching.patch_sweep(params, cfg, corrupt, clean_cache, logit_diff, kind))
-    want = one_at_a_time(params, cfg, corrupt, clean_cache, logit_diff, kind)
+    want = patching.reference_sweep(params, cfg, corrupt, clean_cache, logit_diff, kind)
     # Both compute the same activations in fp32, in other groupings: logits of order 1 agree
     # to a few roundings (~1e-6); the patches move the metric by up to O(1).
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -92,7 +62,7 @@ def test_a_batch_of_prompts_small_chunks_and_a_metric_of_every_position(tiny):
     got = patching.get_act_patch_attn_head_v_by_pos(
         params, cfg, corrupt, clean_cache, loss, chunk_size=5,
         progress=lambda done, total: seen.append((done, total)))
-    want = one_at_a_time(params, cfg, corrupt, clean_cache, loss, "v_by_pos")
+    want = patching.reference_sweep(params, cfg, corrupt, clean_cache, loss, "v_by_pos")
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert len(seen) > 1 and seen[-1] == (2 * 6 * 4, 2 * 6 * 4)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -232,5 +202,5 @@ def test_a_pattern_patch_replaces_the_whole_row_as_transformer_lens_does(tiny, p
     made_up = type(cache)(acts, params=params, cfg=cfg, model=cache.model)
     for kind in ("pattern_by_pos", "pattern_dest_src"):
         got = patching.patch_sweep(params, cfg, corrupt, made_up, logit_diff, kind)
-        want = one_at_a_time(params, cfg, corrupt, made_up, logit_diff, kind)
+        want = patching.reference_sweep(params, cfg, corrupt, made_up, logit_diff, kind)
         np.testing.assert_allclose(got, want, atol=2e-5)

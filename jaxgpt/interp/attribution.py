@@ -64,7 +64,7 @@ def _reduce(kind: str, diff_times_grad: jax.Array) -> jax.Array:
     the features a patch replaces at once)."""
     axes = KINDS[kind].axes
     x = diff_times_grad.sum(axis=0)  # the batch: a patch replaces every prompt's activation
-    if KINDS[kind].hook.endswith("pattern"):  # [H, T(dest), T(src)]
+    if KINDS[kind].per_key:  # [H, T(dest), T(src)]
         if axes == ("head",):
             return x.sum(axis=(1, 2))
         return x if "src" in axes else x.sum(axis=2)

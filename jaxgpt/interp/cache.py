@@ -27,19 +27,41 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference.checks import check_token_ids
 from jaxgpt.interp import residual
-from jaxgpt.nn.hooks import free_hooks, hook_names, with_hook_args
+from jaxgpt.nn.hooks import (
+    BLOCK,
+    block_points,
+    free_hooks,
+    hook_names,
+    outer_points,
+    with_hook_args,
+)
 from jaxgpt.nn.model import GPTModel, model_for
 
 Names = Sequence[str] | Callable[[str], bool] | None
 Hooks = Iterable[tuple[str, Callable[[jax.Array, str], jax.Array]]]
 
-# TransformerLens's short names (`utils.get_act_name`): where each lives in a block.
-_BLOCK = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid",
-          "resid_post": "hook_resid_post", "attn_out": "hook_attn_out",
-          "mlp_out": "hook_mlp_out", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
-          "z": "attn.hook_z", "pattern": "attn.hook_pattern", "attn": "attn.hook_pattern",
-          "attn_scores": "attn.hook_attn_scores", "attn_logits": "attn.hook_attn_scores",
-          "pre": "mlp.hook_pre", "post": "mlp.hook_post"}
+# TransformerLens's other spellings of two short names (`utils.get_act_name`).
+_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores"}
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1].removeprefix("hook_")
+
+
+def _block_short_names() -> dict[str, dict[str, str]]:
+    """In a block: short name -> {part: name in the block}, in forward order (`scale` ->
+    `{"ln1": "ln1.hook_scale", "ln2": "ln2.hook_scale"}`)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, _ in block_points():
+        out.setdefault(_short(name), {})[name.rpartition(".")[0]] = name
+    return out
+
+
+# TransformerLens's short names, from the table of hook points (`nn.hooks`): outside the
+# blocks (`scale` -> `ln_final.hook_scale`), and in a block, where the first part holding a
+# name is the default (`scale` -> ln1's; ln2's given "ln2").
+_OUTER = {_short(name): name for name, _ in outer_points()}
+_IN_BLOCK = _block_short_names()
 
 
 def act_name(name: str, layer: int | None = None, sub: str | None = None) -> str:
@@ -49,17 +71,17 @@ def act_name(name: str, layer: int | None = None, sub: str | None = None) -> str
     name is returned as it is."""
     if "hook_" in name:
         return name
-    if name in ("embed", "pos_embed"):
-        return f"hook_{name}"
-    if name in ("scale", "normalized"):
-        if layer is None:
-            return f"ln_final.hook_{name}"
-        return f"blocks.{layer}.{sub or 'ln1'}.hook_{name}"
-    if name in _BLOCK and layer is not None:
-        return f"blocks.{layer}.{_BLOCK[name]}"
-    raise ValueError(f"unknown activation {name!r} (layer {layer}): give a full name such as "
-                     f"'blocks.0.hook_resid_pre', or a short one ({', '.join(sorted(_BLOCK))}, "
-                     f"embed, pos_embed, scale, normalized) with its layer")
+    short = _ALIASES.get(name, name)
+    parts = _IN_BLOCK.get(short, {}) if layer is not None else {}
+    if parts and (len(parts) == 1 or sub is None or sub in parts):
+        part = sub if sub in parts else next(iter(parts))
+        return f"{BLOCK.prefix}.{layer}.{parts[part]}"
+    if short in _OUTER and not parts:
+        return _OUTER[short]
+    where = f"part {sub!r} of " if parts else ""
+    raise ValueError(f"unknown activation {name!r} ({where}layer {layer}): give a full name "
+                     f"such as 'blocks.0.hook_resid_pre', or a short one "
+                     f"({', '.join(sorted({*_IN_BLOCK, *_ALIASES, *_OUTER}))}) with its layer")
 
 
 class ActivationCache(Mapping):

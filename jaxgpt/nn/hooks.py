@@ -2,9 +2,14 @@
 
 Each module of the model passes its activations through `hook_point(self, table, name, x)`.
 The names are TransformerLens's for GPT-2 (`blocks.3.attn.hook_pattern`), so its notebooks
-port. `GPTModel` carries a `HookTable`, a static, hashable module field that it hands down to
-its blocks and their parts; an empty table (the default) returns at trace time, so a model
-without hooks traces exactly the program it traced before hooks existed.
+port. One table (`BLOCK`, `BEFORE_BLOCKS`, `AFTER_BLOCKS`: each part's TransformerLens prefix,
+Flax module and points in forward order, with their shapes) is the only list of them:
+`hook_names`, `module_path`, the cache's short names and the patching kinds derive from it,
+and `hook_point` refuses a name it does not hold.
+
+`GPTModel` carries a `HookTable`, a static, hashable module field that it hands down to its
+blocks and their parts; an empty table (the default) returns at trace time, so a model without
+hooks traces exactly the program it traced before hooks existed.
 
 A hook is `fn(activation, name) -> activation`, a pure JAX function. Two ways to give its
 arrays (a steering vector, a clean activation) to the model:
@@ -25,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,28 +41,98 @@ from jaxgpt.config import GPTConfig
 # Where a module's params hold the arrays of its free hooks: `{local name: [leaves, ...]}`.
 HOOK_ARGS = "hook_args"
 
-EMBED_POINTS = ("hook_embed", "hook_pos_embed")
-NORM_POINTS = ("hook_scale", "hook_normalized")  # [B, T, 1] and [B, T, D] (before scale/shift)
-ATTN_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
-MLP_POINTS = ("hook_pre", "hook_post")  # [B, T, 4D], before and after GELU
 
-# A TransformerLens prefix and the Flax module that holds its hook points, inside a block.
-_PARTS = {"ln1": "norm1", "attn": "att", "ln2": "norm2", "mlp": "ff"}
+class Point(NamedTuple):
+    """A hook point: its local name, and the axes of what a hook there sees (S: key slots,
+    T without a cache; 4D: the feed-forward width)."""
+
+    name: str
+    shape: str
+
+
+class Part(NamedTuple):
+    """A module that holds hook points: its TransformerLens prefix, its Flax module name, and
+    its points (and parts) in the order the forward pass reaches them."""
+
+    prefix: str
+    module: str
+    points: tuple[Point | Part, ...]
+
+
+# The one table of hook points: every name, part, module path, short name and patching kind
+# is derived from it, and tests/test_hooks.py holds the model's `hook_point` calls to it.
+_NORM = (Point("hook_scale", "B T 1"), Point("hook_normalized", "B T D"))  # before scale/shift
+BLOCK = Part("blocks", "trf_blocks", (  # block i: TransformerLens's `blocks.{i}`, Flax's `_{i}`
+    Point("hook_resid_pre", "B T D"),
+    Part("ln1", "norm1", _NORM),
+    Part("attn", "att", (Point("hook_q", "B T H Dh"), Point("hook_k", "B T H Dh"),
+                         Point("hook_v", "B T H Dh"), Point("hook_attn_scores", "B H T S"),
+                         Point("hook_pattern", "B H T S"), Point("hook_z", "B T H Dh"))),
+    Point("hook_attn_out", "B T D"),
+    Point("hook_resid_mid", "B T D"),
+    Part("ln2", "norm2", _NORM),
+    Part("mlp", "ff", (Point("hook_pre", "B T 4D"), Point("hook_post", "B T 4D"))),  # GELU's
+    Point("hook_mlp_out", "B T D"),
+    Point("hook_resid_post", "B T D"),
+))
+BEFORE_BLOCKS = (Point("hook_embed", "B T D"), Point("hook_pos_embed", "B T D"))
+AFTER_BLOCKS = (Part("ln_final", "final_norm", _NORM),)
+
+
+def _flat(entries: Sequence[Point | Part]) -> tuple[tuple[str, Point], ...]:
+    """`(name relative to these entries, point)` of every point below them, in order."""
+    out: list[tuple[str, Point]] = []
+    for entry in entries:
+        if isinstance(entry, Part):
+            out += [(f"{entry.prefix}.{name}", point) for name, point in _flat(entry.points)]
+        else:
+            out.append((entry.name, entry))
+    return tuple(out)
+
+
+def block_points() -> tuple[tuple[str, Point], ...]:
+    """A block's hook points in forward order, named within the block (`attn.hook_q`)."""
+    return _flat(BLOCK.points)
+
+
+def outer_points() -> tuple[tuple[str, Point], ...]:
+    """The hook points outside the blocks: the embeddings' and the final LayerNorm's."""
+    return _flat((*BEFORE_BLOCKS, *AFTER_BLOCKS))
+
+
+def hook_points(cfg: GPTConfig) -> tuple[tuple[str, Point], ...]:
+    """`(name, point)` of every hook point of `GPTModel(cfg)`, in forward order."""
+    blocks = ((f"{BLOCK.prefix}.{i}.{name}", point) for i in range(cfg.n_layers)
+              for name, point in block_points())
+    return (*_flat(BEFORE_BLOCKS), *blocks, *_flat(AFTER_BLOCKS))
 
 
 def block_names(i: int) -> tuple[str, ...]:
     """Block `i`'s hook points, in the order the forward pass reaches them."""
-    b = f"blocks.{i}"
-    return (f"{b}.hook_resid_pre", *(f"{b}.ln1.{n}" for n in NORM_POINTS),
-            *(f"{b}.attn.{n}" for n in ATTN_POINTS), f"{b}.hook_attn_out",
-            f"{b}.hook_resid_mid", *(f"{b}.ln2.{n}" for n in NORM_POINTS),
-            *(f"{b}.mlp.{n}" for n in MLP_POINTS), f"{b}.hook_mlp_out", f"{b}.hook_resid_post")
+    return tuple(f"{BLOCK.prefix}.{i}.{name}" for name, _ in block_points())
 
 
 def hook_names(cfg: GPTConfig) -> tuple[str, ...]:
     """Every hook point of `GPTModel(cfg)`, in the order the forward pass reaches them."""
-    blocks = (name for i in range(cfg.n_layers) for name in block_names(i))
-    return (*EMBED_POINTS, *blocks, *(f"ln_final.{n}" for n in NORM_POINTS))
+    return tuple(name for name, _ in hook_points(cfg))
+
+
+_IN_BLOCK = frozenset(name for name, _ in block_points())
+_OUTSIDE = frozenset(name for name, _ in outer_points())
+_MODULES = {part.prefix: part.module for part in (*BLOCK.points, *AFTER_BLOCKS)
+            if isinstance(part, Part)}
+
+
+def _in_block(name: str) -> tuple[str, str] | None:
+    """`(layer, name within the block)` of a name in a block (`blocks.3.attn.hook_q`)."""
+    match = re.fullmatch(rf"{BLOCK.prefix}\.(\d+)\.(.+)", name)
+    return None if match is None else (match.group(1), match.group(2))
+
+
+def is_point(name: str) -> bool:
+    """Whether `name` is a hook point of the table (in some block, whatever the layer)."""
+    inside = _in_block(name)
+    return name in _OUTSIDE if inside is None else inside[1] in _IN_BLOCK
 
 
 def module_path(name: str) -> tuple[tuple[str, ...], str]:
@@ -65,15 +140,10 @@ def module_path(name: str) -> tuple[tuple[str, ...], str]:
 
     `blocks.3.attn.hook_q` -> `(("trf_blocks_3", "att"), "hook_q")`.
     """
-    *prefix, local = name.split(".")
-    if prefix == ["ln_final"]:
-        return ("final_norm",), local
-    if not prefix:
-        return (), local
-    path = [f"trf_blocks_{prefix[1]}"]
-    if len(prefix) == 3:
-        path.append(_PARTS[prefix[2]])
-    return tuple(path), local
+    inside = _in_block(name)
+    path = () if inside is None else (f"{BLOCK.module}_{inside[0]}",)
+    *parts, local = (name if inside is None else inside[1]).split(".")
+    return (*path, *(_MODULES[p] for p in parts)), local
 
 
 class ByIdentity:
@@ -141,6 +211,9 @@ def hook_point(module: nn.Module, table: HookTable, name: str, x: jax.Array) -> 
     if not table:
         return x
     full = f"{table.prefix}.{name}" if table.prefix else name
+    if not is_point(full):
+        raise ValueError(f"hook_point {full!r} is not in jaxgpt.nn.hooks' table of hook points: "
+                         f"a part calls its default's points (all: hook_names(cfg))")
     free = 0
     for point, hook in table.hooks:
         if point != full:
