@@ -176,9 +176,9 @@ def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypa
     calls = []
     real = generator.prepare
     monkeypatch.setattr(generator, "prepare", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    # One layout for 1 row, another for several (on the CPU they are measured per batch class).
-    monkeypatch.setattr(generator.layouts, "decode_layout",
-                        lambda cfg, dtype, rows: Layout(fused_qkv=True, proj=rows == 1))
+    # One layout for 1 row, another for several (as the rule may give per batch class).
+    monkeypatch.setattr(generator.Layout, "for_batch", classmethod(
+        lambda cls, rows, backend=None: Layout(fused_qkv=True, proj=rows == 1)))
     gen = Generator(params, cfg)
     prompt = rng.integers(0, cfg.vocab_size, (1, 5))
     first = np.asarray(gen.generate(prompt, 6))
