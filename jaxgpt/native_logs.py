@@ -9,7 +9,11 @@ to stderr then is passed on); `use_cpu_without_accelerators` makes the command l
 CPU backend alone on a machine with no GPU or TPU device, unless the user chose platforms
 (the plugins stay registered, so compile-only targets keep working).
 
-This module imports nothing at load time: `jaxgpt/__init__.py` uses it before jax is imported.
+The `jaxgpt` command uses them (`jaxgpt.cli`); a library never does it for you, since `import
+jaxgpt` leaves the process's file descriptors alone. A program of your own can do as the
+command does (docs/accelerators.md): import jax under `quiet_native_logs`, then
+`start_backends`. This module imports nothing at load time, so that it can run before jax is
+imported.
 """
 
 from __future__ import annotations

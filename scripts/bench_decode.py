@@ -14,9 +14,10 @@ sides' tokens are compared.
     python scripts/bench_decode.py --baseline /path/to/main          # before / after
     python scripts/bench_decode.py --baseline /path/to/main --old-layouts  # chunks alone
 
-`--old-layouts` gives this tree the CPU layouts main chose by constant (B=1: the 4D
-projection as rows; more rows: every matrix as rows) through `JAXGPT_DECODE_LAYOUT`, so that
-only the loop differs; without it this tree uses its measured layouts. `--chunk-steps K`
+`--old-layouts` gives this tree the CPU layouts main chose by constant before issue 19 (B=1:
+the 4D projection as rows; more rows: every matrix as rows) as `Generator(layout=...)`
+(`layout_lab.parse_layout`), so that only the loop differs; without it this tree uses its
+rule (`Layout.for_batch`). `--chunk-steps K`
 passes `Generator(chunk_steps=K)` to this tree (0: one step per check). Wrap the run in
 `flock /tmp/jaxgpt-bench.lock` on a shared machine.
 """
@@ -38,7 +39,8 @@ WORKLOADS = {"B=1, prompt 4, 200 new": (1, 4, 200), "B=8, prompt 32, 128 new": (
 OLD_LAYOUTS = {1: "proj", 8: "all"}  # main's Layout.for_batch on the CPU, by rows
 
 
-def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None) -> None:
+def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None,
+          layout: str | None) -> None:
     """Serve timing rounds on stdin ("run"), one JSON line each on stdout."""
     import jax
     import numpy as np
@@ -48,7 +50,11 @@ def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None) -> Non
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     params = jaxgpt.init_params(cfg, 0)
-    kw = {} if chunk_steps is None else {"chunk_steps": chunk_steps}
+    kw: dict = {} if chunk_steps is None else {"chunk_steps": chunk_steps}
+    if layout is not None:  # this tree's side only (the lab imports this tree's jaxgpt)
+        import layout_lab
+
+        kw["layout"] = layout_lab.parse_layout(layout)
     gen = jaxgpt.Generator(params, cfg, **kw)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
     bucket = 1 << (new - 1).bit_length()
@@ -75,13 +81,15 @@ def child(batch: int, prompt_len: int, new: int, chunk_steps: int | None) -> Non
                           "load": os.getloadavg()[0]}), flush=True)
 
 
-def _start(tree: Path, workload: tuple[int, int, int], env_extra: dict,
+def _start(tree: Path, workload: tuple[int, int, int], layout: str | None,
            chunk_steps: int | None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(tree), **env_extra}
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
            ",".join(map(str, workload))]
     if chunk_steps is not None:
         cmd += ["--chunk-steps", str(chunk_steps)]
+    if layout is not None:
+        cmd += ["--child-layout", layout]
     return subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
 
@@ -99,9 +107,9 @@ def _ask(proc: subprocess.Popen, line: str | None) -> dict:
 
 def compare(name: str, workload: tuple[int, int, int], args: argparse.Namespace) -> None:
     batch = workload[0]
-    env = {"JAXGPT_DECODE_LAYOUT": OLD_LAYOUTS[batch]} if args.old_layouts else {}
-    sides = {"baseline": _start(Path(args.baseline).resolve(), workload, {}, None),
-             "this tree": _start(ROOT, workload, env, args.chunk_steps)}
+    layout = OLD_LAYOUTS[batch] if args.old_layouts else None
+    sides = {"baseline": _start(Path(args.baseline).resolve(), workload, None, None),
+             "this tree": _start(ROOT, workload, layout, args.chunk_steps)}
     ready = {side: _ask(proc, None) for side, proc in sides.items()}  # sequential compiles
     replies: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.rounds):
@@ -148,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Generator(chunk_steps=K) on this tree's side")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--child", metavar="B,P,N", help=argparse.SUPPRESS)
+    p.add_argument("--child-layout", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         batch, prompt_len, new = map(int, args.child.split(","))
-        child(batch, prompt_len, new, args.chunk_steps)
+        child(batch, prompt_len, new, args.chunk_steps, args.child_layout)
         return 0
     if not args.baseline:
         p.error("--baseline is required")

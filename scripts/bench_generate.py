@@ -14,9 +14,9 @@ steady call) is reported apart from the steady state (best of `--repeats` calls)
 is the weight bytes read per step (every matrix once; one row of each embedding per token)
 over the memory read bandwidth measured here: the median of several jitted sums over 1 GiB
 (a read-only stream, far past the caches), measured before and after the timings; the spread
-of both is printed. Each workload prints the decoding layout `Generator` chose
-(`jaxgpt.inference.layouts`: measured once per machine and batch class, kept in
-`$XDG_CACHE_HOME/jaxgpt/decode_layouts.json`; `--layout` forces one).
+of both is printed. Each workload prints the decoding layout `Generator` chose (the
+package's fixed rule, `Layout.for_batch`; `--layout` gives another, as `Generator(layout=...)`:
+none, all, or the matrices held as rows, e.g. qkv,proj).
 
     python scripts/bench_generate.py              # the full run (several minutes on 2 cores)
     python scripts/bench_generate.py --quick      # fewer tokens, a smoke test
@@ -124,12 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chart", default="docs/bench_generate.png", help="PNG to write ('' = none)"
     )
-    parser.add_argument("--layout", default=None,
-                        help="force the decoding layout (JAXGPT_DECODE_LAYOUT: measure, fixed, "
-                             "none, all, or matrices held as rows, e.g. qkv,proj)")
+    parser.add_argument("--layout", default="rule",
+                        help="the Generator's decoding layout: rule (the package's), none, all, "
+                             "or matrices held as rows, e.g. qkv,proj")
     args = parser.parse_args(argv)
-    if args.layout is not None:
-        os.environ["JAXGPT_DECODE_LAYOUT"] = args.layout
     if args.quick:
         args.new_b1, args.new_b8, args.repeats = 24, 16, 1
         args.slow_tokens = args.slow_tokens or 8
@@ -145,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     dtype = jnp.dtype(args.dtype)
+    layout_kw = {}  # the rule: any tree's Generator, e.g. an A/B against an older checkout
+    if args.layout != "rule":
+        import layout_lab
+
+        layout_kw["layout"] = layout_lab.parse_layout(args.layout)
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; jaxgpt dtype {args.dtype}"
@@ -196,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {_row(results[-1])}", flush=True)
 
         if hasattr(jaxgpt, "Generator"):  # weights prepared once, outside the timed calls
-            t0 = time.perf_counter()
-            model, _ = jaxgpt.Generator(params, cfg, dtype=dtype).weights(batch)
-            prep = time.perf_counter() - t0
-            rows = [k for k, v in model.layout._asdict().items() if v and k != "fused_qkv"]
-            print(f"  decoding layout at B={batch}: rows {', '.join(rows) or 'none'} "
-                  f"(first use, with any measuring: {prep:.2f} s)", flush=True)
-            gen = jaxgpt.Generator(params, cfg, dtype=dtype)  # the layout is kept: not again
+            gen = jaxgpt.Generator(params, cfg, dtype=dtype, **layout_kw)
             t0 = time.perf_counter()
             gen.weights(batch)
             prep = time.perf_counter() - t0
@@ -210,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             def run_gen() -> np.ndarray:
                 return np.asarray(jax.block_until_ready(gen.generate(prompt, new)))
 
+            model, _ = gen.weights(batch)
+            rows = [k for k, v in model.layout._asdict().items() if v and k != "fused_qkv"]
+            print(f"  decoding layout at B={batch}: rows {', '.join(rows) or 'none'}", flush=True)
             out = run_gen()
             r = Result(label, "jaxgpt Generator, KV cache", batch, new,
                        _best(run_gen, args.repeats), match=_match(out, ours))

@@ -1,5 +1,5 @@
 """Where a B=8 decoding step's time goes on the CPU: a cached decoding step
-(`jaxgpt.inference.layouts.step_timer`: 124M cut to its first 6 blocks, every matrix as rows)
+(`layout_lab.step_timer`: 124M cut to its first 6 blocks, every matrix as rows)
 at 1 and 8 rows under each of XLA:CPU's matrix-product back ends, beside the machine's peak (a
 2048^3 product).
 
@@ -39,15 +39,13 @@ BACKENDS = {
 def child(rows: int, rounds: int) -> None:
     import jax
     import jax.numpy as jnp
+    import layout_lab
 
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-    from jaxgpt.inference import layouts
-    from jaxgpt.nn.layout import Layout
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
-    steps = layouts.step_timer(cfg, "float32", rows)
-    rows_all = Layout(True, True, True, True, True, True)
-    out = {"rows_all": [steps(rows_all) for _ in range(rounds)]}
+    steps = layout_lab.step_timer(cfg, "float32", rows)
+    out = {"rows_all": [steps(layout_lab.ALL_ROWS) for _ in range(rounds)]}
     a = jnp.ones((2048, 2048), jnp.float32)
     prod = jax.jit(lambda a: a @ a)
     jax.block_until_ready(prod(a))
@@ -70,13 +68,14 @@ def main() -> None:
     if args.child is not None:
         child(args.child, args.rounds)
         return
+    import layout_lab
+
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-    from jaxgpt.inference import layouts
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
-    blocks = min(cfg.n_layers, layouts.STEP_LAYERS)
+    blocks = min(cfg.n_layers, layout_lab.STEP_LAYERS)
     weights = sum(i * o * (1 if n == "head" else blocks)
-                  for n, (i, o, _) in layouts.matrix_shapes(cfg).items())
+                  for n, (i, o, _) in layout_lab.matrix_shapes(cfg).items())
     samples: dict[tuple[str, int], list[float]] = {}
     peaks: dict[str, float] = {}
     for _ in range(2):  # two passes over the back ends, alternating

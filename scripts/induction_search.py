@@ -1,7 +1,8 @@
 """Look for a recipe that forms an induction head quickly: train a small model with jaxgpt's
-train step on windows of `interp.induction.repeated_runs` (fresh windows every step, no
-epochs) and print, every `--every` steps, the loss and each layer's best induction score on
-repeated random tokens (halves 5, 8 and 11; 3, 5 and 7 when the context is shorter than 22).
+training loop (`training.loop.run_steps`, the one `jaxgpt train` runs) on windows of
+`interp.induction.repeated_runs` (fresh windows every step, no epochs) and print, every
+`--every` steps, the loss and each layer's best induction score on repeated random tokens
+(halves 5, 8 and 11; 3, 5 and 7 when the context is shorter than 22).
 
     python scripts/induction_search.py --seq 32 --min-half 4 --max-half 10 --max-gap 4
     python scripts/induction_search.py --copies 4 --emb 128 --heads 2 --steps 8000
@@ -32,6 +33,7 @@ from jaxgpt.interp.induction import induction_scores, repeated_runs, repeated_to
 from jaxgpt.nn.layers import FeedForward
 from jaxgpt.nn.model import GPTModel, init_params
 from jaxgpt.training.config import TrainConfig
+from jaxgpt.training.loop import run_steps
 from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
 
@@ -40,14 +42,6 @@ class NoFeedForward(FeedForward):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.zeros_like(x)
-
-
-def initial_params(cfg: GPTConfig, model: GPTModel | None, seed: int) -> dict:
-    """The untrained params of `model` (None: the book's model, `init_params`)."""
-    if model is None:
-        return init_params(cfg, seed)
-    ids = jnp.zeros((1, cfg.context_length), jnp.int32)
-    return model.init(jax.random.PRNGKey(seed), ids)["params"]
 
 
 def layer_best(params: dict, cfg: GPTConfig, probes: list[np.ndarray],
@@ -110,27 +104,33 @@ def main() -> None:
     halves = (5, 8, 11) if a.seq >= 22 else (3, 5, 7)
     probes = [repeated_tokens(32, h, a.vocab, 99 + h) for h in halves]
     model = GPTModel(cfg, feed_forward_cls=NoFeedForward) if a.attention_only else None
-    state = init_train_state(cfg, tc, initial_params(cfg, model, a.seed))
+    state = init_train_state(cfg, tc, init_params(cfg, a.seed, model=model))
     print(f"untrained: per-layer best "
           f"{np.round(layer_best(state.params, cfg, probes, model), 3)}")
-    step = make_train_step(cfg, tc, model=model)
-    rng, key, losses, t0 = np.random.default_rng(a.seed), dropout_key(tc), [], time.time()
-    for i in range(a.steps):
-        windows = batch_of_windows(rng, a, stream)  # [B, T + 1]
-        state, m = step(state, (jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])),
-                        key)
-        losses.append(float(m["loss"]))
-        if (i + 1) % a.every == 0 or i + 1 == a.steps:
+    rng, losses, t0 = np.random.default_rng(a.seed), [], time.time()
+
+    def batches():
+        while True:
+            windows = batch_of_windows(rng, a, stream)  # [B, T + 1]
+            yield jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])
+
+    def report(step: int, state, metrics: dict, seconds: float) -> bool:
+        losses.append(float(metrics["loss"]))
+        if step % a.every == 0 or step == a.steps:
             best = layer_best(state.params, cfg, probes, model)
-            print(f"step {i + 1}: loss {np.mean(losses[-a.every:]):.3f}, per-layer best "
+            print(f"step {step}: loss {np.mean(losses[-a.every:]):.3f}, per-layer best "
                   f"{np.round(best, 3)} ({time.time() - t0:.0f} s)", flush=True)
+        return False
+
+    state = run_steps(make_train_step(cfg, tc, model=model), state, batches(),
+                      range(1, a.steps + 1), dropout_key(tc), report)
     if a.save:
         with open(a.save, "wb") as f:
             pickle.dump(jax.device_get(state.params), f)
     if a.out:
         import induction as induction_report  # scripts/induction.py, beside this file
 
-        induction_report.report(state.params, cfg, initial_params(cfg, model, a.seed + 1),
+        induction_report.report(state.params, cfg, init_params(cfg, a.seed + 1, model=model),
                                 a.out, half=min(12, a.seq // 2), vocab=a.vocab, model=model)
 
 

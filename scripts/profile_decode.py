@@ -9,13 +9,13 @@ profiler; a part's time per step is (its time over N - its time over the short c
 times; the table gives the median per part and the range over the repeats, and for each
 matrix the bytes it reads per step over its time (GB/s).
 
-    python scripts/profile_decode.py --batch 8 --prompt 32 --new 128 --layouts none all measure
+    python scripts/profile_decode.py --batch 8 --prompt 32 --new 128 --layouts none all rule
     python scripts/profile_decode.py --batch 1 --prompt 4 --new 200
 
-A layout is a `JAXGPT_DECODE_LAYOUT` value: "measure" (this machine's, as `Generator` picks
-it), "none" (every matrix `[in, out]`), "all" (every matrix as rows), or matrices as rows
-("qkv,proj"). Profiling adds a little time to every thunk, so the total is above a plain
-run's; compare parts and layouts within one run.
+A layout is "rule" (the package's, as `Generator` picks it: `Layout.for_batch`), "none"
+(every matrix `[in, out]`), "all" (every matrix as rows), or matrices as rows ("qkv,proj"),
+passed as `Generator(layout=...)` (`layout_lab.parse_layout`). Profiling adds a little time
+to every thunk, so the total is above a plain run's; compare parts and layouts within one run.
 """
 
 from __future__ import annotations
@@ -80,14 +80,15 @@ def profile(fn, parts: dict[str, str]) -> collections.Counter:
 def setup(layout: str, args: argparse.Namespace, params, cfg, prompt):
     """A Generator for `layout`, warmed up, with its program's {thunk: part}."""
     import jax.numpy as jnp
+    import layout_lab
     import numpy as np
 
     import jaxgpt
-    from jaxgpt.inference import decode, layouts
+    from jaxgpt.inference import decode
     from jaxgpt.inference.sampling import sampling_config
 
-    os.environ[layouts.LAYOUT_ENV] = layout
-    gen = jaxgpt.Generator(params, cfg, chunk_steps=args.chunk_steps)
+    gen = jaxgpt.Generator(params, cfg, chunk_steps=args.chunk_steps,
+                           layout=layout_lab.parse_layout(layout))
     model, weights = gen.weights(args.batch)
     shape = decode.program_shape(cfg, args.prompt, args.new)
     text = decode.generate_tokens.lower(
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--layouts", nargs="+", default=["measure"])
+    p.add_argument("--layouts", nargs="+", default=["rule"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk-steps", type=int, default=8)
     args = p.parse_args(argv)
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args.short = max(1, bucket // 2 + 1) if args.new > 16 else 1
 
     import numpy as np
+    from layout_lab import matrix_shapes
 
     import jaxgpt
     from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
-    from jaxgpt.inference.layouts import matrix_shapes
 
     cfg = GPTConfig(**GPT_CONFIG_124M)
     params = jaxgpt.init_params(cfg, 0)

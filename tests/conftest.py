@@ -40,9 +40,6 @@ REFERENCES = {
 SKIP_REFERENCES_ENV = "JAXGPT_TESTS_WITHOUT_REFERENCES"
 # The reference modules as imported when the run started (filled by pytest_configure).
 IMPORTED: dict[str, ModuleType] = {}
-# CPU decoding layouts measured on the machine could differ from run to run: the suite decodes
-# with the fixed ones (`jaxgpt.inference.layouts`); the tests of measuring pass a fake timer.
-os.environ["JAXGPT_DECODE_LAYOUT"] = "fixed"
 
 
 def references_optional() -> bool:

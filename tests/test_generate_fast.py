@@ -90,8 +90,8 @@ def test_layouts_per_backend():
     assert Layout.for_batch(1, "gpu") == Layout.for_batch(32, "gpu") == gpu
     assert Layout.for_batch(1, "tpu") == Layout(fused_qkv=True)
     assert Layout.for_batch(32, "tpu") == Layout(fused_qkv=True)
-    # The CPU's is measured (jaxgpt.inference.layouts); without a measurement, [in, out].
-    assert Layout.for_batch(1, "cpu") == Layout.for_batch(8, "cpu") == Layout(fused_qkv=True)
+    # The CPU's: every matrix as rows (docs/performance.md; tests/test_layouts.py).
+    assert Layout.for_batch(1, "cpu") == Layout.for_batch(8, "cpu") == rows
     assert rows != gpu
 
 

@@ -1,16 +1,25 @@
-"""Choosing the CPU decoding layout by measuring (`jaxgpt.inference.layouts`): a fake timer
-decides, the choice is kept per batch class in a JSON file, and the environment forces one."""
+"""Decoding layouts: the package's fixed rule per backend (`Layout.for_batch`), which measures
+nothing and writes nothing, and the lab that measures (`scripts/layout_lab.py`), imported as
+the scripts import it and run as its docs give it (`scripts/bench_layouts.py`)."""
 
-import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import TINY
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference import Generator, generate_text_simple, layouts
+from jaxgpt.inference import Generator, generate_text_simple
 from jaxgpt.nn import init_params
 from jaxgpt.nn.layout import Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # as `python scripts/NAME.py` has it
+
+import layout_lab  # noqa: E402
 
 
 class FakeTimer:
@@ -54,139 +63,100 @@ def cfg():
     return GPTConfig(**TINY)
 
 
-@pytest.fixture
-def measuring(monkeypatch):
-    """Measuring on, on a machine that looks quiet (a busy one keeps nothing)."""
-    monkeypatch.setenv(layouts.LAYOUT_ENV, "measure")
-    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+# --- the package: a fixed rule ----------------------------------------------------------------
+
+
+def test_the_rule_per_backend_and_batch():
+    gpu = ALL_ROWS._replace(one_pass_norm=True)  # one pass applies to a single row only
+    for batch in (1, 8, 32):
+        assert Layout.for_batch(batch, "cpu") == ALL_ROWS  # docs/performance.md's figures
+        assert Layout.for_batch(batch, "gpu") == gpu
+        assert Layout.for_batch(batch, "tpu") == NO_ROWS
+
+
+def test_a_generator_decodes_with_the_rule_and_writes_nothing(cfg, rng, tmp_path, monkeypatch):
+    """No timing, no file: the home and the cache directory stay empty, and the tokens are the
+    book's."""
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    params = init_params(cfg, 5)
+    gen = Generator(params, cfg)
+    prompt = rng.integers(0, cfg.vocab_size, (3, 4))
+    out = np.asarray(gen.generate(prompt, 6))
+    np.testing.assert_array_equal(out, generate_text_simple(params, cfg, prompt, 6))
+    assert gen.weights(3)[0].layout == gen.weights(1)[0].layout == Layout.for_batch(3)
+    assert list(home.iterdir()) == list(cache.iterdir()) == []
+
+
+def test_a_generator_takes_a_layout(cfg):
+    params = init_params(cfg, 5)
+    gen = Generator(params, cfg, layout=NO_ROWS)
+    assert gen.weights(1)[0].layout == gen.weights(8)[0].layout == NO_ROWS
+    assert gen.weights(8)[1]["out_head"]["kernel"].shape == (cfg.emb_dim, cfg.vocab_size)
+    with pytest.raises(ValueError, match="layout must be a jaxgpt.nn.layout.Layout or None"):
+        Generator(params, cfg, layout="rows")
+
+
+# --- the lab: scripts/layout_lab.py -----------------------------------------------------------
 
 
 def test_rows_only_where_faster_by_more_than_the_margin():
     seconds = {name: (t[False], t[True]) for name, t in TABLE.items()}
-    assert layouts.choose(seconds) == WANT
-    assert 1 - TABLE["proj"][True] / TABLE["proj"][False] < layouts.MARGIN  # the tie is real
+    assert layout_lab.choose(seconds) == WANT
+    assert 1 - TABLE["proj"][True] / TABLE["proj"][False] < layout_lab.MARGIN  # a real tie
 
 
 def test_measuring_alternates_the_forms_and_keeps_the_best(cfg):
     timer = FakeTimer(TABLE)
-    seconds = layouts.measure(cfg, timer, rounds=3)
+    seconds = layout_lab.measure(cfg, timer, rounds=3)
     assert timer.calls[:4] == [("qkv", False), ("qkv", True)] * 2
     assert len(timer.calls) == 2 * 3 * len(TABLE)
     assert seconds == {name: (t[False], t[True]) for name, t in TABLE.items()}
-
-
-def test_a_layout_is_measured_once_per_batch_class_and_kept(cfg, tmp_path, measuring):
-    path = tmp_path / "layouts.json"
-    timer = FakeTimer(TABLE)
-    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
-    measured = len(timer.calls)
-    assert measured > 0
-    # 5 rows are in the class of 8: read back, not measured.
-    assert layouts.decode_layout(cfg, "float32", 5, "cpu", timer=timer, path=path) == WANT
-    assert len(timer.calls) == measured
-    stored = json.loads(path.read_text())
-    (key, entry), = stored.items()
-    assert key.endswith("rows 8") and sorted(entry["rows"]) == ["head", "qkv"]
-    # One row is another class, measured again (here with a table where nothing wins).
-    flat = FakeTimer({name: {False: 1.0, True: 1.0} for name in TABLE})
-    assert layouts.decode_layout(cfg, "float32", 1, "cpu", timer=flat, path=path) == Layout(
-        fused_qkv=True)
-    assert flat.calls and len(json.loads(path.read_text())) == 2
-    # Another dtype is another measurement too.
-    assert layouts.machine_key(cfg, "float32", 8) != layouts.machine_key(cfg, "bfloat16", 8)
-
-
-def test_an_unreadable_cache_is_measured_again(cfg, tmp_path, measuring):
-    path = tmp_path / "layouts.json"
-    path.write_text("{not json")
-    timer = FakeTimer(TABLE)
-    assert layouts.decode_layout(cfg, "float32", 2, "cpu", timer=timer, path=path) == WANT
-    assert timer.calls and len(json.loads(path.read_text())) == 1
-
-
-def test_a_busy_machines_measurement_is_used_not_kept(cfg, tmp_path, measuring, monkeypatch):
-    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
-    monkeypatch.setattr(layouts, "_UNKEPT", {})
-    path = tmp_path / "layouts.json"
-    timer = FakeTimer(TABLE)
-    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
-    measured = len(timer.calls)
-    assert not path.exists()
-    # The same process does not measure again; a quiet one keeps its measurement.
-    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
-    assert len(timer.calls) == measured
-    monkeypatch.setattr(layouts, "_UNKEPT", {})
-    monkeypatch.setattr(layouts.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=timer, path=path) == WANT
-    assert len(timer.calls) == 2 * measured and path.exists()
-
-
-def test_the_environment_forces_a_layout(cfg, tmp_path, monkeypatch):
-    never = FakeTimer({})  # any call fails: forced layouts are not measured
-    path = tmp_path / "layouts.json"
-    for text, want in [("qkv, proj", Layout(fused_qkv=True, qkv=True, proj=True)),
-                       ("none", Layout(fused_qkv=True)),
-                       ("all", Layout(True, True, True, True, True, True)),
-                       ("fixed", Layout.for_batch(8, "cpu"))]:
-        monkeypatch.setenv(layouts.LAYOUT_ENV, text)
-        assert layouts.decode_layout(cfg, "float32", 8, "cpu", timer=never, path=path) == want
-    monkeypatch.setenv(layouts.LAYOUT_ENV, "qkv,rows")
-    with pytest.raises(ValueError, match="JAXGPT_DECODE_LAYOUT='qkv,rows' names rows"):
-        layouts.decode_layout(cfg, "float32", 8, "cpu", timer=never, path=path)
-    # GPU and TPU layouts are not measured.
-    monkeypatch.setenv(layouts.LAYOUT_ENV, "measure")
-    assert layouts.decode_layout(cfg, "float32", 1, "gpu", timer=never, path=path) == (
-        Layout.for_batch(1, "gpu"))
-    assert not never.calls and not path.exists()
 
 
 def test_the_loop_confirms_or_replaces_the_per_matrix_choice():
     """The per-matrix choice stands unless another candidate's decoding step beats it
     by more than the margin; the candidates are timed alternately, once per round each."""
     steps = FakeSteps({WANT: 1.0, ALL_ROWS: 0.9, NO_ROWS: 1.2})
-    layout, seconds = layouts.confirm(WANT, steps, rounds=2)
+    layout, seconds = layout_lab.confirm(WANT, steps, rounds=2)
     assert layout == ALL_ROWS and seconds == {"chosen": 1.0, "all": 0.9, "none": 1.2}
     assert steps.calls == [WANT, ALL_ROWS, NO_ROWS] * 2
-    within = FakeSteps({WANT: 1.0, ALL_ROWS: 1.0 - layouts.MARGIN / 2})
-    assert layouts.confirm(WANT, within)[0] == WANT
+    within = FakeSteps({WANT: 1.0, ALL_ROWS: 1.0 - layout_lab.MARGIN / 2})
+    assert layout_lab.confirm(WANT, within)[0] == WANT
     # A per-matrix choice that is one of the others is timed once per round.
     steps = FakeSteps()
-    assert layouts.confirm(NO_ROWS, steps, rounds=3)[0] == NO_ROWS
+    assert layout_lab.confirm(NO_ROWS, steps, rounds=3)[0] == NO_ROWS
     assert steps.calls == [NO_ROWS, ALL_ROWS] * 3
 
 
-def test_the_step_timer_runs_the_decoding_program_with_each_layout(cfg):
+def test_the_timers_run(cfg):
     """Each layout's weights are prepared for the model that reads them (a mismatch fails to
     trace), and a step's time is a difference of two runs, never negative."""
-    timer = layouts.step_timer(cfg, "float32", 2)
-    assert all(timer(lay) >= 0 for lay in (WANT, ALL_ROWS, NO_ROWS, WANT))
-
-
-def test_the_matmul_timer_times_both_forms(cfg):
-    timer = layouts.matmul_timer(cfg, "float32", 2)
+    steps = layout_lab.step_timer(cfg, "float32", 2)
+    assert all(steps(lay) >= 0 for lay in (WANT, ALL_ROWS, NO_ROWS, WANT))
+    timer = layout_lab.matmul_timer(cfg, "float32", 2)
     assert all(timer(name, rows) > 0 for name in ("fc", "head") for rows in (False, True))
 
 
-def test_a_generator_decodes_with_the_measured_layout(cfg, rng, measuring):
-    """The first use measures into $XDG_CACHE_HOME/jaxgpt (a directory of this test run, see
-    conftest), and the tokens are the book's whatever was chosen."""
-    params = init_params(cfg, 5)
-    gen = Generator(params, cfg)
-    prompt = rng.integers(0, cfg.vocab_size, (3, 4))
-    out = np.asarray(gen.generate(prompt, 6))
-    np.testing.assert_array_equal(out, generate_text_simple(params, cfg, prompt, 6))
-    stored = json.loads(layouts.cache_path().read_text())
-    assert any(key.endswith("rows 4") for key in stored)
-    model, _ = gen.weights(3)
-    entry = stored[layouts.machine_key(cfg, "float32", 3)]
-    assert model.layout == Layout(fused_qkv=True, **{n: n in entry["rows"] for n in TABLE})
+def test_a_scripts_layout_argument():
+    assert layout_lab.parse_layout("rule") is None
+    assert layout_lab.parse_layout("qkv, proj") == Layout(fused_qkv=True, qkv=True, proj=True)
+    assert layout_lab.parse_layout("none") == NO_ROWS
+    assert layout_lab.parse_layout("all") == ALL_ROWS
+    with pytest.raises(ValueError, match="layout 'qkv,rows' names rows"):
+        layout_lab.parse_layout("qkv,rows")
 
 
-def test_a_generator_takes_a_layout(cfg):
-    params = init_params(cfg, 5)
-    rows = Layout(True, True, True, True, True, True)
-    gen = Generator(params, cfg, layout=rows)
-    assert gen.weights(1)[0].layout == gen.weights(8)[0].layout == rows
-    assert gen.weights(8)[1]["out_head"]["kernel"].shape == (cfg.vocab_size, cfg.emb_dim)
-    with pytest.raises(ValueError, match="layout must be a jaxgpt.nn.layout.Layout or None"):
-        Generator(params, cfg, layout="rows")
+def test_bench_layouts_runs_as_its_docs_give_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "scripts/bench_layouts.py", "--tiny", "--rows", "2",
+                          "--rounds", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2 row(s): chosen rows" in res.stdout and "| chosen |" in res.stdout
+    assert "confirmed in the decoding program" in res.stdout
+    assert list(tmp_path.iterdir()) == []  # the lab writes nothing either

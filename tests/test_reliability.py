@@ -8,6 +8,7 @@ lock held by another process); the rest in-process through `main`.
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -413,6 +414,45 @@ def test_the_command_line_prints_no_plugin_noise(tmp_path, platforms):
     res = _jaxgpt(tmp_path, "info", env=env)
     assert res.returncode == 0 and "parameters: 163,009,536" in res.stdout
     assert res.stderr == "", res.stderr
+
+
+# Run in a fresh interpreter: records every os.dup/os.dup2 that names stderr (fd 2) while
+# jaxgpt is imported and its public names (hence jax, and its plugins) are loaded.
+_WATCH_FD2 = """
+import os
+touched = []
+dup, dup2 = os.dup, os.dup2
+def watch_dup(fd):
+    if fd == 2:
+        touched.append(("dup", fd))
+    return dup(fd)
+def watch_dup2(fd, fd2, *rest):
+    if 2 in (fd, fd2):
+        touched.append(("dup2", fd, fd2))
+    return dup2(fd, fd2, *rest)
+os.dup, os.dup2 = watch_dup, watch_dup2
+import jaxgpt
+jaxgpt.GPTModel, jaxgpt.generate, jaxgpt.init_params
+print(touched)
+"""
+
+
+def _absl_lines(stderr):
+    """stderr's lines with the numbers (times, thread ids) masked."""
+    return [re.sub(r"\d+", "N", line) for line in _lines(stderr)]
+
+
+def test_importing_jaxgpt_leaves_stderr_alone(tmp_path):
+    """A library import does not redirect fd 2: what jax's plugins print when they load is
+    passed on as `import jax` alone prints it (the command line quiets it, above)."""
+    env = _env(tmp_path)
+    ours = subprocess.run([sys.executable, "-c", _WATCH_FD2], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.strip() == "[]", ours.stdout
+    plain = subprocess.run([sys.executable, "-c", "import jax"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert _absl_lines(ours.stderr) == _absl_lines(plain.stderr)
 
 
 def test_only_absls_info_lines_are_dropped():

@@ -14,7 +14,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.io import checkpoint
 from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
 from jaxgpt.training.config import TrainConfig
-from jaxgpt.training.loop import TrainingDiverged, train_loop
+from jaxgpt.training.loop import TrainingDiverged, run_steps, train_loop
 from jaxgpt.training.loss import cross_entropy_loss, perplexity
 from jaxgpt.training.optim import decay_mask, make_schedule
 from jaxgpt.training.run_dir import list_checkpoints
@@ -220,6 +220,33 @@ def test_train_step_donates_the_state_and_draws_new_dropout_each_step(tiny_cfg):
     # Same batch, (almost) same weights: only the step-folded dropout key differs.
     assert float(m1["loss"]) != float(m2["loss"])
     assert int(state.step) == 2
+
+
+def test_run_steps_draws_one_batch_per_step_and_stops_when_asked(tiny_cfg):
+    """The loop `train_loop` runs, driven as an experiment drives it: the states and metrics
+    are those of calling the step by hand, and a true return stops after that step without
+    drawing another batch."""
+    tc = TrainConfig(steps=4, batch_size=4, seq_len=8, weight_decay=0.0)
+    step, key, batches = make_train_step(tiny_cfg, tc), jax.random.PRNGKey(0), _batches(4)
+    want, state = [], init_train_state(tiny_cfg, tc)
+    for batch in batches[:3]:
+        state, m = step(state, batch, key)
+        want.append(float(m["loss"]))
+    drawn, seen = [], []
+
+    def stream():
+        for batch in batches:
+            drawn.append(batch)
+            yield batch
+
+    def after(i, state, metrics, seconds):
+        seen.append((i, int(state.step), float(metrics["loss"])))
+        assert seconds > 0 and isinstance(metrics["loss"], np.ndarray)
+        return i == 3
+
+    last = run_steps(step, init_train_state(tiny_cfg, tc), stream(), range(1, 5), key, after)
+    assert seen == [(i, i, loss) for i, loss in enumerate(want, start=1)]
+    assert int(last.step) == 3 and len(drawn) == 3
 
 
 def _tokens(n, seed=0):

@@ -2,6 +2,10 @@
 
 Each command is a module of this package with an `add(sub)` that declares its flags and a
 `run(args)` that runs it. Results go to stdout, diagnostics to stderr.
+
+The command owns its process, so it keeps native start-up noise off stderr: jax is imported
+here, under `quiet_native_logs`, before any command module (`import jaxgpt` alone loads no
+jax and touches no file descriptor; `jaxgpt.native_logs` says what the noise is).
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ import argparse
 import os
 import sys
 
+from jaxgpt.native_logs import quiet_native_logs, start_backends, use_cpu_without_accelerators
+
+with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds no GPU
+    import jax  # noqa: F401
+
 from jaxgpt.cli import attention, convert, generate, info, lens, patch, train
-from jaxgpt.native_logs import start_backends, use_cpu_without_accelerators
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 - `simple`: `generate_text_simple`, the book's loop as one jit-compiled `fori_loop`.
 - `generator`: `generate`, `generate_stream` and `Generator` (decode-ready weights kept).
 - `decode`: the compiled decoding programs (prefill, cached steps in chunks, bucketed shapes).
-- `layouts`: the decoding layout for this machine (measured once on the CPU, kept as JSON).
 - `sampling`: temperature, top-k, top-p.
 - `checks`: argument checks shared by every entry point.
 """

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.inference import decode, layouts
+from jaxgpt.inference import decode
 from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_ids
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
 from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
@@ -142,9 +142,9 @@ class Generator:
     """Generation for one set of params: the decode-ready weights are built once and reused.
 
     `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and the layout the backend
-    multiplies fastest at the batch size: on the CPU measured once per machine and batch
-    class, see `jaxgpt.inference.layouts`) costs a pass over all of them; a `Generator` pays it
-    once per layout and keeps the result, where `jaxgpt.generate` pays it on every call.
+    multiplies fastest at the batch size, `Layout.for_batch`) costs a pass over all of them;
+    a `Generator` pays it once per layout and keeps the result, where `jaxgpt.generate` pays
+    it on every call.
     Methods take the arguments of `generate` and `generate_stream` after `cfg`.
 
     Args:
@@ -160,7 +160,7 @@ class Generator:
       chunk_steps: cached steps run between two checks for EOS (`decode.DECODE_CHUNK`; 0:
         one step per check). The tokens are the same for every value.
       layout: the `Layout` to decode with at every batch size, instead of the one chosen for
-        the backend and batch (`layouts.decode_layout`).
+        the backend and batch (`Layout.for_batch`).
 
     `generate` and `stream` take `hooks=[(name, fn), ...]` too (`jaxgpt.nn.hooks`): they run
     in the prefill and in every step, cached or not. A cached step computes one new token, so
@@ -205,8 +205,8 @@ class Generator:
             layout = Layout()
         elif self.layout is not None:
             layout = self.layout
-        else:
-            layout = layouts.decode_layout(self.cfg, self.dtype, rows)
+        else:  # a fixed rule per backend, nothing measured (docs/performance.md)
+            layout = Layout.for_batch(rows)
         if (layout, mesh) not in self._prepared:
             # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
             # would copy them), and XLA:CPU runs the transposes slower inside the generation

@@ -33,6 +33,11 @@ R = TypeVar("R")
 
 # What `GPTModel.remat` may be: recompute nothing, the attention core, or whole blocks.
 REMAT_MODES = ("none", "attention", "block")
+# How far `GPTModel(cfg, dtype=jnp.bfloat16)`'s logits may be from fp32's, as a fraction of
+# the largest fp32 logit: bf16 keeps 8 significant bits (2^-9 ~ 0.2% per rounding), and
+# through the blocks, norms and head the error stays within a few such steps (~0.5% measured
+# on the tests' tiny model). The tests and `scripts/gpu_check.py` hold bf16 to it.
+BF16_LOGITS_REL_ERROR = 0.02
 
 
 def remat_mode(remat: bool | str) -> str:
@@ -343,15 +348,20 @@ def model_for(cfg: GPTConfig, model: GPTModel | None) -> GPTModel:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(cfg: GPTConfig) -> Callable[..., Any]:
-    return jax.jit(GPTModel(cfg).init)
+def _jitted_init(model: GPTModel) -> Callable[..., Any]:
+    return jax.jit(model.init)
 
 
-def init_params(cfg: GPTConfig, seed: int | jax.Array = 0) -> dict:
-    """Random parameters for `cfg` (GPT-2 init), from an int seed or a PRNG key."""
+def init_params(cfg: GPTConfig, seed: int | jax.Array = 0, *,
+                model: GPTModel | None = None) -> dict:
+    """Random parameters for `cfg` (GPT-2 init), from an int seed or a PRNG key; for `model`, a
+    `GPTModel(cfg, ...)` with parts of its own, those of that variant (its parts' own params
+    included). The compiled init is kept per model's parameter structure: its dtype, remat
+    and hooks do not change the params, so they do not compile another."""
+    model = model_for(cfg, model).clone(dtype=jnp.float32, remat=False, hooks=HookTable())
     key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
     dummy = jnp.zeros((1, 1), dtype=jnp.int32)
-    return _jitted_init(cfg)(key, dummy)["params"]
+    return _jitted_init(model)(key, dummy)["params"]
 
 
 def param_shapes(cfg: GPTConfig) -> dict:

@@ -1,5 +1,9 @@
 """`train_loop`: the impure part of training around the pure step of `training.step`: data,
-evaluation, metrics, checkpoints, signals, and the agreement of several processes."""
+evaluation, metrics, checkpoints, signals, and the agreement of several processes.
+
+`run_steps` is the loop itself, the one `train_loop` runs: a train step over a stream of
+batches, with a call back after each step. An experiment with its own model and data stream
+drives it directly (`scripts/induction_search.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +115,31 @@ def check_tokens(tokens: np.ndarray, cfg: GPTConfig, name: str) -> None:
         )
 
 
+# What `run_steps` calls after each step: (step, state, host metrics, seconds the step took,
+# its batch included) -> whether to stop there.
+AfterStep = Callable[[int, Any, dict, float], bool]
+
+
+def run_steps(train_step: Callable, state: Any, batches: Iterator[Any], steps: Iterable[int],
+              key: jax.Array, after_step: AfterStep | None = None) -> Any:
+    """The training loop: for each step number of `steps`, `state, metrics =
+    train_step(state, next(batches), key)`, then `after_step(step, state, metrics, seconds)`
+    with the metrics on the host (evaluate, log, save there); a true return stops after that
+    step. Returns the last state.
+
+    `train_step` is `training.step.make_train_step`'s (for a variant, `model=`) or
+    `sharded_train_step`'s; `batches` yields its `(inputs, targets)`, one batch drawn per step
+    (a generator draws nothing past the last step).
+    """
+    for step in steps:
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, next(batches), key)
+        m = jax.device_get(metrics)
+        if after_step is not None and after_step(step, state, m, time.perf_counter() - t0):
+            break
+    return state
+
+
 def train_loop(
     cfg: GPTConfig,
     tc: TrainConfig,
@@ -156,7 +185,7 @@ def train_loop(
 
 def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
            progress: bool) -> list[dict]:
-    """The steps of `train_loop` on an opened run; its records."""
+    """The steps of `train_loop` on an opened run (`run_steps`); its records."""
     cfg, tc = run.cfg, run.tc
     start = int(run.state.step)
     main = jax.process_index() == 0  # the one writer of metrics, plot and messages
@@ -167,9 +196,11 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
         _StopOnSignal() as stop,
         open(run.metrics_path, "a") if main else contextlib.nullcontext() as log_file,
     ):
-        for step in range(start + 1, tc.steps + 1):
+        def after_step(step: int, state: Any, m: dict, seconds: float) -> bool:
+            nonlocal saved_step, signum
+            run.state = state
             saving = step % tc.save_every == 0 or step == tc.steps
-            record = run.step(step, saving, bar)
+            record = run.record(step, m, seconds, saving, bar)
             signum = _agreed_signal(stop.signum)  # every process stops after the same step
             if (step % tc.eval_every == 0 or step == tc.steps) and signum is None:
                 _evaluate_into(record, run.state.params, cfg, tc, run.eval_step,
@@ -185,8 +216,10 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
                 bar.update(step, record["loss"], record["tokens_per_s"])
             if on_step is not None:
                 on_step(step, record)
-            if signum is not None:
-                break
+            return signum is not None
+
+        run.state = run_steps(run.train_step, run.state, run.batches(),
+                              range(start + 1, tc.steps + 1), run.key, after_step)
         if bar and bar.tty:
             print(file=sys.stderr)
         png = plot_losses(read_metrics(run.metrics_path), run.out / "loss.png") if main else None
@@ -218,18 +251,22 @@ class _Run:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
-    def step(self, step: int, saving: bool, bar: Progress | None) -> dict:
-        """Run update `step` on the next batch; its metrics record (TrainingDiverged if the
-        values are not finite)."""
+    def batches(self) -> Iterator[Any]:
+        """The run's batches from the loader's next on, one per `next` (each process builds
+        only the rows its devices hold)."""
+        while True:
+            yield self._global_batch(self.loader.next_indices())
+
+    def _global_batch(self, idx: np.ndarray) -> Any:
+        """The batch of window indices `idx` (`[B]`), placed on the mesh."""
+        return sharding.global_rows(lambda rows: self.loader.windows.get(idx[rows]),
+                                    self.tc.batch_size, sharding.batch_sharding(self.mesh))
+
+    def record(self, step: int, m: dict, seconds: float, saving: bool,
+               bar: Progress | None) -> dict:
+        """The metrics record of update `step` from its host metrics `m` (TrainingDiverged if
+        the values are not finite)."""
         tc = self.tc
-        t0 = time.perf_counter()
-        # Each process builds only the rows its devices hold.
-        idx = self.loader.next_indices()  # [B] window indices of the global batch
-        batch = sharding.global_rows(lambda rows: self.loader.windows.get(idx[rows]),
-                                     tc.batch_size, sharding.batch_sharding(self.mesh))
-        self.state, metrics = self.train_step(self.state, batch, self.key)
-        m = jax.device_get(metrics)
-        dt = time.perf_counter() - t0
         _check_finite(m, self.state, step, saving, self.last_good, bar)
         batch_tokens = tc.batch_size * tc.seq_len
         self.tokens_seen += batch_tokens
@@ -239,7 +276,7 @@ class _Run:
             "tokens_seen": self.tokens_seen,
             "lr": float(m["lr"]),
             "grad_norm": float(m["grad_norm"]),
-            "tokens_per_s": batch_tokens / dt,
+            "tokens_per_s": batch_tokens / seconds,
         }
 
     def save(self, step: int, scheduled: bool) -> None:

@@ -1,38 +1,25 @@
-"""The decoding layout for this machine: on the CPU, measured once per machine, batch class,
-dtype and model shape, and kept as JSON beside the compilation cache.
+"""The layout lab: timing the decoding matrices' layouts on this machine, for the scripts.
 
-XLA:CPU multiplies a few rows by an `[in, out]` matrix and by its `[out, in]` form at speeds
-that differ by matrix, row count, machine and XLA release, so the CPU layout is measured where
-it runs: for each matrix of the model (fused Q/K/V, the attention's output projection, the two
-feed-forward matrices, the head), as many copies as the model has, multiplied by `rows` rows in
-both forms, alternately, the best of a few rounds each. A matrix is held as rows where that is
-faster by more than `MARGIN`, else as the book's `[in, out]` (nothing to transpose).
+The package decodes with a fixed rule per backend (`jaxgpt.nn.layout.Layout.for_batch`); the
+figures it rests on (docs/performance.md, "CPU matrix layouts") come from here:
 
-Whether matrices timed one at a time rank layouts as the decoding program does is checked by
-`confirm` (`scripts/bench_layouts.py` runs it): the per-matrix choice, every matrix as rows and
-none as rows, each timed in the real decoding program (`step_timer`), alternately. On a 2-core
-EPYC the per-matrix choice and every matrix as rows were within 1-4% of each other in the
-program, at 1 and 8 rows (docs/performance.md): too little for `decode_layout` to pay for the
-check at first use (three compiles, 20-35 s for 124M).
+- `matmul_timer` and `measure`: each matrix of a model (fused Q/K/V, the attention's output
+  projection, the two feed-forward matrices, the head), as many copies as the model has,
+  multiplied by a few rows as `[in, out]` and as rows `[out, in]`, alternately, the best of a
+  few rounds each; `choose` holds a matrix as rows where that is faster by more than `MARGIN`.
+- `step_timer`: a cached step of the real decoding program with a layout; `candidates` and
+  `confirm`: the per-matrix choice, every matrix as rows and none, each timed in it.
+- `parse_layout`: a layout named on a script's command line ("rule", "none", "all",
+  "qkv,proj"), to pass as `Generator(layout=...)`.
 
-A measurement taken while the machine is busier than its cores (load average above the CPU
-count) is used by this process but not kept, so that a later, quieter process measures again.
-GPU and TPU layouts follow from the structure of their compiled programs (`Layout.for_batch`),
-not from timings.
-
-`JAXGPT_DECODE_LAYOUT` forces a layout: "measure" (the default), "fixed" (`Layout.for_batch`,
-no measuring: what the test suite uses), or the matrices to hold as rows, comma-separated
-(e.g. "qkv,proj"; "none" for none, "all" for every one).
+Scripts run as `python scripts/NAME.py` from the repository root have `scripts/` on their path
+and `import layout_lab`; the tests import it the same way (`tests/test_layouts.py`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -46,8 +33,9 @@ from jaxgpt.inference.sampling import SamplingConfig
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.nn.model import GPTModel, init_params
 
-LAYOUT_ENV = "JAXGPT_DECODE_LAYOUT"
 MATRICES = ("qkv", "out", "fc", "proj", "head")  # the `Layout` fields of the matrices
+ALL_ROWS = Layout(True, True, True, True, True, True)
+NO_ROWS = Layout(fused_qkv=True)
 # Rows must beat [in, out] by this fraction: closer than that is within a quiet machine's
 # noise from round to round, and [in, out] needs no transposing.
 MARGIN = 0.03
@@ -61,8 +49,25 @@ STEP_LAYERS = 6  # blocks of the model `step_timer` compiles (its weights outgro
 Timer = Callable[[str, bool], float]
 # A step timer: seconds per decoding step with a layout.
 StepTimer = Callable[[Layout], float]
-# Layouts measured by this process and not kept (the machine was busy), by `machine_key`.
-_UNKEPT: dict[str, Layout] = {}
+
+
+def parse_layout(text: str) -> Layout | None:
+    """The layout a script's `--layout text` names: None for "rule" (`Layout.for_batch`, what
+    `Generator` picks), "none", "all", or the matrices to hold as rows ("qkv,proj")."""
+    words = [w.strip() for w in text.lower().split(",") if w.strip()]
+    if words in ([], ["rule"]):
+        return None
+    names = set(MATRICES) if words == ["all"] else set() if words == ["none"] else set(words)
+    unknown = names - set(MATRICES)
+    if unknown:
+        raise ValueError(f"layout {text!r} names {', '.join(sorted(unknown))}; give 'rule', "
+                         f"'none', 'all' or some of {', '.join(MATRICES)}")
+    return Layout(fused_qkv=True, **{name: True for name in names})
+
+
+def rows_of(layout: Layout) -> list[str]:
+    """The matrices `layout` holds as rows, in `MATRICES` order."""
+    return [name for name in MATRICES if getattr(layout, name)]
 
 
 def matrix_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int, int]]:
@@ -75,29 +80,11 @@ def matrix_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
-def batch_class(rows: int) -> int:
-    """The row count a layout is measured at for `rows` rows: the power of two >= rows."""
-    return 1 << max(rows - 1, 0).bit_length()
-
-
 def choose(seconds: dict[str, tuple[float, float]]) -> Layout:
     """The layout of `{name: ([in, out] seconds, rows seconds)}`: rows where faster by more
     than `MARGIN`; Q/K/V fused."""
     rows = {name: r < (1 - MARGIN) * c for name, (c, r) in seconds.items()}
     return Layout(fused_qkv=True, **rows)
-
-
-def forced_layout(text: str) -> Layout | None:
-    """The layout `JAXGPT_DECODE_LAYOUT=text` names; None for "measure" and "fixed"."""
-    words = [w.strip() for w in text.lower().split(",") if w.strip()]
-    if words in ([], ["measure"], ["fixed"]):
-        return None
-    names = set(MATRICES) if words == ["all"] else set() if words == ["none"] else set(words)
-    unknown = names - set(MATRICES)
-    if unknown:
-        raise ValueError(f"{LAYOUT_ENV}={text!r} names {', '.join(sorted(unknown))}; give "
-                         f"'measure', 'fixed', 'none', 'all' or some of {', '.join(MATRICES)}")
-    return Layout(fused_qkv=True, **{name: True for name in names})
 
 
 def matmul_timer(cfg: GPTConfig, dtype: Any, rows: int) -> Timer:
@@ -181,8 +168,7 @@ def candidates(choice: Layout) -> dict[str, Layout]:
     """What `confirm` times, by label: "chosen" (the per-matrix choice), "all" (every matrix
     as rows) and "none", each layout once (a choice equal to another keeps "chosen")."""
     unique: dict[str, Layout] = {}
-    for label, lay in (("chosen", choice), ("all", Layout(True, True, True, True, True, True)),
-                       ("none", Layout(fused_qkv=True))):
+    for label, lay in (("chosen", choice), ("all", ALL_ROWS), ("none", NO_ROWS)):
         if lay not in unique.values():
             unique[label] = lay
     return unique
@@ -202,79 +188,3 @@ def confirm(choice: Layout, timer: StepTimer,
     if best[winner] < (1 - MARGIN) * best["chosen"]:
         return unique[winner], best
     return choice, best
-
-
-def cache_path() -> Path:
-    """`$XDG_CACHE_HOME/jaxgpt/decode_layouts.json` (beside the compile cache, `.../xla`)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxgpt" / "decode_layouts.json"
-
-
-def machine_key(cfg: GPTConfig, dtype: Any, rows: int) -> str:
-    """What a measurement holds for: this CPU and XLA, the dtype, the matrices, the rows."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
-    except OSError:
-        pass
-    shapes = ",".join(f"{n}{i}x{o}x{c}" for n, (i, o, c) in matrix_shapes(cfg).items())
-    return (f"{model} x{os.cpu_count()} | jax {jax.__version__} | {jnp.dtype(dtype).name} | "
-            f"{shapes} | rows {batch_class(rows)}")
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
-
-
-def _write(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: measure again next time
-        pass
-
-
-def decode_layout(cfg: GPTConfig, dtype: Any, rows: int, backend: str | None = None, *,
-                  timer: Timer | None = None, path: Path | None = None) -> Layout:
-    """The layout to decode `rows` rows (per device) with, on `backend` (default: JAX's).
-
-    `JAXGPT_DECODE_LAYOUT` first (see the module docstring); then on the CPU the layout
-    measured here for this batch class, from the cache at `path` (default `cache_path()`) or
-    measured now with `timer` (default `matmul_timer`) and stored; elsewhere
-    `Layout.for_batch`.
-    """
-    backend = jax.default_backend() if backend is None else backend
-    setting = os.environ.get(LAYOUT_ENV, "measure")
-    forced = forced_layout(setting)
-    if forced is not None:
-        return forced
-    if backend != "cpu" or setting.strip().lower() == "fixed":
-        return Layout.for_batch(rows, backend)
-    path = cache_path() if path is None else path
-    key = machine_key(cfg, dtype, rows)
-    entry = _read(path).get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("rows"), list):
-        return Layout(fused_qkv=True, **{n: n in entry["rows"] for n in matrix_shapes(cfg)})
-    if key in _UNKEPT:
-        return _UNKEPT[key]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    timer = matmul_timer(cfg, dtype, batch_class(rows)) if timer is None else timer
-    seconds = measure(cfg, timer)
-    layout = choose(seconds)
-    if load > (os.cpu_count() or 1):  # other work skews the timings: do not keep them
-        _UNKEPT[key] = layout
-        return layout
-    data = _read(path)  # again: another process may have added its own
-    data[key] = {"rows": [n for n in seconds if getattr(layout, n)],
-                 "seconds": {n: list(s) for n, s in seconds.items()},
-                 "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": load}
-    _write(path, data)
-    return layout
