@@ -11,7 +11,13 @@ with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds
     import jax  # noqa: F401
 
 from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-from jaxgpt.inference import Generator, generate, generate_stream, generate_text_simple
+from jaxgpt.inference import (
+    GenerationConfig,
+    Generator,
+    generate,
+    generate_stream,
+    generate_text_simple,
+)
 from jaxgpt.nn import (
     GELU,
     FeedForward,
@@ -36,6 +42,7 @@ __all__ = [
     "FeedForward",
     "GPTConfig",
     "GPTModel",
+    "GenerationConfig",
     "Generator",
     "LayerNorm",
     "Linear",

@@ -21,6 +21,30 @@ def log(msg: str) -> None:
 
 
 
+def field_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> flag for every flag of `p` (argparse keeps no public list): where the dests
+    are a config's field names, which flag sets each field."""
+    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+
+
+def flag_error(e: ValueError, flags: dict[str, str], typed: dict[str, Any]) -> str:
+    """A library error as the command line says it: each `Config.field` it names as the flag
+    that sets the field (`flags`: field -> flag), and a `ConfigError`'s value as the one typed
+    there (`typed`: field -> the flag's value, where the command changed it on the way)."""
+    import re
+
+    from jaxgpt.config import ConfigError
+
+    def flag(match: re.Match) -> str:
+        return flags.get(match.group(1), match.group(0))
+
+    names = r"\b[A-Z]\w*Config\.(\w+)"
+    if not isinstance(e, ConfigError) or e.field not in flags:
+        return re.sub(names, flag, str(e))
+    got = f", got {typed.get(e.field, e.value)}" if e.has_value else ""
+    return f"{flags[e.field]} {re.sub(names, flag, e.rule)}{got}"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags that say which weights to use."""
     p.add_argument("--checkpoint", metavar="DIR", default=None,

@@ -4,17 +4,17 @@
 - `generator`: `generate`, `generate_stream` and `Generator` (decode-ready weights kept).
 - `decode`: the compiled decoding programs (prefill, cached steps in chunks, bucketed shapes).
 - `layouts`: the decoding layout for this machine (measured once on the CPU, kept as JSON).
-- `sampling`: temperature, top-k, top-p.
+- `sampling`: `GenerationConfig` (temperature, top-k, top-p, EOS), and choosing a token.
 - `checks`: argument checks shared by every entry point.
 """
 
 from jaxgpt.inference.generator import Generator, cut_after_eos, generate, generate_stream
-from jaxgpt.inference.sampling import SamplingConfig
+from jaxgpt.inference.sampling import GenerationConfig
 from jaxgpt.inference.simple import generate_text_simple
 
 __all__ = [
+    "GenerationConfig",
     "Generator",
-    "SamplingConfig",
     "cut_after_eos",
     "generate",
     "generate_stream",
