@@ -27,7 +27,7 @@ def field_flags(p: argparse.ArgumentParser) -> dict[str, str]:
     return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
 
 
-def flag_error(e: ValueError, flags: dict[str, str], typed: dict[str, Any]) -> str:
+def flag_error(e: Exception, flags: dict[str, str], typed: dict[str, Any]) -> str:
     """A library error as the command line says it: each `Config.field` it names as the flag
     that sets the field (`flags`: field -> flag), and a `ConfigError`'s value as the one typed
     there (`typed`: field -> the flag's value, where the command changed it on the way)."""
