@@ -190,6 +190,23 @@ def peek_config(args: argparse.Namespace) -> GPTConfig:
 
 
 
+def prompt_tokens(text: str, cfg: GPTConfig, flag: str, command: str) -> Any:
+    """`text`'s GPT-2 token ids, int32 `[T]`, checked for the model `cfg` as the research
+    functions check their tokens (`jaxgpt.interp.cache.check_tokens`: not empty, in the
+    vocabulary, at most `context_length`), said of `flag`: SystemExit before the weights load.
+    """
+    import numpy as np
+
+    from jaxgpt.interp.cache import check_tokens
+    from jaxgpt.tokenizer import get_tokenizer
+
+    ids = np.asarray(get_tokenizer().encode(text), np.int32)
+    try:
+        return check_tokens(ids, cfg, flag)[0]
+    except ValueError as e:
+        raise SystemExit(f"jaxgpt {command}: {e}") from e
+
+
 def _default_cache_dir() -> str:
     import os
 
