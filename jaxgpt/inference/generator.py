@@ -7,7 +7,8 @@ counts rounded up to powers of two so that few shapes are ever compiled. Its gre
 the book's exactly, also past `context_length`. `generate_stream` runs the same loop in
 chunks. `Generator` holds one set of params with their decode-ready form
 (`jaxgpt.nn.layout.prepare`), so repeated calls do not rebuild it; `generate` and
-`generate_stream` are thin wrappers.
+`generate_stream` are thin wrappers. All four take the sampling and stopping settings as one
+`GenerationConfig` (`config=`), or its fields as keywords.
 
 Shapes: B batch, P prompt slots, V vocab_size.
 """

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or temperature -> top-k -> top-p -> sample.
+"""Choosing the next token from logits: greedy, or temperature -> top-k -> top-p -> sample;
+and `GenerationConfig`, the settings every generation entry point takes.
 
 The order, for `temperature > 0`:
 
