@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-    from jaxgpt.inference import Generator, generate, generate_stream, generate_text_simple
+    from jaxgpt.inference import (
+        GenerationConfig,
+        Generator,
+        generate,
+        generate_stream,
+        generate_text_simple,
+    )
     from jaxgpt.nn import (
         GELU,
         FeedForward,
@@ -73,6 +79,7 @@ __all__ = [
     "FeedForward",
     "GPTConfig",
     "GPTModel",
+    "GenerationConfig",
     "Generator",
     "LayerNorm",
     "Linear",

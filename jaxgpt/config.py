@@ -28,6 +28,22 @@ _PRESET_SIZES: dict[str, tuple[int, int, int]] = {
 PRESETS: tuple[str, ...] = tuple(_PRESET_SIZES)
 
 
+class ConfigError(ValueError):
+    """A config field's bad value, said as `Owner.field <rule>, got <value>`.
+
+    The parts are kept (`owner`, `field`, `rule`, `value`; `has_value` is False where the rule
+    says the value itself) so that the command line can say the same of the flag that set the
+    field, with the value typed there (`jaxgpt.cli.common.flag_error`). A rule that names
+    another field names it as `Owner.other`.
+    """
+
+    def __init__(self, owner: str, field: str, rule: str, *value: Any):
+        self.owner, self.field, self.rule = owner, field, rule
+        self.has_value = bool(value)
+        self.value = value[0] if value else None
+        super().__init__(f"{owner}.{field} {rule}" + (f", got {self.value!r}" if value else ""))
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Hyper-parameters of a GPT model, with the book's key names.

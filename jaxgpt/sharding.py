@@ -112,7 +112,7 @@ def check_batch_split(batch_size: int) -> None:
     if batch_size % n_proc:
         raise ValueError(
             f"the batch of {batch_size} rows does not divide by the {n_proc} processes: each "
-            f"process must feed the same number of rows; use a --batch-size that is a multiple "
+            f"process must feed the same number of rows; use a batch_size that is a multiple "
             f"of {n_proc}"
         )
 

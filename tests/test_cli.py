@@ -109,10 +109,15 @@ def test_bad_arguments_exit_with_a_message(tmp_path, args, message):
         (["--top-k", "5"], "--top-k only apply when sampling, and sampling needs a temperature "
                            "above 0"),
         (["--top-p", "0.9", "--top-k", "3"], "--top-k and --top-p only apply when sampling"),
-        (["--top-k", "0", "--temperature", "1"], r"top_k must be in \[1, 50257\]"),
-        (["--top-k", "50258", "--temperature", "1"], r"top_k must be in \[1, 50257\]"),
-        (["--top-p", "1.5", "--temperature", "1"], r"top_p must be in \(0, 1\]"),
-        (["--top-k", "0"], r"top_k must be in \[1, 50257\]"),  # a bad value is named first
+        (["--top-k", "0", "--temperature", "1"], "^jaxgpt generate: --top-k must be >= 1, got 0$"),
+        (["--top-k", "50258", "--temperature", "1"],
+         r"^jaxgpt generate: --top-k must be in \[1, 50257\] \(the vocabulary\), got 50258$"),
+        (["--top-p", "1.5", "--temperature", "1"],
+         r"^jaxgpt generate: --top-p must be in \(0, 1\], got 1.5$"),
+        (["--temperature", "-1"],
+         r"^jaxgpt generate: --temperature must be a finite number >= 0 \(0 = greedy\), "
+         r"got -1.0$"),
+        (["--top-k", "0"], "^jaxgpt generate: --top-k must be >= 1"),  # a bad value comes first
     ],
 )
 def test_sampling_flags_need_a_temperature_and_name_the_real_bounds(flags, message):

@@ -24,6 +24,7 @@ def tiny_model(monkeypatch):
     params = init_params(cfg, 3)
     for command in (patch_command, lens_command):
         monkeypatch.setattr(command, "load_model", lambda args: (cfg, params, "tiny"))
+        monkeypatch.setattr(command, "peek_config", lambda args: cfg)
     return cfg, params
 
 
@@ -69,6 +70,8 @@ def test_patch_refuses_bad_input_in_one_line(tiny_model, tmp_path):
         (["--answer", " Mary Ann", "--wrong", " John"], r"--answer ' Mary Ann' is 2 tokens"),
         (["--answer", " Mary", "--wrong", " John", "--corrupt", "When Mary went"],
          r"--clean has 14 tokens and --corrupt 3: patching needs two prompts of the same"),
+        (["--answer", " Mary", "--wrong", " John", "--corrupt", " word" * 17],
+         "^jaxgpt patch: --corrupt has 17 tokens, more than the model's context_length 16$"),
         (["--answer", " Mary", "--wrong", " John", "--layers", "0:5"],
          r"--layers 0:5 is out of range: the model has 2 rows to draw, 0:2"),
         (["--answer", " Mary", "--wrong", " John", "--layers", "x"],
@@ -101,5 +104,10 @@ def test_lens_draws_the_top_token_of_every_layer_and_position(tiny_model, tmp_pa
     assert probs.shape == (3, 5) and ((probs > 0) & (probs <= 1)).all()
     with pytest.raises(SystemExit, match=r"--layers 2:9 is out of range.*3 rows to draw, 0:3"):
         cli.main(["lens", "--prompt", "Hi", "--layers", "2:9", "--out", str(out)])
-    with pytest.raises(SystemExit, match="--prompt is empty"):
+    with pytest.raises(SystemExit, match="^jaxgpt lens: --prompt is empty"):
         cli.main(["lens", "--prompt", "", "--out", str(out)])
+    # The token checks are the research functions' own, said of the flag before loading.
+    monkeypatch.setattr(lens_command, "load_model", None)
+    with pytest.raises(SystemExit, match="^jaxgpt lens: --prompt has 20 tokens, more than the "
+                                         "model's context_length 16$"):
+        cli.main(["lens", "--prompt", " word" * 20, "--out", str(out)])

@@ -14,6 +14,8 @@ from jax import lax
 from jaxgpt import aot
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
 from jaxgpt.inference import (
+    GenerationConfig,
+    Generator,
     decode,
     generate,
     generate_stream,
@@ -366,11 +368,14 @@ def test_stream_stops_once_every_row_is_done(tiny, rng):
         ([[1, 100]], {}, r"prompts\[0\] holds token id 100, outside the vocabulary \[0, 100\)"),
         (np.full((1, 2), 0.5), {}, "integer token ids"),
         ([[1]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
-        ([[1]], {"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ([[1]], {"temperature": -1.0}, "GenerationConfig.temperature must be a finite number "
+                                       ">= 0"),
         ([[1]], {"temperature": 1.0}, "needs a PRNG key"),
-        ([[1]], {"top_k": 0}, r"top_k must be in \[1, 100\]"),
-        ([[1]], {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ([[1]], {"eos_id": 100}, r"eos_id 100 is outside the vocabulary \[0, 100\)"),
+        ([[1]], {"top_k": 0}, "GenerationConfig.top_k must be >= 1, got 0"),
+        ([[1]], {"top_k": 101}, r"GenerationConfig.top_k must be in \[1, 100\]"),
+        ([[1]], {"top_p": 0.0}, r"GenerationConfig.top_p must be in \(0, 1\]"),
+        ([[1]], {"eos_id": 100}, r"GenerationConfig.eos_id must be in the vocabulary \[0, 100\), "
+                                 r"got 100"),
         ([[1]], {"temperature": 1.0, "key": 3}, "key must be a PRNG key"),
     ],
 )
@@ -380,6 +385,29 @@ def test_bad_arguments_raise_before_tracing(tiny, prompts, kwargs, match):
     before = dict(TRACE_COUNTS)
     with pytest.raises(ValueError, match=match):
         generate(params, cfg, prompts, **kwargs)
+    assert dict(TRACE_COUNTS) == before
+
+
+def test_one_config_or_its_keywords_at_every_entry_point(tiny, rng):
+    cfg, params = tiny
+    prompt = rng.integers(0, cfg.vocab_size, (2, 5))
+    key = jax.random.key(3)
+    config = GenerationConfig(temperature=0.9, top_k=20, top_p=0.9, eos_id=7)
+    want = np.asarray(generate(params, cfg, prompt, 9, temperature=0.9, top_k=20, top_p=0.9,
+                               eos_id=7, key=key))
+    np.testing.assert_array_equal(generate(params, cfg, prompt, 9, config, key=key), want)
+    gen = Generator(params, cfg)
+    np.testing.assert_array_equal(gen.generate(prompt, 9, config=config, key=key), want)
+    for chunks in (gen.stream(prompt, 9, config, chunk_size=4, key=key),
+                   generate_stream(params, cfg, prompt, 9, config, chunk_size=4, key=key)):
+        np.testing.assert_array_equal(np.concatenate(list(chunks), axis=1), want[:, 5:])
+    before = dict(TRACE_COUNTS)
+    for call in (lambda: generate(params, cfg, prompt, 9, config, top_k=5, key=key),
+                 lambda: gen.stream(prompt, 9, config, eos_id=3, key=key)):
+        with pytest.raises(ValueError, match="give config= or the keywords .*, not both"):
+            call()
+    with pytest.raises(TypeError, match="unknown generation keyword 'temp'"):
+        generate_stream(params, cfg, prompt, 9, temp=0.5)
     assert dict(TRACE_COUNTS) == before
 
 
@@ -416,9 +444,11 @@ def test_cli_stream_prints_the_same_text(small_vocab_model, capsys, sampling):
 
 
 def test_cli_rejects_bad_sampling_flags(small_vocab_model):
-    with pytest.raises(SystemExit, match=r"top_p must be in \(0, 1\], got 1.5"):
+    with pytest.raises(SystemExit, match=r"^jaxgpt generate: --top-p must be in \(0, 1\], "
+                                         r"got 1.5$"):
         small_vocab_model.main(["generate", "--top-p", "1.5"])
-    with pytest.raises(SystemExit, match=r"top_k must be in \[1, 50257\]"):
+    with pytest.raises(SystemExit, match=r"^jaxgpt generate: --top-k must be in \[1, 50257\] "
+                                         r"\(the vocabulary\), got 60000$"):
         small_vocab_model.main(["generate", "--temperature", "1", "--top-k", "60000"])
 
 

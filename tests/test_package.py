@@ -187,7 +187,7 @@ def test_resume_warns_about_every_changed_optimisation_setting(monkeypatch):
     flags = sorted(line.split()[0] for line in lines)
     assert flags == sorted("--" + name.replace("_", "-") for name in changed)
     assert run_dir.resume_changes("ckpt", cfg, saved) == []
-    with pytest.raises(ValueError, match="seed=123.*seed=5"):
+    with pytest.raises(ValueError, match="^TrainConfig.seed must stay 123 to resume ckpt.*got 5$"):
         run_dir.resume_changes("ckpt", cfg, saved.replace(seed=5))
 
 
@@ -205,6 +205,15 @@ def test_train_flags_take_their_defaults_and_choices_from_train_config():
     assert tuple(flags["dtype"].choices) == tuple(DTYPES)
     assert tuple(flags["remat"].choices) == REMAT_MODES
     assert f"(default {TrainConfig().steps})" in flags["steps"].help
+    # Help is written once, on the field; the flag adds what only it has.
+    for name in plain:
+        field = TrainConfig.__dataclass_fields__[name]
+        assert flags[name].help.startswith(field.metadata["help"]), name
+        if field.default is None:  # the help says what None means
+            assert flags[name].help.endswith(f"(default {field.metadata['none']})"), name
+    assert flags["remat"].help == (TrainConfig.__dataclass_fields__["remat"].metadata["help"]
+                                   + "; --remat alone: block (default attention on GPU/TPU, "
+                                     "none on CPU)")
 
 
 def test_every_train_flag_reaches_its_train_config_field():

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgpt.config import ConfigError
 from jaxgpt.inference.sampling import (
+    GenerationConfig,
     SamplingConfig,
-    check_sampling_args,
     choose_next,
     filter_logits,
+    generation_config,
     sampling_config,
 )
 
@@ -83,21 +85,59 @@ def test_temperature_zero_is_greedy_and_ignores_top_k_top_p():
     assert sampling_config(0.7, None, 1.0) == SamplingConfig(False, None, False)
 
 
+def test_a_generation_config_gives_the_compiled_loop_its_switches():
+    assert GenerationConfig().sampling == SamplingConfig(greedy=True)
+    assert GenerationConfig(temperature=0.7, top_k=5, top_p=0.5).sampling == SamplingConfig(
+        False, 5, True)
+    # numpy scalars are taken as the Python numbers they hold
+    config = GenerationConfig(temperature=np.float32(0.5), top_k=np.int64(3), eos_id=np.int32(2))
+    assert (type(config.temperature), type(config.top_k), type(config.eos_id)) == (
+        float, int, int)
+
+
 @pytest.mark.parametrize(
-    "temperature, top_k, top_p, match",
+    "settings, match",
     [
-        (-0.5, None, None, r"temperature must be a finite number >= 0.*-0.5"),
-        (float("nan"), None, None, "temperature"),
-        ("hot", None, None, "temperature must be a number"),
-        (1.0, 0, None, r"top_k must be in \[1, 100\].*got 0"),
-        (1.0, 101, None, r"top_k must be in \[1, 100\].*got 101"),
-        (1.0, 2.5, None, "top_k must be None or an int"),
-        (1.0, True, None, "top_k must be None or an int"),
-        (1.0, None, 0.0, r"top_p must be in \(0, 1\], got 0.0"),
-        (1.0, None, 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-        (1.0, None, "all", "top_p must be None or a number"),
+        ({"temperature": -0.5}, r"^GenerationConfig.temperature must be a finite number >= 0 "
+                                r"\(0 = greedy\), got -0.5$"),
+        ({"temperature": float("nan")}, "GenerationConfig.temperature must be a finite number"),
+        ({"temperature": "hot"}, "^GenerationConfig.temperature must be a number >= 0, got 'hot'$"),
+        ({"top_k": 0}, "^GenerationConfig.top_k must be >= 1, got 0$"),
+        ({"top_k": 2.5}, "^GenerationConfig.top_k must be None or an int >= 1, got 2.5$"),
+        ({"top_k": True}, "^GenerationConfig.top_k must be None or an int >= 1, got True$"),
+        ({"top_p": 0.0}, r"^GenerationConfig.top_p must be in \(0, 1\], got 0.0$"),
+        ({"top_p": 1.5}, r"^GenerationConfig.top_p must be in \(0, 1\], got 1.5$"),
+        ({"top_p": "all"}, r"^GenerationConfig.top_p must be None or a number in \(0, 1\]"),
+        ({"eos_id": -1}, "^GenerationConfig.eos_id must be None or an int >= 0, got -1$"),
+        ({"use_cache": 1}, "^GenerationConfig.use_cache must be a bool, got 1$"),
     ],
 )
-def test_bad_sampling_arguments_are_named(temperature, top_k, top_p, match):
-    with pytest.raises(ValueError, match=match):
-        check_sampling_args(temperature, top_k, top_p, vocab_size=100)
+def test_bad_settings_are_named_when_the_config_is_made(settings, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        GenerationConfig(**settings)
+    (field, value), = settings.items()
+    assert info.value.field == field and info.value.owner == "GenerationConfig"
+
+
+def test_the_vocabulary_bounds_top_k_and_eos_id():
+    assert GenerationConfig(top_k=100, eos_id=99).check_vocab(100).top_k == 100
+    with pytest.raises(ConfigError, match=r"^GenerationConfig.top_k must be in \[1, 100\] "
+                                          r"\(the vocabulary\), got 101$"):
+        GenerationConfig(top_k=101).check_vocab(100)
+    with pytest.raises(ConfigError, match=r"^GenerationConfig.eos_id must be in the vocabulary "
+                                          r"\[0, 100\), got 100$"):
+        GenerationConfig(eos_id=100).check_vocab(100)
+
+
+def test_keywords_build_a_config_and_cannot_join_one():
+    assert generation_config(None, {"temperature": 0.8, "top_k": 50}) == GenerationConfig(
+        temperature=0.8, top_k=50)
+    config = GenerationConfig(eos_id=3)
+    assert generation_config(config, {}) is config
+    with pytest.raises(ValueError, match="^give config= or the keywords top_k, not both"):
+        generation_config(config, {"top_k": 5})
+    with pytest.raises(TypeError, match="^unknown generation keyword 'topk': the settings are "
+                                        "temperature, top_k, top_p, eos_id, use_cache"):
+        generation_config(None, {"topk": 5})
+    with pytest.raises(TypeError, match="config must be a jaxgpt.GenerationConfig or None"):
+        generation_config({"top_k": 5}, {})  # type: ignore[arg-type]

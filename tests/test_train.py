@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, reference, torch_reference
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.io import checkpoint
 from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
 from jaxgpt.training.config import TrainConfig
@@ -328,7 +328,8 @@ def test_resume_accepts_changed_optimisation_settings_with_a_warning(tmp_path, t
     ):
         assert f"jaxgpt train: warning: {line}" in err
     assert err.count("warning:") == 4
-    with pytest.raises(ValueError, match="step_00000004 is at step 4; --steps 3 leaves nothing"):
+    with pytest.raises(ValueError, match="^TrainConfig.steps must be more than 4 to extend the "
+                                         "run: .*step_00000004 is at step 4, got 3$"):
         train_loop(
             tiny_cfg, changed.replace(steps=3), tokens[:500], tokens[500:], tmp_path,
             resume=True, progress=False,
@@ -338,9 +339,10 @@ def test_resume_accepts_changed_optimisation_settings_with_a_warning(tmp_path, t
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"seq_len": 4}, "seq_len=8, this run has seq_len=4: the data"),
-        ({"seed": 7}, "seed=123, this run has seed=7"),
-        ({"batch_size": 8}, "batch_size=4, this run has batch_size=8"),
+        ({"seq_len": 4}, "^TrainConfig.seq_len must stay 8 to resume .*step_00000002: the "
+                         r"data's order, windows and split follow it \(.*\), got 4$"),
+        ({"seed": 7}, "^TrainConfig.seed must stay 123 to resume .*, got 7$"),
+        ({"batch_size": 8}, "^TrainConfig.batch_size must stay 4 to resume .*, got 8$"),
         ({"model": {"n_layers": 3}}, r"another model config \(n_layers: 2 -> 3\)"),
     ],
 )
@@ -382,15 +384,19 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_train_config_rejects_bad_values_naming_them():
-    with pytest.raises(
-        ValueError, match=r"batch_size \(8\) must be divisible by TrainConfig.grad_accum \(3\)"
-    ):
+    with pytest.raises(ConfigError, match=r"^TrainConfig.batch_size must be divisible by "
+                                          r"TrainConfig.grad_accum \(3\), got 8$"):
         TrainConfig(batch_size=8, grad_accum=3)
-    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+    with pytest.raises(ConfigError, match="^TrainConfig.lr must be a positive number, got -1.0$"):
         TrainConfig(lr=-1.0)
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ConfigError, match=r"^TrainConfig.dtype must be one of \['bfloat16', "
+                                          r"'float32'\], got 'float16'$"):
         TrainConfig(dtype="float16")
-    with pytest.raises(ValueError, match="seq_len 32 exceeds the model's context_length 16"):
+    with pytest.raises(ConfigError, match=r"^TrainConfig.warmup_steps must be at most "
+                                          r"TrainConfig.steps \(10\), got 50$"):
+        TrainConfig(steps=10, warmup_steps=50)
+    with pytest.raises(ConfigError, match="^TrainConfig.seq_len must be at most the model's "
+                                          "context_length 16, got 32$"):
         train_loop(GPTConfig(**TINY), TrainConfig(seq_len=32), _tokens(10), _tokens(10), "unused")
 
 

@@ -73,9 +73,17 @@ def test_train_writes_metrics_plot_and_rotating_checkpoints(tmp_path, tiny_files
     assert "tok/s" in err and "step 3: train loss" in err
     assert re.search(r"step 1/6 loss [\d.]+ compiling elapsed \d+:\d\d\n", err), err
     assert re.search(r"step 6/6 loss [\d.]+ [\d,]+ tok/s elapsed \d+:\d\d ETA 0:00\n", err), err
-    # Running again into the same directory needs --resume.
-    with pytest.raises(SystemExit, match="--resume"):
+    # Running again into the same directory needs --resume; the library's errors about the
+    # settings are said of the flags.
+    with pytest.raises(SystemExit, match="^jaxgpt train: .* already holds checkpoints .*; pass "
+                                         "--resume or choose another output directory$"):
         _train(tmp_path, cfg, tokens, "--steps", "6")
+    with pytest.raises(SystemExit, match="^jaxgpt train: --seed must stay 123 to resume "
+                                         ".*step_00000006: .*, got 5$"):
+        _train(tmp_path, cfg, tokens, "--steps", "8", "--seed", "5", "--resume")
+    with pytest.raises(SystemExit, match="^jaxgpt train: --steps must be more than 6 to extend "
+                                         "the run: .*step_00000006 is at step 6, got 6$"):
+        _train(tmp_path, cfg, tokens, "--steps", "6", "--resume")
 
 
 def test_train_resume_continues_an_interrupted_run_exactly(tmp_path, tiny_files, monkeypatch):
@@ -170,16 +178,21 @@ def test_without_a_text_file_it_trains_on_the_demo_corpus_and_prints_samples(tmp
     [
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
-        (["--seq-len", "32"], "--seq-len 32 exceeds the model's context_length 16"),
-        (["--grad-accum", "3"], "--batch-size .4. must be divisible by --grad-accum .3."),
-        (["--lr", "0"], "--lr must be a positive number, got 0"),
-        (["--val-ratio", "1"], "--val-ratio must be in \\(0, 1\\), got 1"),
-        (["--warmup-steps", "50", "--steps", "10"], "--warmup-steps .50. exceeds --steps .10."),
+        (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+        (["--stride", "0"], "--stride must be >= 1, got 0"),
+        (["--seq-len", "32"], "--seq-len must be at most the model's context_length 16, got 32"),
+        (["--grad-accum", "3"], r"--batch-size must be divisible by --grad-accum \(3\), got 4"),
+        (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+        (["--min-lr", "1", "--lr", "0.5"], r"--min-lr must be in \[0, --lr = 0.5\], got 1.0"),
+        (["--val-ratio", "1"], "--val-ratio must be in \\(0, 1\\), got 1.0"),
+        (["--grad-clip", "-1"], r"--grad-clip must be > 0 \(None: no clipping\), got -1.0"),
+        (["--warmup-steps", "50", "--steps", "10"],
+         r"--warmup-steps must be at most --steps \(10\), got 50"),
     ],
 )
 def test_bad_flags_fail_clearly_before_anything_is_written(tmp_path, tiny_files, flags, message):
     cfg, tokens = tiny_files
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=f"^jaxgpt train: {message}$"):
         _train(tmp_path, cfg, tokens, *flags)
     assert not (tmp_path / "run").exists()
 

@@ -11,6 +11,8 @@ from jaxgpt.cli.common import (
     check_output_file,
     load_model,
     log,
+    peek_config,
+    prompt_tokens,
     resolve_run_dir,
 )
 
@@ -31,15 +33,13 @@ def add(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaxgpt.interp.cache import attention_weights
     from jaxgpt.interp.plots import plot_attention
-    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
+    from jaxgpt.tokenizer import get_tokenizer
 
-    if not args.prompt:
-        raise SystemExit("jaxgpt attention: --prompt is empty; give at least one character")
     out = check_output_file(args.out, "--out", "attention", IMAGE_SUFFIXES)
     if args.checkpoint:
         args.checkpoint = resolve_run_dir(args.checkpoint)
     tokenizer = get_tokenizer()
-    idx = text_to_token_ids(args.prompt, tokenizer)  # [1, T]
+    idx = prompt_tokens(args.prompt, peek_config(args), "--prompt", "attention")[None]  # [1, T]
     cfg, params, desc = load_model(args)
     checks = [("--layer", args.layer, cfg.n_layers, "layers")]
     if args.head is not None:
@@ -48,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= value < count:
             raise SystemExit(f"jaxgpt attention: {flag} must be in [0, {count - 1}] (the model "
                              f"has {count} {what}), got {value}")
-    if idx.shape[1] > cfg.context_length:
-        raise SystemExit(f"jaxgpt attention: the prompt has {idx.shape[1]} tokens, more than the "
-                         f"model's context_length {cfg.context_length}")
     log(f"jaxgpt: {desc}")
     weights = attention_weights(params, cfg, idx)[args.layer][0]  # [H, T, T]
     tokens = [tokenizer.decode([int(t)]) for t in idx[0]]

@@ -21,6 +21,30 @@ def log(msg: str) -> None:
 
 
 
+def field_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> flag for every flag of `p` (argparse keeps no public list): where the dests
+    are a config's field names, which flag sets each field."""
+    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
+
+
+def flag_error(e: Exception, flags: dict[str, str], typed: dict[str, Any]) -> str:
+    """A library error as the command line says it: each `Config.field` it names as the flag
+    that sets the field (`flags`: field -> flag), and a `ConfigError`'s value as the one typed
+    there (`typed`: field -> the flag's value, where the command changed it on the way)."""
+    import re
+
+    from jaxgpt.config import ConfigError
+
+    def flag(match: re.Match) -> str:
+        return flags.get(match.group(1), match.group(0))
+
+    names = r"\b[A-Z]\w*Config\.(\w+)"
+    if not isinstance(e, ConfigError) or e.field not in flags:
+        return re.sub(names, flag, str(e))
+    got = f", got {typed.get(e.field, e.value)}" if e.has_value else ""
+    return f"{flags[e.field]} {re.sub(names, flag, e.rule)}{got}"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags that say which weights to use."""
     p.add_argument("--checkpoint", metavar="DIR", default=None,
@@ -164,6 +188,23 @@ def peek_config(args: argparse.Namespace) -> GPTConfig:
             f"jaxgpt: cannot load the {FORMAT_NAMES[fmt]} {args.checkpoint}: {e}"
         ) from e
 
+
+
+def prompt_tokens(text: str, cfg: GPTConfig, flag: str, command: str) -> Any:
+    """`text`'s GPT-2 token ids, int32 `[T]`, checked for the model `cfg` as the research
+    functions check their tokens (`jaxgpt.interp.cache.check_tokens`: not empty, in the
+    vocabulary, at most `context_length`), said of `flag`: SystemExit before the weights load.
+    """
+    import numpy as np
+
+    from jaxgpt.interp.cache import check_tokens
+    from jaxgpt.tokenizer import get_tokenizer
+
+    ids = np.asarray(get_tokenizer().encode(text), np.int32)
+    try:
+        return check_tokens(ids, cfg, flag)[0]
+    except ValueError as e:
+        raise SystemExit(f"jaxgpt {command}: {e}") from e
 
 
 def _default_cache_dir() -> str:

@@ -14,6 +14,8 @@ from jaxgpt.cli.common import (
     add_cache_args,
     add_model_args,
     enable_compile_cache,
+    field_flags,
+    flag_error,
     load_model,
     log,
     peek_config,
@@ -38,11 +40,12 @@ def add(sub: Any) -> None:
     p.add_argument("--num-samples", type=int, default=1, metavar="K",
                    help="K continuations of the prompt, generated as one batch (split over the "
                         "visible devices); they differ only when sampling (default 1)")
-    p.add_argument("--eos", action="store_true",
+    p.add_argument("--eos", action="store_true", dest="eos_id",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
     add_model_args(p)
     add_cache_args(p)
-    p.set_defaults(func=run)
+    # The flags that set GenerationConfig's fields have the fields' names as their dests.
+    p.set_defaults(func=run, flags=field_flags(p))
 
 
 def _flop_text(flops: float) -> str:
@@ -87,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     text generated so far and returns 130."""
     import jax
 
-    from jaxgpt import tokenizer as tok
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 
     _check_flags(args)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint = resolve_run_dir(args.checkpoint)
     t_start = time.perf_counter()
     cfg = peek_config(args)  # config.json only: the flags are checked before the weights load
-    _check_sampling(args, cfg)
+    config = _generation_config(args, cfg)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
     _check_buffer(args, cfg, idx.shape[1])
@@ -115,15 +117,14 @@ def run(args: argparse.Namespace) -> int:
                     f"vocabulary [0, {cfg.vocab_size}): this model does not use GPT-2's "
                     f"tokenizer")
     past = _warn_past_context(args, cfg, params, len(prompt))
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   key=jax.random.key(args.seed) if args.temperature > 0 else None,
-                   eos_id=tok.EOT_ID if args.eos else None)
+    key = jax.random.key(args.seed) if config.temperature > 0 else None
     progress = (_TokenProgress(args.max_new_tokens)
                 if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
     t0 = time.perf_counter()
     try:
         with clock:
-            n_new, interrupted = _print_generation(args, params, cfg, prompt, options, progress)
+            n_new, interrupted = _print_generation(args, params, cfg, prompt, config, key,
+                                                   progress)
     except ValueError as e:
         raise _fail(str(e)) from e
     if interrupted:
@@ -144,8 +145,12 @@ def _fail(msg: str) -> SystemExit:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """SystemExit naming the flag, before anything is read, loaded or compiled."""
-    if args.max_new_tokens < 0:
-        raise _fail(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    from jaxgpt.inference.checks import check_count
+
+    try:
+        check_count(args.max_new_tokens, "--max-new-tokens")
+    except ValueError as e:
+        raise _fail(str(e)) from e
     if not args.prompt:
         raise _fail("--prompt is empty; give at least one character")
     if args.num_samples < 1:
@@ -154,19 +159,25 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise _fail("--stream prints one sample as it grows; drop it or --num-samples")
 
 
-def _check_sampling(args: argparse.Namespace, cfg: GPTConfig) -> None:
-    """SystemExit naming the sampling flag that does not fit `cfg` or the others."""
-    from jaxgpt.inference.sampling import check_sampling_args
+def _generation_config(args: argparse.Namespace, cfg: GPTConfig) -> Any:
+    """The `GenerationConfig` of the flags, checked against `cfg`'s vocabulary; SystemExit
+    naming the flag whose value it refuses (the config checks; this command only adds that
+    --top-k and --top-p need a temperature)."""
+    from jaxgpt.inference.sampling import GenerationConfig
+    from jaxgpt.tokenizer import EOT_ID
 
     try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p, vocab_size=cfg.vocab_size)
+        config = GenerationConfig(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            eos_id=EOT_ID if args.eos_id else None).check_vocab(cfg.vocab_size)
     except ValueError as e:
-        raise _fail(str(e)) from e
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        given = " and ".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p))
-                             if v is not None)
+        raise _fail(flag_error(e, args.flags, {})) from e
+    if config.temperature == 0 and (config.top_k is not None or config.top_p is not None):
+        given = " and ".join(args.flags[f] for f in ("top_k", "top_p")
+                             if getattr(config, f) is not None)
         raise _fail(f"{given} only apply when sampling, and sampling needs a temperature above "
                     f"0 (e.g. --temperature 1.0); without --temperature the output is greedy")
+    return config
 
 
 def _check_buffer(args: argparse.Namespace, cfg: GPTConfig, prompt_len: int) -> None:
@@ -201,7 +212,7 @@ def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
 
 
 def _print_generation(args: argparse.Namespace, params: Any, cfg: GPTConfig,
-                      prompt: list[int], options: dict,
+                      prompt: list[int], config: Any, key: Any,
                       progress: _TokenProgress | None) -> tuple[int, bool]:
     """Generate the --num-samples rows in chunks, the text printed as it grows (--stream) or
     at the end; `(new tokens, interrupted)`. Ctrl-C stops it at once (the chunk in flight is
@@ -210,11 +221,11 @@ def _print_generation(args: argparse.Namespace, params: Any, cfg: GPTConfig,
     from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
 
     tokenizer = get_tokenizer()
-    eos, k = options["eos_id"], args.num_samples
+    eos, k = config.eos_id, args.num_samples
     new: list[list[int]] = [[] for _ in range(k)]
     shown, interrupted = "", False
-    chunks = generate_stream(params, cfg, [prompt] * k, args.max_new_tokens,
-                             chunk_size=8 if args.stream else 32, **options)
+    chunks = generate_stream(params, cfg, [prompt] * k, args.max_new_tokens, config,
+                             chunk_size=8 if args.stream else 32, key=key)
     try:
         for chunk in chunks:
             for row, tokens in zip(new, np.asarray(chunk).tolist(), strict=True):

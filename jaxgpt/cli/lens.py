@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jaxgpt.cli.common import add_model_args, load_model, log
+from jaxgpt.cli.common import add_model_args, load_model, log, peek_config, prompt_tokens
 from jaxgpt.cli.patch import check_png, layer_range
 
 
@@ -31,13 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_png(args.out, "lens")
     tokenizer = get_tokenizer()
-    ids = np.asarray(tokenizer.encode(args.prompt), np.int32)
-    if not len(ids):
-        raise SystemExit("jaxgpt lens: --prompt is empty; give at least one character")
+    ids = prompt_tokens(args.prompt, peek_config(args), "--prompt", "lens")
     cfg, params, desc = load_model(args)
-    if len(ids) > cfg.context_length:
-        raise SystemExit(f"jaxgpt lens: the prompt has {len(ids)} tokens, more than the "
-                         f"model's context_length {cfg.context_length}")
     rows = layer_range(args.layers, cfg.n_layers + 1, "lens")
     log(f"jaxgpt: {desc}")
     names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.cli.common import add_model_args, load_model, log
+from jaxgpt.cli.common import add_model_args, load_model, log, peek_config, prompt_tokens
 
 # --kind -> (the sweep's kind in `interp.patching.KINDS`, what the columns are)
 KINDS = {"resid_pre": ("resid_pre", "position"), "attn_out": ("attn_out", "position"),
@@ -73,23 +73,20 @@ def one_token(text: str, flag: str, tokenizer: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from jaxgpt.tokenizer import get_tokenizer
 
     out = check_png(args.out, "patch")
     tokenizer = get_tokenizer()
-    clean, corrupt = (np.asarray(tokenizer.encode(t), np.int32) for t in (args.clean,
-                                                                            args.corrupt))
-    if len(clean) != len(corrupt) or not len(clean):
+    cfg = peek_config(args)
+    clean, corrupt = (prompt_tokens(text, cfg, flag, "patch")
+                      for text, flag in ((args.clean, "--clean"), (args.corrupt, "--corrupt")))
+    if len(clean) != len(corrupt):  # before the weights load; `patch_sweep` checks it after
         raise SystemExit(f"jaxgpt patch: --clean has {len(clean)} tokens and --corrupt "
                          f"{len(corrupt)}: patching needs two prompts of the same length")
     answer = one_token(args.answer, "--answer", tokenizer)
     wrong = one_token(args.wrong, "--wrong", tokenizer)
     cfg, params, desc = load_model(args)
-    if len(clean) > cfg.context_length:
-        raise SystemExit(f"jaxgpt patch: the prompts have {len(clean)} tokens, more than the "
-                         f"model's context_length {cfg.context_length}")
     layers = layer_range(args.layers, cfg.n_layers, "patch")
     log(f"jaxgpt: {desc}")
     values, base = sweep(args, cfg, params, clean, corrupt, answer, wrong)

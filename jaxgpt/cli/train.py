@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from typing import Any
@@ -11,6 +12,7 @@ from jaxgpt.cli.common import (
     add_cache_args,
     check_output_dir,
     enable_compile_cache,
+    flag_error,
     log,
     read_checkpoint,
     resolve_run_dir,
@@ -21,20 +23,19 @@ from jaxgpt.native_logs import start_backends
 
 # The `TrainConfig` settings the command line sets, in the order `--help` lists them, as
 # (field, flag or None for --field-name, add_argument overrides). Defaults, choices and help
-# come from `TrainConfig`; the overrides say where a flag reads differently from its field.
+# come from `TrainConfig`'s fields; the overrides say where a flag reads differently from its
+# field: "also" is help the flag adds, "shown" the default its help shows.
 _SETTINGS: tuple[tuple[str, str | None, dict], ...] = (
     ("steps", None, {}),
     ("batch_size", None, {}),
     ("seq_len", None, {"default": None, "shown": "min(256, context_length)"}),
-    ("stride", None, {"type": int, "help": "distance between window starts",
-                      "shown": "--seq-len, no overlap"}),
+    ("stride", None, {"type": int}),
     ("lr", None, {}),
-    ("min_lr", None, {"type": float, "help": "learning rate at the end of the cosine decay",
-                      "shown": "lr/10"}),
+    ("min_lr", None, {"type": float}),
     ("warmup_steps", None, {}),
     ("weight_decay", None, {}),
-    ("grad_clip", None, {"help": "global-norm clip, 0 turns it off"}),
-    ("grad_accum", None, {"help": "micro-batches per update; must divide --batch-size"}),
+    ("grad_clip", None, {"also": "0 turns it off"}),
+    ("grad_accum", None, {}),
     ("eval_every", None, {}),
     ("eval_iters", None, {}),
     ("save_every", None, {}),
@@ -43,19 +44,17 @@ _SETTINGS: tuple[tuple[str, str | None, dict], ...] = (
     ("train_ratio", "--val-ratio", {"help": "fraction of the tokens held out for validation"}),
     ("dtype", None, {"choices": "DTYPES"}),
     ("remat", None, {"nargs": "?", "const": "block", "choices": "REMAT_MODES",
-                     "help": "what the backward pass recomputes to save memory: none, attention "
-                             "(the [B, H, T, T] attention scores, softmax and dropout), block "
-                             "(whole blocks; --remat alone)",
-                     "shown": "attention on GPU/TPU, none on CPU"}),
+                     "also": "--remat alone: block"}),
     ("fsdp", None, {}),
-    ("loss_chunk", None, {"type": int, "metavar": "N",
-                          "help": "run the output head and loss over N tokens at a time, so "
-                                  "the logits of the whole batch never exist at once; 0: all "
-                                  "at once",
-                          "shown": "1024 on GPU/TPU, 0 on CPU"}),
+    ("loss_chunk", None, {"type": int, "metavar": "N"}),
     ("sample_prompt", "--prompt", {}),
     ("sample_tokens", None, {}),
 )
+
+
+def _flag(name: str, flag: str | None) -> str:
+    """The flag of the `TrainConfig` field `name` (`flag` from `_SETTINGS`)."""
+    return flag or "--" + name.replace("_", "-")
 
 
 def _add_setting(p: argparse.ArgumentParser, name: str, flag: str | None,
@@ -65,11 +64,14 @@ def _add_setting(p: argparse.ArgumentParser, name: str, flag: str | None,
     from jaxgpt.training.config import DTYPES, TrainConfig
     from jaxgpt.training.config import default as config_default
 
+    field = TrainConfig.__dataclass_fields__[name].metadata
     default = overrides.pop("default", config_default(name))
     if name == "train_ratio":  # the flag is the held-out fraction
         default = round(1.0 - config_default(name), 12)
-    shown = overrides.pop("shown", default)
-    help_text = overrides.pop("help", TrainConfig.__dataclass_fields__[name].metadata["help"])
+    shown = overrides.pop("shown", field["none"] if default is None else default)
+    help_text = overrides.pop("help", field["help"])
+    if "also" in overrides:
+        help_text += "; " + overrides.pop("also")
     if shown is not None and not isinstance(default, bool):
         help_text += f" (default {shown})"
     named = {"DTYPES": tuple(DTYPES), "REMAT_MODES": REMAT_MODES}
@@ -84,32 +86,35 @@ def _add_setting(p: argparse.ArgumentParser, name: str, flag: str | None,
         if base is None:
             raise TypeError(f"_SETTINGS: give the type of --{name} (its default is None)")
         kwargs["type"] = type(base)
-    p.add_argument(flag or "--" + name.replace("_", "-"), **kwargs)
+    p.add_argument(_flag(name, flag), **kwargs)
 
 
-def _train_config(args: argparse.Namespace, cfg: GPTConfig) -> Any:
-    """The `TrainConfig` of the flags (errors name the flag the user typed)."""
-    import re
-
+def _train_config(args: argparse.Namespace, cfg: GPTConfig | None = None) -> Any:
+    """The `TrainConfig` of the flags, checked against the model `cfg` when given (without
+    it, --seq-len's default is not yet cut to the model's context). `TrainConfig` checks the
+    values; its errors are said here of the flags the user typed."""
     from jaxgpt.training.config import TrainConfig, default
 
-    values = {name: getattr(args, (flag or "--" + name).lstrip("-").replace("-", "_"))
-              for name, flag, _ in _SETTINGS}
+    given = {name: getattr(args, _flag(name, flag).lstrip("-").replace("-", "_"))
+             for name, flag, _ in _SETTINGS}
+    values = dict(given)
     if values["seq_len"] is None:
-        values["seq_len"] = min(default("seq_len"), cfg.context_length)
-    if values["seq_len"] > cfg.context_length:
-        raise _fail(f"--seq-len {values['seq_len']} exceeds the model's context_length "
-                    f"{cfg.context_length}")
+        values["seq_len"] = min(default("seq_len"), cfg.context_length if cfg else math.inf)
     values["grad_clip"] = values["grad_clip"] or None  # 0 turns clipping off
     values["train_ratio"] = 1.0 - values["train_ratio"]
     try:
-        return TrainConfig(**values)
+        tc = TrainConfig(**values)
+        return tc.check_model(cfg) if cfg is not None else tc
     except ValueError as e:
-        # TrainConfig names its fields; the user typed flags.
-        flags = {name: flag for name, flag, _ in _SETTINGS if flag}
-        msg = re.sub(r"TrainConfig\.(\w+)",
-                     lambda m: flags.get(m.group(1), "--" + m.group(1).replace("_", "-")), str(e))
-        raise _fail(msg) from e
+        raise _fail(_flag_error(e, given)) from e
+
+
+def _flag_error(e: Exception, given: dict[str, Any] | None = None) -> str:
+    """A library error as the flags say it: `TrainConfig.field` as its flag (`_SETTINGS`),
+    the value as typed (`given`), and `resume=True` as --resume."""
+    flags = {name: _flag(name, flag) for name, flag, _ in _SETTINGS}
+    typed = {k: v for k, v in (given or {}).items() if v is not None}
+    return flag_error(e, flags, typed).replace("resume=True", "--resume")
 
 
 def _fail(msg: str) -> SystemExit:
@@ -241,6 +246,7 @@ def _train_model_config(args: argparse.Namespace) -> tuple[GPTConfig, Any, str]:
 def run(args: argparse.Namespace) -> int:
     """Train as the flags say; the last step's losses on stdout, progress on stderr."""
     _check_flags(args)
+    _train_config(args)  # the settings checked before anything starts or loads
     _start_distributed(args)
     start_backends()
     enable_compile_cache(args)
@@ -259,22 +265,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    """SystemExit naming the flag, before anything starts."""
+    """SystemExit naming the flag, before anything starts: the files and the output
+    directory (the settings are `TrainConfig`'s to check, see `_train_config`)."""
     from pathlib import Path
 
-    for flag in ("steps", "batch_size", "grad_accum", "eval_every", "eval_iters", "save_every",
-                 "keep"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise _fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    for flag in ("seq_len", "stride"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise _fail(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if not 0.0 < args.val_ratio < 1.0:
-        raise _fail(f"--val-ratio must be in (0, 1), got {args.val_ratio}")
-    if args.grad_clip < 0:
-        raise _fail(f"--grad-clip must be >= 0 (0 turns clipping off), got {args.grad_clip}")
     for name in ("text_file", "token_file"):
         path = getattr(args, name)
         if path and not Path(path).is_file():
@@ -298,7 +292,11 @@ def _tokens(args: argparse.Namespace) -> tuple[Any, str]:
     from jaxgpt.training import data
 
     if args.token_file:
-        return data.load_token_file(args.token_file), f"token file {args.token_file}"
+        try:
+            return data.load_token_file(args.token_file), f"token file {args.token_file}"
+        except data.TextNotTokens:
+            raise _fail(f"{args.token_file} holds text, not uint16 token ids; train on it as a "
+                        f"text file (--text-file), which tokenizes it") from None
     if args.text_file:
         return data.tokenize_file(args.text_file), f"text file {args.text_file}"
     tokens = data.tokenize_text(data.demo_corpus())
@@ -330,7 +328,7 @@ def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
             f"in {args.out} are intact")
         raise _Exit(130) from None
     except (FileExistsError, FileNotFoundError, PermissionError, ValueError) as e:
-        raise _fail(str(e)) from e
+        raise _fail(_flag_error(e)) from e
     except Exception as e:
         _exit_if_a_peer_died(e)
         raise

@@ -3,17 +3,17 @@
 - `simple`: `generate_text_simple`, the book's loop as one jit-compiled `fori_loop`.
 - `generator`: `generate`, `generate_stream` and `Generator` (decode-ready weights kept).
 - `decode`: the compiled decoding programs (prefill, cached steps in chunks, bucketed shapes).
-- `sampling`: temperature, top-k, top-p.
+- `sampling`: `GenerationConfig` (temperature, top-k, top-p, EOS), and choosing a token.
 - `checks`: argument checks shared by every entry point.
 """
 
 from jaxgpt.inference.generator import Generator, cut_after_eos, generate, generate_stream
-from jaxgpt.inference.sampling import SamplingConfig
+from jaxgpt.inference.sampling import GenerationConfig
 from jaxgpt.inference.simple import generate_text_simple
 
 __all__ = [
+    "GenerationConfig",
     "Generator",
-    "SamplingConfig",
     "cut_after_eos",
     "generate",
     "generate_stream",

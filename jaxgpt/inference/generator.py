@@ -7,7 +7,8 @@ counts rounded up to powers of two so that few shapes are ever compiled. Its gre
 the book's exactly, also past `context_length`. `generate_stream` runs the same loop in
 chunks. `Generator` holds one set of params with their decode-ready form
 (`jaxgpt.nn.layout.prepare`), so repeated calls do not rebuild it; `generate` and
-`generate_stream` are thin wrappers.
+`generate_stream` are thin wrappers. All four take the sampling and stopping settings as one
+`GenerationConfig` (`config=`), or its fields as keywords.
 
 Shapes: B batch, P prompt slots, V vocab_size.
 """
@@ -28,7 +29,7 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.inference import decode
 from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_ids
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
-from jaxgpt.inference.sampling import SamplingConfig, check_sampling_args, sampling_config
+from jaxgpt.inference.sampling import GenerationConfig, SamplingConfig, generation_config
 from jaxgpt.nn.attention import MultiHeadAttention
 from jaxgpt.nn.hooks import HookTable, free_hooks, with_hook_args
 from jaxgpt.nn.layers import FeedForward
@@ -81,7 +82,7 @@ class _Call(NamedTuple):
     rows: list[np.ndarray]
     is_list: bool
     n: int  # new tokens per row
-    eos_id: int | None
+    config: GenerationConfig
     batch: _Batch | None  # None when n == 0
     shape: ProgramShape | None  # the compiled program's slots; None when n == 0
     sampling: SamplingConfig
@@ -90,30 +91,31 @@ class _Call(NamedTuple):
     hook_args: dict
 
 
-def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, temperature: Any,
-                top_k: Any, top_p: Any, eos_id: Any, key: Any, hooks: Any = ()) -> _Call:
-    """Every argument checked, before anything is traced; the batch laid out for the loop."""
-    table, hook_args = free_hooks(cfg, hooks)
-    rows, is_list = _check_prompts(prompts, cfg)
-    n = check_count(max_new_tokens, "max_new_tokens")
-    temperature, top_k, top_p = check_sampling_args(temperature, top_k, top_p, cfg.vocab_size)
-    if eos_id is not None:
-        eos_id = check_count(eos_id, "eos_id")
-        if eos_id >= cfg.vocab_size:
-            raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    if temperature > 0 and key is None:
+def _check_key(key: Any, config: GenerationConfig) -> None:
+    """ValueError unless `key` is a PRNG key, or None where the config is greedy."""
+    if config.temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key: pass key=jax.random.key(0)")
     if key is not None and not (isinstance(key, jax.Array) and (
             jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
         raise ValueError(f"key must be a PRNG key (jax.random.key or PRNGKey), got {key!r}")
-    sampling = sampling_config(temperature, top_k, top_p)
-    knobs = make_knobs(key, temperature, top_p, eos_id, sampling.greedy)
+
+
+def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, config: GenerationConfig,
+                key: Any, hooks: Any = ()) -> _Call:
+    """Every argument checked, before anything is traced; the batch laid out for the loop."""
+    table, hook_args = free_hooks(cfg, hooks)
+    rows, is_list = _check_prompts(prompts, cfg)
+    n = check_count(max_new_tokens, "max_new_tokens")
+    config.check_vocab(cfg.vocab_size)
+    _check_key(key, config)
+    sampling = config.sampling
+    knobs = make_knobs(key, config.temperature, config.top_p, config.eos_id, sampling.greedy)
     if n == 0:
-        return _Call(rows, is_list, n, eos_id, None, None, sampling, knobs, table, hook_args)
+        return _Call(rows, is_list, n, config, None, None, sampling, knobs, table, hook_args)
     shape = program_shape(cfg, max(len(r) for r in rows), n)
     check_new_tokens(n, len(rows), shape.prompt_slots, shape.new_slots)  # before any tracing
     batch = _batch(rows, cfg, shape.prompt_slots)
-    return _Call(rows, is_list, n, eos_id, batch, shape, sampling, knobs, table, hook_args)
+    return _Call(rows, is_list, n, config, batch, shape, sampling, knobs, table, hook_args)
 
 
 def cut_after_eos(new: list[int], eos_id: int | None) -> list[int]:
@@ -126,7 +128,7 @@ def _finish(call: _Call, new_tokens: np.ndarray | jax.Array) -> jax.Array | list
     if not call.is_list:
         prompt = jnp.asarray(np.stack(call.rows))
         return jnp.concatenate([prompt, jnp.asarray(new_tokens, jnp.int32)], axis=1)
-    return [[int(t) for t in row] + cut_after_eos(new, call.eos_id)
+    return [[int(t) for t in row] + cut_after_eos(new, call.config.eos_id)
             for row, new in zip(call.rows, np.asarray(new_tokens).tolist(), strict=True)]
 
 
@@ -241,22 +243,12 @@ class Generator:
         rows = sharding.batch_sharding(mesh)
         return jax.device_put(prompt, rows), jax.device_put(start, rows), mesh
 
-    def generate(
-        self,
-        prompts: Any,
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        key: jax.Array | None = None,
-        use_cache: bool = True,
-        hooks: Any = (),
-    ) -> jax.Array | list[list[int]]:
+    def generate(self, prompts: Any, max_new_tokens: int,
+                 config: GenerationConfig | None = None, *, key: jax.Array | None = None,
+                 hooks: Any = (), **settings: Any) -> jax.Array | list[list[int]]:
         """`jaxgpt.generate` with these params (see there)."""
-        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
-                           key, hooks)
+        config = generation_config(config, settings)
+        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks)
         if call.batch is None or call.shape is None:  # no new tokens
             return _finish(call, np.zeros((len(call.rows), 0), np.int32))
         model, params = self._hooked(call)
@@ -264,32 +256,22 @@ class Generator:
         tokens = decode.generate_tokens(
             params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
             new_slots=call.shape.new_slots, sampling=call.sampling,
-            use_cache=bool(use_cache), mesh=mesh, chunk_steps=self.chunk_steps,
+            use_cache=config.use_cache, mesh=mesh, chunk_steps=self.chunk_steps,
         )
         p = prompt.shape[1]
         return _finish(call, tokens[:len(call.rows), p:p + call.n])
 
-    def stream(
-        self,
-        prompts: Any,
-        max_new_tokens: int,
-        *,
-        chunk_size: int = 8,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        key: jax.Array | None = None,
-        use_cache: bool = True,
-        hooks: Any = (),
-    ) -> Iterator[np.ndarray]:
+    def stream(self, prompts: Any, max_new_tokens: int,
+               config: GenerationConfig | None = None, *, chunk_size: int = 8,
+               key: jax.Array | None = None, hooks: Any = (),
+               **settings: Any) -> Iterator[np.ndarray]:
         """`jaxgpt.generate_stream` with these params (see there)."""
-        call = _check_call(self.cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
-                           key, hooks)
+        config = generation_config(config, settings)
+        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks)
         chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-        return self._chunks(call, chunk_size, bool(use_cache))
+        return self._chunks(call, chunk_size)
 
-    def _chunks(self, call: _Call, chunk_size: int, use_cache: bool) -> Iterator[np.ndarray]:
+    def _chunks(self, call: _Call, chunk_size: int) -> Iterator[np.ndarray]:
         n = call.n
         if call.batch is None or call.shape is None:  # no new tokens
             return
@@ -298,7 +280,7 @@ class Generator:
         p, b = prompt.shape[1], len(call.rows)
         state = decode.start_decoding(params, prompt, start, call.knobs, model=model,
                                       new_slots=call.shape.new_slots, sampling=call.sampling,
-                                      use_cache=use_cache, mesh=mesh)
+                                      use_cache=call.config.use_cache, mesh=mesh)
         shown = 0
         steps = min(self.chunk_steps, chunk_size)  # fewer inactive steps per yielded chunk
         while shown < n:
@@ -329,16 +311,13 @@ def generate(
     cfg: GPTConfig,
     prompts: Any,
     max_new_tokens: int,
+    config: GenerationConfig | None = None,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
     key: jax.Array | None = None,
-    use_cache: bool = True,
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
     hooks: Any = (),
+    **settings: Any,
 ) -> jax.Array | list[list[int]]:
     """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
 
@@ -356,25 +335,24 @@ def generate(
       prompts: int token ids `[B, T]`, or a list of B token-id lists of any lengths (ragged;
         each row gets exactly what it would get alone).
       max_new_tokens: new tokens per row (>= 0).
-      temperature: 0 for greedy, else > 0.
-      top_k: keep the k most likely tokens (1 <= k <= vocab_size), or None.
-      top_p: keep the smallest most-likely set with probability >= top_p (0 < p <= 1), or None.
-      eos_id: a row that emits it is done: it stops changing (further slots hold eos_id).
+      config: how to choose and when to stop (`GenerationConfig`: temperature, top_k, top_p,
+        eos_id, use_cache); None: greedy with the KV cache, or a config of `settings`.
       key: PRNG key, required when sampling.
-      use_cache: False recomputes every window (same greedy tokens; slow, for checking).
       dtype: compute dtype (e.g. jnp.bfloat16 on accelerators); logits stay float32.
       model: a variant of `GPTModel(cfg)` to apply (see `Generator`).
       hooks: `(name, fn)` pairs run at the model's hook points in every step, e.g.
         activation steering, `[("blocks.6.hook_resid_post", interp.interventions.add(v))]`
         (see `Generator` and `jaxgpt.nn.hooks`).
+      **settings: `GenerationConfig`'s fields as keywords instead of `config`, e.g.
+        `temperature=0.8, top_k=50` (not both; an unknown keyword is a TypeError).
 
     Returns:
       For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
       For a list: a list of B lists, prompt + new tokens, each cut after its first eos_id.
     """
+    config = generation_config(config, settings)  # checked before the weights are prepared
     gen = Generator(params, cfg, dtype=dtype, model=model)
-    return gen.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache, hooks=hooks)
+    return gen.generate(prompts, max_new_tokens, config, key=key, hooks=hooks)
 
 
 def generate_stream(
@@ -382,17 +360,14 @@ def generate_stream(
     cfg: GPTConfig,
     prompts: Any,
     max_new_tokens: int,
+    config: GenerationConfig | None = None,
     *,
     chunk_size: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
     key: jax.Array | None = None,
-    use_cache: bool = True,
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
     hooks: Any = (),
+    **settings: Any,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
 
@@ -403,7 +378,7 @@ def generate_stream(
     while a chunk computes raises KeyboardInterrupt at once (that chunk is lost; the ones
     yielded before are the tokens so far).
     """
+    config = generation_config(config, settings)
     gen = Generator(params, cfg, dtype=dtype, model=model)
-    return gen.stream(prompts, max_new_tokens, chunk_size=chunk_size, temperature=temperature,
-                      top_k=top_k, top_p=top_p, eos_id=eos_id, key=key, use_cache=use_cache,
+    return gen.stream(prompts, max_new_tokens, config, chunk_size=chunk_size, key=key,
                       hooks=hooks)

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, or temperature -> top-k -> top-p -> sample.
+"""Choosing the next token from logits: greedy, or temperature -> top-k -> top-p -> sample;
+and `GenerationConfig`, the settings every generation entry point takes.
 
 The order, for `temperature > 0`:
 
@@ -19,17 +20,22 @@ Shapes: B batch, V vocab_size.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.config import ConfigError
+
 _NEG = -jnp.inf  # filtered logits; the kept set is never empty, so softmax has no NaN
 
 
 class SamplingConfig(NamedTuple):
-    """The static half of the sampling arguments (a new value compiles anew).
+    """The static switches of the compiled loop's sampling, derived from a `GenerationConfig`
+    (`GenerationConfig.sampling`), not a setting of its own: a new value compiles anew.
 
     `greedy` is `temperature == 0`; `top_k` is None or an int >= 1; `use_top_p` is whether
     `top_p < 1` (the value itself is a traced argument, so changing it does not recompile).
@@ -40,37 +46,108 @@ class SamplingConfig(NamedTuple):
     use_top_p: bool = False
 
 
-def check_sampling_args(
-    temperature: Any, top_k: Any, top_p: Any, vocab_size: int
-) -> tuple[float, int | None, float | None]:
-    """Validate the sampling arguments; return them as Python numbers.
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating))
 
-    Raises ValueError naming the bad value and the allowed range, before anything is traced.
+
+def _is_int(value: Any) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How `generate`, `generate_stream` and `Generator` choose and stop: one value for all.
+
+    Every generation entry point takes one (`config=`), or these fields as keywords, which
+    build one. The fields are checked here, when it is made; the ones bounded by the
+    vocabulary (`top_k`, `eos_id`) again when a call knows the model (`check_vocab`).
+
+    Args:
+      temperature: 0 for greedy, else > 0 (sampling, which needs the call's `key`).
+      top_k: keep the k most likely tokens (1 <= k <= vocab_size), or None.
+      top_p: keep the smallest most-likely set with probability >= top_p (0 < p <= 1), or None.
+      eos_id: a row that emits it is done: it stops changing (further slots hold eos_id).
+      use_cache: False recomputes every window (same greedy tokens; slow, for checking).
+
+    With `temperature == 0` top_k and top_p change nothing (see the module docstring).
     """
-    if isinstance(temperature, (bool, np.bool_)) or not isinstance(
-        temperature, (int, float, np.integer, np.floating)
-    ):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    temperature = float(temperature)
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
-        )
-    if top_k is not None:
-        if isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, (int, np.integer)):
-            raise ValueError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r}")
-        top_k = int(top_k)
-        if not 1 <= top_k <= vocab_size:
-            raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {top_k}")
-    if top_p is not None:
-        if isinstance(top_p, (bool, np.bool_)) or not isinstance(
-            top_p, (int, float, np.integer, np.floating)
-        ):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-        top_p = float(top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    return temperature, top_k, top_p
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    eos_id: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        def fail(name: str, rule: str) -> ConfigError:
+            return ConfigError("GenerationConfig", name, rule, getattr(self, name))
+
+        if not _is_number(self.temperature):
+            raise fail("temperature", "must be a number >= 0")
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise fail("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and not _is_int(self.top_k):
+            raise fail("top_k", "must be None or an int >= 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise fail("top_k", "must be >= 1")
+        if self.top_p is not None and not _is_number(self.top_p):
+            raise fail("top_p", "must be None or a number in (0, 1]")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise fail("top_p", "must be in (0, 1]")
+        if self.eos_id is not None and not (_is_int(self.eos_id) and self.eos_id >= 0):
+            raise fail("eos_id", "must be None or an int >= 0")
+        if not isinstance(self.use_cache, (bool, np.bool_)):
+            raise fail("use_cache", "must be a bool")
+        # As Python numbers (numpy scalars are accepted); frozen, hence object.__setattr__.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        for name, kind in (("top_k", int), ("top_p", float), ("eos_id", int)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "use_cache", bool(self.use_cache))
+
+    def check_vocab(self, vocab_size: int) -> GenerationConfig:
+        """This config, if its token ids fit a vocabulary of `vocab_size`; ConfigError if not."""
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise ConfigError("GenerationConfig", "top_k",
+                              f"must be in [1, {vocab_size}] (the vocabulary)", self.top_k)
+        if self.eos_id is not None and self.eos_id >= vocab_size:
+            raise ConfigError("GenerationConfig", "eos_id",
+                              f"must be in the vocabulary [0, {vocab_size})", self.eos_id)
+        return self
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The static switches of the compiled loop (a new value compiles anew)."""
+        return sampling_config(self.temperature, self.top_k, self.top_p)
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+GENERATION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
+
+
+def generation_config(config: GenerationConfig | None,
+                      settings: dict[str, Any]) -> GenerationConfig:
+    """The config of a call: `config`, or one built from the `settings` keywords.
+
+    TypeError for a keyword that is no `GenerationConfig` field or a `config` of another type;
+    ValueError for `config` and keywords together (which would win is not obvious).
+    """
+    unknown = sorted(set(settings) - set(GENERATION_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown generation keyword {unknown[0]!r}: the settings are "
+                        f"{', '.join(GENERATION_FIELDS)} (or config=GenerationConfig(...))")
+    if config is None:
+        return GenerationConfig(**settings)
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a jaxgpt.GenerationConfig or None, got {config!r}")
+    if settings:
+        raise ValueError(f"give config= or the keywords {', '.join(settings)}, not both: "
+                         f"config.replace({', '.join(f'{k}=...' for k in settings)}) changes "
+                         f"a config")
+    return config
 
 
 def sampling_config(temperature: float, top_k: int | None, top_p: float | None) -> SamplingConfig:

@@ -1,10 +1,13 @@
 """`TrainConfig`: a training run's settings, each field saying how a resumed run treats it.
 
-Every field is declared with `setting(default, resume, help)`: `resume` is "data" (what the
+Every field is declared with `setting(default, resume, help, none)`: `resume` is "data" (what the
 run reads, in which order: a resumed run must keep it), "optim" (changes the losses from the
 resume on: allowed, with a warning that the run is no longer an exact replay) or "loop" (only
-when the loop evaluates, samples or saves: allowed, with a warning). The resume checks, the
-compiled step's cache key and the command line's flags, defaults and help all read these.
+when the loop evaluates, samples or saves: allowed, with a warning); `none` says what None
+means where a field may be None. The resume checks, the compiled step's cache key and the
+command line's flags, defaults and help all read these. `TrainConfig` checks every field when
+it is made and raises `ConfigError` naming the field (`TrainConfig.lr`); `jaxgpt train` says
+the same of the flag that set it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.nn.model import REMAT_MODES, remat_mode
 
 # `jaxgpt train` with neither --preset nor --config: a small GPT-2-vocabulary model that
@@ -41,11 +44,17 @@ AUTO_LOSS_CHUNK = 1024
 AUTO_REMAT = "attention"
 
 
-def setting(default: Any, resume: str, help: str) -> Any:
-    """A `TrainConfig` field: its default, how resume treats it, and its one-line help."""
+def setting(default: Any, resume: str, help: str, none: str | None = None) -> Any:
+    """A `TrainConfig` field: its default, how resume treats it, its one-line help, and what
+    None means if it may be None."""
     if resume not in RESUME_KINDS:
         raise ValueError(f"resume must be one of {RESUME_KINDS}, got {resume!r}")
-    return dataclasses.field(default=default, metadata={"resume": resume, "help": help})
+    return dataclasses.field(default=default,
+                             metadata={"resume": resume, "help": help, "none": none})
+
+
+def _fail(name: str, rule: str, *value: Any) -> ConfigError:
+    return ConfigError("TrainConfig", name, rule, *value)
 
 
 @dataclass(frozen=True)
@@ -68,17 +77,18 @@ class TrainConfig:
     steps: int = setting(500, "optim", "optimizer updates")
     batch_size: int = setting(8, "data", "sequences per update")
     seq_len: int = setting(256, "data", "tokens per sequence")
-    stride: int | None = setting(None, "data", "distance between window starts (None: seq_len)")
+    stride: int | None = setting(None, "data", "distance between window starts",
+                                 none="seq_len, no overlap")
     lr: float = setting(4e-4, "optim", "peak learning rate")
     min_lr: float | None = setting(
-        None, "optim", "learning rate at the end of the cosine decay (None: lr/10)")
+        None, "optim", "learning rate at the end of the cosine decay", none="lr/10")
     warmup_steps: int = setting(0, "optim", "steps of linear warmup")
     weight_decay: float = setting(0.1, "optim", "AdamW decay of weight matrices")
     b1: float = setting(0.9, "optim", "AdamW's first-moment decay")
     b2: float = setting(0.999, "optim", "AdamW's second-moment decay")
     eps: float = setting(1e-8, "optim", "AdamW's epsilon")
-    grad_clip: float | None = setting(1.0, "optim", "global-norm gradient clip (None: off)")
-    grad_accum: int = setting(1, "optim", "micro-batches per update; must divide batch_size")
+    grad_clip: float | None = setting(1.0, "optim", "global-norm gradient clip", none="off")
+    grad_accum: int = setting(1, "optim", "micro-batches per update; must divide the batch")
     train_ratio: float = setting(0.9, "data", "fraction of the tokens trained on (the rest: "
                                  "validation)")
     seed: int = setting(123, "data", "seed of the weights, the data order and dropout")
@@ -86,13 +96,13 @@ class TrainConfig:
                          "float32")
     remat: bool | str | None = setting(
         None, "optim", "what the backward pass recomputes to save memory: none, attention (the "
-        "[B, H, T, T] attention scores, softmax and dropout), block (whole blocks); None: "
-        "attention on GPU/TPU, none on CPU")
+        "[B, H, T, T] attention scores, softmax and dropout), block (whole blocks)",
+        none="attention on GPU/TPU, none on CPU")
     fsdp: bool = setting(False, "optim", "also shard weights and AdamW moments over the devices")
     loss_chunk: int | None = setting(
         None, "optim", "run the output head and loss over this many tokens at a time, so the "
-        "logits of the whole batch never exist at once; 0: all at once; None: "
-        f"{AUTO_LOSS_CHUNK} on GPU/TPU, 0 on CPU")
+        "logits of the whole batch never exist at once; 0: all at once",
+        none=f"{AUTO_LOSS_CHUNK} on GPU/TPU, 0 on CPU")
     eval_every: int = setting(100, "loop", "validation loss and a sample every N steps")
     eval_iters: int = setting(5, "loop", "validation batches")
     save_every: int = setting(250, "loop", "checkpoint every N steps, and at the end")
@@ -112,31 +122,28 @@ class TrainConfig:
             try:
                 mode = remat_mode(self.remat)
             except ValueError:
-                raise ValueError(
-                    f"TrainConfig.remat must be one of {', '.join(map(repr, REMAT_MODES))}, "
-                    f"None (auto) or a bool (True = 'block', False = 'none'), got {self.remat!r}"
-                ) from None
+                raise _fail("remat", f"must be one of {', '.join(map(repr, REMAT_MODES))}, None "
+                            f"(auto) or a bool (True = 'block', False = 'none')",
+                            self.remat) from None
             object.__setattr__(self, "remat", mode)  # frozen; old configs' bools as modes
-        if not 0 < self.train_ratio < 1:
-            raise ValueError(f"TrainConfig.train_ratio must be in (0, 1), got {self.train_ratio}")
+        if not _number(self.train_ratio) or not 0 < self.train_ratio < 1:
+            raise _fail("train_ratio", "must be in (0, 1)", self.train_ratio)
         if self.dtype not in DTYPES:
-            raise ValueError(
-                f"TrainConfig.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"
-            )
-        if not (isinstance(self.sample_temperature, (int, float)) and self.sample_temperature >= 0
+            raise _fail("dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
+        if not (_number(self.sample_temperature) and self.sample_temperature >= 0
                 and math.isfinite(self.sample_temperature)):
-            raise ValueError(
-                f"TrainConfig.sample_temperature must be a finite number >= 0 (0 = greedy), "
-                f"got {self.sample_temperature!r}"
-            )
+            raise _fail("sample_temperature", "must be a finite number >= 0 (0 = greedy)",
+                        self.sample_temperature)
 
     def _check_counts(self) -> None:
         """The int settings: counts >= 1, or >= 0 where 0 means none."""
 
         def at_least(name: str, minimum: int) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _fail(name, f"must be an int >= {minimum}", v)
+            if v < minimum:
+                raise _fail(name, f"must be >= {minimum}", v)
 
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_iters",
                      "save_every", "keep"):
@@ -148,34 +155,33 @@ class TrainConfig:
         if self.stride is not None:
             at_least("stride", 1)
         if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"TrainConfig.batch_size ({self.batch_size}) must be divisible by "
-                f"TrainConfig.grad_accum ({self.grad_accum})"
-            )
+            raise _fail("batch_size", f"must be divisible by TrainConfig.grad_accum "
+                        f"({self.grad_accum})", self.batch_size)
 
     def _check_optimizer(self) -> None:
         """The learning-rate schedule and AdamW's settings."""
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
-            raise ValueError(
-                f"TrainConfig.min_lr must be in [0, TrainConfig.lr = {self.lr}], "
-                f"got {self.min_lr!r}"
-            )
+        if not (_number(self.lr) and 0 < self.lr < math.inf):
+            raise _fail("lr", "must be a positive number", self.lr)
+        if self.min_lr is not None and not (_number(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise _fail("min_lr", f"must be in [0, TrainConfig.lr = {self.lr}]", self.min_lr)
         if self.warmup_steps > self.steps:
-            raise ValueError(
-                f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds TrainConfig.steps "
-                f"({self.steps})"
-            )
-        if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"TrainConfig.weight_decay must be in [0, 1), got {self.weight_decay}")
-        for name in ("b1", "b2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.eps > 0:
-            raise ValueError(f"TrainConfig.eps must be > 0, got {self.eps}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+            raise _fail("warmup_steps", f"must be at most TrainConfig.steps ({self.steps})",
+                        self.warmup_steps)
+        for name in ("weight_decay", "b1", "b2"):
+            value = getattr(self, name)
+            if not _number(value) or not 0 <= value < 1:
+                raise _fail(name, "must be in [0, 1)", value)
+        if not (_number(self.eps) and self.eps > 0):
+            raise _fail("eps", "must be > 0", self.eps)
+        if self.grad_clip is not None and not (_number(self.grad_clip) and self.grad_clip > 0):
+            raise _fail("grad_clip", "must be > 0 (None: no clipping)", self.grad_clip)
+
+    def check_model(self, cfg: GPTConfig) -> TrainConfig:
+        """This config, if its windows fit the model `cfg`; ConfigError if not."""
+        if self.seq_len > cfg.context_length:
+            raise _fail("seq_len", f"must be at most the model's context_length "
+                        f"{cfg.context_length}", self.seq_len)
+        return self
 
     @property
     def window_stride(self) -> int:
@@ -192,6 +198,10 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def resume_fields(kind: str) -> tuple[str, ...]:

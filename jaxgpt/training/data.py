@@ -140,10 +140,14 @@ def looks_like_text(head: bytes) -> bool:
     return bool(text) and all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
+class TextNotTokens(ValueError):
+    """`load_token_file` of a file that holds text: `tokenize_file` reads it."""
+
+
 def load_token_file(path: str | os.PathLike) -> np.ndarray:
     """A read-only memory map `[N]` (uint16) of a file written by `save_token_file`.
 
-    Raises ValueError for a file that cannot be one: an odd size, or text.
+    Raises ValueError for a file that cannot be one: an odd size, or text (`TextNotTokens`).
     """
     path = Path(path)
     if not path.is_file():
@@ -155,8 +159,8 @@ def load_token_file(path: str | os.PathLike) -> np.ndarray:
         return np.zeros((0,), TOKEN_DTYPE)
     with open(path, "rb") as f:
         if looks_like_text(f.read(4096)):
-            raise ValueError(f"{path} holds text, not uint16 token ids; train on it as a text "
-                             f"file (--text-file), which tokenizes it")
+            raise TextNotTokens(f"{path} holds text, not uint16 token ids; read it with "
+                                f"tokenize_file, which tokenizes it")
     return np.memmap(path, dtype="<u2", mode="r")
 
 

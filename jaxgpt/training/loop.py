@@ -301,10 +301,7 @@ def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
     """Everything checked, the directory locked (held by `lock`), the state fresh or restored,
     `metrics.jsonl` cut back to the checkpoint resumed from, and the run's first messages
     logged."""
-    if tc.seq_len > cfg.context_length:
-        raise ValueError(
-            f"seq_len {tc.seq_len} exceeds the model's context_length {cfg.context_length}"
-        )
+    tc.check_model(cfg)
     locked = out.is_dir()
     if locked:  # a run directory another run may be using: that is said before anything else
         check_run_dir(out)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.io import checkpoint, files
 from jaxgpt.training.config import TrainConfig, resolve_remat, resume_fields
 from jaxgpt.training.data import BatchLoader, LoaderState
@@ -99,16 +99,15 @@ def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
         ]
         raise ValueError(
             f"{path} was trained with another model config ({'; '.join(diff)}); "
-            f"resume with the same --preset/--config/--init-from"
+            f"resume with that model's config"
         )
     saved = checkpoint.load_metadata(path).get("train", {})
     for name in resume_fields("data"):
         if saved.get(name) != getattr(tc, name):
-            raise ValueError(
-                f"{path} was trained with {name}={saved.get(name)!r}, this run has "
-                f"{name}={getattr(tc, name)!r}: the data (order, windows, split) must stay the "
-                f"same to resume; use --{name.replace('_', '-')} {saved.get(name)!r} or a new --out"
-            )
+            raise ConfigError(
+                "TrainConfig", name, f"must stay {saved.get(name)!r} to resume {path}: the "
+                f"data's order, windows and split follow it (another output directory starts "
+                f"afresh)", getattr(tc, name))
     changes = []
     for name in resume_fields("optim") + resume_fields("loop"):
         old, new = saved.get(name), getattr(tc, name)
@@ -229,12 +228,12 @@ def prepare_run(out: Path, cfg: GPTConfig, tc: TrainConfig, resume: bool) -> lis
     if existing and not resume:
         raise FileExistsError(
             f"{out} already holds checkpoints (newest {existing[-1].name}); "
-            f"pass resume=True (--resume) or choose another output directory"
+            f"pass resume=True or choose another output directory"
         )
     if resume and not existing:
         raise FileNotFoundError(
             f"nothing to resume: {ckpt_dir} holds no complete checkpoint; "
-            f"run without --resume to start, or point --out at the run to continue"
+            f"start without resume=True, or give the directory of the run to continue"
         )
     for path in existing[::-1]:  # the newest whose settings can be read (see resume_newest)
         try:
@@ -250,10 +249,8 @@ def _check_resumable(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
     changes = resume_changes(path, cfg, tc)
     step = int(checkpoint.load_metadata(path).get("step", 0))
     if tc.steps <= step:
-        raise ValueError(
-            f"{path} is at step {step}; --steps {tc.steps} leaves nothing to do "
-            f"(pass --steps > {step} to extend the run)"
-        )
+        raise ConfigError("TrainConfig", "steps", f"must be more than {step} to extend the "
+                          f"run: {path} is at step {step}", tc.steps)
     return changes
 
 
