@@ -99,7 +99,8 @@ def test_the_model_reaches_the_hook_points_of_the_table_in_order(tiny, ids):
     jax.eval_shape(lambda p: model.apply({"params": p}, jnp.asarray(ids)), params)
     assert reached == _shapes(cfg, b, t, t)
     reached.clear()
-    jax.eval_shape(lambda p, c: model.apply({"params": p}, jnp.asarray(ids), cache=c, slot=0),
+    jax.eval_shape(lambda p, c: model.apply({"params": p}, jnp.asarray(ids), c, 0,
+                                            method=GPTModel.decode),
                    params, init_cache(cfg, b, 16))
     assert reached == _shapes(cfg, b, t, 16)
     # A free hook at each point finds its arrays where `module_path` puts them.
