@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains for thousands of steps in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 # The recipe of docs/research.md with fewer steps (its head forms by step 3,000 at this seed).
 RECIPE = ["--attention-only", "--seq", "48", "--min-half", "3", "--max-half", "6",

@@ -74,6 +74,7 @@ def test_reference_skips_only_under_the_opt_out(monkeypatch):
         conftest.reference("tensorflow")  # every reference a test takes is imported at start
 
 
+@pytest.mark.slow
 def test_a_ci_run_without_a_dependency_of_a_reference_fails(tmp_path):
     """The whole mechanism, as CI meets it: pytest with tqdm missing exits with an error that
     names it, where the parity tests that need it were once reported skipped and pytest exited
