@@ -5,11 +5,13 @@ import json
 import os
 from types import ModuleType
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.nn import init_params
 from jaxgpt.nn.cache import init_cache
 from jaxgpt.training.data import save_token_file
 
@@ -118,6 +120,37 @@ TINY = {
 }
 
 
+# Scripts that need 8 simulated CPU devices, by name: XLA_FLAGS must be set before jax is
+# imported, so they run in a fresh interpreter, all of them in one (`eight_devices`). Each
+# prints one JSON line last; a test file adds its script when it is imported.
+EIGHT_DEVICE_SCRIPTS: dict[str, str] = {}
+_EIGHT_DEVICES_CHILD = """
+import contextlib, io, json, sys
+for name, code in json.loads(sys.stdin.read()).items():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, name, "exec"), {"__name__": name})
+    print(name, out.getvalue().strip().splitlines()[-1])
+"""
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    """`{name: the JSON its script printed}` for every script of EIGHT_DEVICE_SCRIPTS, run
+    one after the other in one subprocess with 8 simulated CPU devices (one start of JAX)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_CHILD], env=env,
+                          input=json.dumps(EIGHT_DEVICE_SCRIPTS), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split(" ", 1) for line in proc.stdout.strip().splitlines()]
+    return {name: json.loads(out) for name, out in lines if name in EIGHT_DEVICE_SCRIPTS}
+
+
 @pytest.fixture
 def tiny_files(tmp_path):
     """The tiny config as JSON and 2,000 random tokens of its vocabulary as a token file, for
@@ -138,9 +171,36 @@ def tiny_cfg():
     return GPTConfig(**TINY)
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny config and its weights at seed 0, `(cfg, params)`, made once for every test
+    that only needs some tiny model (read-only). A file whose tests rest on another seed's
+    draw (an EOS token that first appears where the test needs it) keeps its own `tiny`."""
+    cfg = GPTConfig(**TINY)
+    return cfg, init_params(cfg, 0)
+
+
+def sharpened(params):
+    """`params` with every matrix x8 over GPT-2's init: logits that move by O(1) when one
+    activation is patched (the research tests)."""
+    return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
+
+
 @pytest.fixture
 def cfg_124m():
     return GPTConfig(**GPT_CONFIG_124M)
+
+
+@pytest.fixture(scope="session")
+def book_124m():
+    """The book's 124M `GPTModel` (seed 123, as its own golden check) and the same weights in
+    jaxgpt: `(torch model, cfg, params)`, built once for the tests that need the full size.
+    Read-only: a test that changed either would change the others' reference."""
+    from jaxgpt.io.torch_state import from_torch_state_dict
+
+    ref = torch_reference(GPT_CONFIG_124M, seed=123)
+    cfg = GPTConfig(**GPT_CONFIG_124M)
+    return ref, cfg, from_torch_state_dict(ref.state_dict(), cfg)
 
 
 @pytest.fixture

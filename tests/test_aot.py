@@ -19,6 +19,7 @@ from jax._src import xla_bridge
 from jaxgpt import aot
 from jaxgpt.aot import targets
 from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.inference.decode import DECODE_CHUNK
 from jaxgpt.nn import count_params, layer_norm, param_shapes
 from jaxgpt.training.config import TrainConfig
 
@@ -143,6 +144,7 @@ def test_weight_and_cache_bytes_of_124m():
     assert nbytes == 2 * 12 * 2 * math.prod(shape) + 4 * (8 + 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_generation_loop_compiles_without_cache_copies_and_few_kernels(
     target, compiled_generation, tiny_dict
@@ -159,6 +161,7 @@ def test_generation_loop_compiles_without_cache_copies_and_few_kernels(
     assert sorted(k for k, name in loop.kernels if not name) == UNNAMED[target](cfg.n_layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_decode_step_donates_the_cache(target, compiled_generation, tiny_dict):
     cfg, _, lowered, step = compiled_generation(target, tiny_dict)
@@ -172,6 +175,7 @@ def test_decode_step_donates_the_cache(target, compiled_generation, tiny_dict):
     assert cost["bytes_accessed"] >= read  # a step reads every weight matrix at least once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
     """Positive control of the copy check: a loop that updates its cache and also carries the
@@ -209,6 +213,7 @@ def test_loop_stats_finds_a_cache_copy_in_a_loop(target):
     assert loop.loops == 2 and loop.cache_copies
 
 
+@pytest.mark.slow
 def test_one_row_layernorm_takes_fewer_gpu_kernels_in_one_pass():
     """Why `Layout.for_batch(1, "gpu")` sets `one_pass_norm`: XLA:GPU runs the book's
     LayerNorm of one row as two reductions and the normalisation (3 kernels), the one-pass
@@ -263,6 +268,7 @@ def test_loop_stats_tells_on_chip_staging_from_large_writes():
     assert (len(vmem.large_writes), len(vmem.on_chip_writes)) == (0, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_train_step_compiles_with_its_state_donated(target, tiny_cfg):
     devices = _devices(target)
@@ -274,6 +280,7 @@ def test_train_step_compiles_with_its_state_donated(target, tiny_cfg):
     assert mem["alias_bytes"] >= 3 * params
 
 
+@pytest.mark.slow
 def test_attention_remat_keeps_the_attention_arrays_out_of_the_train_steps_memory():
     # T = 128 makes one layer's [B, H, T, T] float32 array (1 MiB) far larger than its
     # [B, T, D] activations (64 KiB), as at 124M and T = 1024.
@@ -301,6 +308,7 @@ def test_attention_remat_keeps_the_attention_arrays_out_of_the_train_steps_memor
     assert flops_att >= flops_none + cfg.n_layers * 2 * (2 * b * h * t * t * dh), stats
 
 
+@pytest.mark.slow
 def test_fsdp_train_step_on_4_tpu_chips_all_gathers_its_weights(tiny_cfg):
     devices = _devices("tpu-v5e", 4)
     assert len(devices) == 4
@@ -326,7 +334,9 @@ def test_lower_functions_reject_bad_sizes(tiny_cfg):
         aot.lower_decode_step(tiny_cfg, batch=1, prompt_len=4, max_new_tokens=4, devices=[])
 
 
-def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg):
+@pytest.mark.slow
+def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg, tiny_dict,
+                                                                     compiled_generation):
     """`generate`'s cached steps run `chunk_steps` at a time: XLA:GPU knows the inner loop's
     trip count (`known_trip_count`), so it runs a chunk without reading the condition back to
     the host after every step. `loop_stats` reads it off the loop that holds the step (its
@@ -343,7 +353,10 @@ def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg):
         text = aot.lower_generate(tiny_cfg, chunk_steps=chunk_steps, **sizes).compile().as_text()
         return aot.loop_stats(text, math.prod(layer))
 
-    chunked, plain = decoding_loop(8), decoding_loop(0)
+    # The chunked loop (chunk_steps=8, the default) is the one the module already compiled.
+    assert DECODE_CHUNK == 8
+    _, gen, _, _ = compiled_generation("h100", tiny_dict)
+    chunked, plain = aot.loop_stats(gen.as_text(), math.prod(layer)), decoding_loop(0)
     assert chunked.trip_count == 8
     assert any("out_head" in name for _, name in chunked.kernels)
     assert all("/while/body/while/" in name for _, name in chunked.kernels if name)

@@ -50,6 +50,7 @@ def test_info_prints_counts_without_allocating(capsys, monkeypatch, preset, para
         assert live - before < 2**20
 
 
+@pytest.mark.slow
 def test_info_of_gpt2_xl_stays_far_below_its_weights_in_memory():
     """The peak resident memory of a process that ran `jaxgpt info --preset gpt2-xl`: weights
     made and dropped again would show there (6.55 GB in float32; the process needs ~0.35 GB).
@@ -89,6 +90,7 @@ def test_generate_prints_prompt_then_text_offline(tmp_path):
     assert again.stdout == res.stdout  # same seed, same weights, same greedy text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -137,6 +139,7 @@ def small_checkpoint(tmp_path_factory):
     return checkpoint.save(tmp_path_factory.mktemp("small") / "ckpt", init_params(cfg, 0), cfg)
 
 
+@pytest.mark.slow
 def test_generate_reports_timings_and_a_second_run_loads_every_program_from_the_cache(
     tmp_path, small_checkpoint
 ):

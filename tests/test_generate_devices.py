@@ -1,15 +1,14 @@
 """`generate` splits a batch over several devices: 8 simulated CPU devices give the tokens
 of one device (greedy and sampled, padded and ragged batches, streaming)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import EIGHT_DEVICE_SCRIPTS
 
-# A fresh interpreter: XLA_FLAGS must be set before jax is imported.
+pytestmark = pytest.mark.slow  # 8 simulated devices: a subprocess of its own
+
+# Runs in the 8-device interpreter of conftest's `eight_devices`.
 SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
@@ -47,14 +46,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+EIGHT_DEVICE_SCRIPTS["generate_devices"] = SCRIPT
+
+
 @pytest.fixture(scope="module")
-def runs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def runs(eight_devices):
+    return eight_devices["generate_devices"]
 
 
 def test_the_batch_is_split_over_the_devices(runs):

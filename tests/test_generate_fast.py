@@ -12,7 +12,7 @@ from conftest import TINY, cached_logits, reference, torch_reference
 from jax import lax
 
 from jaxgpt import aot
-from jaxgpt.config import GPT_CONFIG_124M, GPTConfig
+from jaxgpt.config import GPTConfig
 from jaxgpt.inference import (
     GenerationConfig,
     Generator,
@@ -207,11 +207,11 @@ def test_past_context_length_matches_the_reference_sliding_crop(prompt_len, rng)
 
 
 @pytest.mark.slow
-def test_cache_equals_no_cache_and_reference_124m():
-    cfg_dict = dict(GPT_CONFIG_124M)
+def test_cache_equals_no_cache_and_reference_124m(book_124m):
+    ref, cfg, params = book_124m
     prompt = np.array([[15496, 11, 314, 716], [40, 1101, 257, 2746]])  # "Hello, I am" ...
-    params, want = _reference_run(cfg_dict, prompt, 6, seed=123)
-    cfg = GPTConfig(**cfg_dict)
+    want = reference("llms_from_scratch.ch04").generate_text_simple(
+        ref, reference("torch").as_tensor(prompt), 6, cfg.context_length).numpy()
     cached = np.asarray(generate(params, cfg, prompt, 6))
     np.testing.assert_array_equal(cached, want)
     np.testing.assert_array_equal(generate(params, cfg, prompt, 6, use_cache=False), want)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
@@ -19,6 +21,7 @@ def _module():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_tiny_runs_every_section(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out",

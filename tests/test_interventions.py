@@ -3,19 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.interp import induction
 from jaxgpt.interp import interventions as iv
 from jaxgpt.interp.cache import run_with_cache, run_with_hooks
-from jaxgpt.nn.model import init_params
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = GPTConfig(**TINY)
-    return cfg, init_params(cfg, 0)
 
 
 def test_the_makers_do_what_they_say(tiny):

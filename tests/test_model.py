@@ -174,10 +174,8 @@ def test_full_model_logits_match_reference_tiny(rng, tiny_dict, qkv_bias):
 
 
 @pytest.mark.slow
-def test_full_model_logits_match_reference_124m(rng):
-    ref = torch_reference(GPT_CONFIG_124M, seed=123)
-    cfg = GPTConfig(**GPT_CONFIG_124M)
-    params = from_torch_state_dict(ref.state_dict(), cfg)
+def test_full_model_logits_match_reference_124m(rng, book_124m):
+    ref, cfg, params = book_124m
     ids = rng.integers(0, cfg.vocab_size, size=(2, 64))
     with torch.no_grad():
         want = ref(torch.from_numpy(ids))

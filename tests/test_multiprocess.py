@@ -176,6 +176,7 @@ def _max_diff(a, b) -> float:
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
 def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     tmp = files
@@ -265,6 +266,7 @@ def test_native_log_lines_are_told_apart():
         "Traceback (most recent call last):", "I0 boom"]
 
 
+@pytest.mark.slow
 def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
     port = _free_port()  # nothing listens there
     args = ["train", "--token-file", str(files / "tokens.bin"), "--config",
@@ -282,6 +284,7 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(files):
     assert not (files / "x").exists()
 
 
+@pytest.mark.slow
 def test_the_environment_route_without_a_process_count_is_one_line(files):
     # JAX_COORDINATOR_ADDRESS alone: jax.distributed.initialize looks for the rest in a cluster
     # environment (Slurm, Open MPI), finds none here, and says so; the CLI makes it one line.

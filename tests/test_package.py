@@ -19,18 +19,24 @@ from jaxgpt.training import run_dir
 from jaxgpt.training.config import DTYPES, RESUME_KINDS, TrainConfig, resume_fields
 
 PACKAGE = pathlib.Path(jaxgpt.__file__).parent
-# What each part of the package may import from jaxgpt (besides itself): data flows one way,
-# `config <- nn <- {inference, training, io, interp, aot} <- cli`.
+ROOT = PACKAGE.parent
+# What each part of the package may import from jaxgpt (besides itself). Its tiers are the
+# README's flow line, which `test_the_readme_flow_line_is_the_layering_table` holds to it.
+# The foundations are modules at the package's root that import no part.
 FOUNDATIONS = {"jaxgpt.config", "jaxgpt.tokenizer", "jaxgpt.sharding"}
 ALLOWED = {
     "jaxgpt.nn": FOUNDATIONS,
     "jaxgpt.inference": FOUNDATIONS | {"jaxgpt.nn"},
     "jaxgpt.io": FOUNDATIONS | {"jaxgpt.nn"},
+    "jaxgpt.book": FOUNDATIONS | {"jaxgpt.nn"},
     "jaxgpt.training": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference", "jaxgpt.io"},
     "jaxgpt.interp": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference"},
     "jaxgpt.aot": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference", "jaxgpt.training"},
-    "jaxgpt.book": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.io"},
+    "jaxgpt.cli": FOUNDATIONS | {"jaxgpt.native_logs", "jaxgpt.nn", "jaxgpt.inference",
+                                 "jaxgpt.io", "jaxgpt.training", "jaxgpt.interp"},
 }
+# The files that state the flow line (`Data flows one way: ...` in the README).
+FLOW_LINE_FILES = ["README.md", "docs/development.md"]
 # Third-party packages only some parts may import (torch only where weights are converted).
 FORBIDDEN = {"jaxgpt.nn": {"torch", "transformers", "optax", "orbax", "matplotlib"}}
 MAX_FUNCTION_LINES = 60  # body without the docstring
@@ -94,6 +100,55 @@ def test_parts_import_only_the_parts_below_them():
     # Nothing but the command line (and `python -m jaxgpt`) imports the command line.
     users = {n for n, deps in _graph().items() if any(d.startswith("jaxgpt.cli") for d in deps)}
     assert users <= {n for n in _graph() if n.startswith("jaxgpt.cli")} | {"jaxgpt.__main__"}
+
+
+def tiers(allowed):
+    """The parts in tiers, lowest first: the foundations, then each part one tier above the
+    highest it may import (a module beside them that no tier lists, as `native_logs`, counts
+    with the foundations). `[{"config", ...}, {"nn"}, ...]`, names without `jaxgpt.`."""
+    level = dict.fromkeys(FOUNDATIONS, 0)
+
+    def place(part):
+        if part not in level:
+            level[part] = 1 + max(place(d) if d in allowed else 0 for d in allowed[part])
+        return level[part]
+
+    for part in allowed:
+        place(part)
+    return [{p.removeprefix("jaxgpt.") for p, n in level.items() if n == i}
+            for i in range(max(level.values()) + 1)]
+
+
+def flow_line(text):
+    """The tiers a doc's flow line (`Data flows one way: `a <- {b, c} <- d``) states."""
+    import re
+
+    found = re.findall(r"`(\{?[a-z_]+(?:, [a-z_]+)*\}?(?: <- \{?[a-z_]+(?:, [a-z_]+)*\}?)+)`",
+                       text)
+    assert len(found) == 1, f"one flow line expected, found {found}"
+    return [set(tier.strip("{}").split(", ")) for tier in found[0].split(" <- ")]
+
+
+@pytest.mark.parametrize("doc", FLOW_LINE_FILES)
+def test_the_readme_flow_line_is_the_layering_table(doc):
+    assert flow_line((ROOT / doc).read_text()) == tiers(ALLOWED), (
+        f"{doc}'s flow line and ALLOWED in tests/test_package.py disagree: change both")
+
+
+def test_the_flow_line_check_sees_a_tier_out_of_place():
+    # Positive control: an import allowed one tier higher moves the part, and the line says so.
+    moved = {**ALLOWED, "jaxgpt.io": ALLOWED["jaxgpt.io"] | {"jaxgpt.inference"}}
+    assert tiers(moved) != tiers(ALLOWED)
+    assert flow_line("x `config <- nn <- {io, book}` y") == [{"config"}, {"nn"}, {"io", "book"}]
+
+
+def test_the_foundations_import_no_part():
+    root = {f"jaxgpt.{p.stem}" for p in PACKAGE.glob("*.py")} - {"jaxgpt.__init__",
+                                                                  "jaxgpt.__main__"}
+    assert FOUNDATIONS <= root
+    wrong = [f"{name} imports {dep}" for name, deps in _graph().items() if name in root
+             for dep in deps if dep not in root]
+    assert not wrong, wrong
 
 
 def test_the_layering_check_sees_a_wrong_import():

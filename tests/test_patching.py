@@ -6,23 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, jax_weights_of, random_hf_gpt2, reference, tl_bridge
+from conftest import jax_weights_of, random_hf_gpt2, reference, sharpened, tl_bridge
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.interp import patching
 from jaxgpt.interp.cache import run_with_cache
 from jaxgpt.interp.reads import metric_reads
-from jaxgpt.nn.model import init_params
 
 T = 5
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = GPTConfig(**TINY)
-    # Weights x8 over GPT-2's init: logits that move by O(1) when an activation is patched.
-    params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, init_params(cfg, 0))
-    return cfg, params
+def tiny(tiny):
+    cfg, params = tiny  # conftest's tiny model, sharpened
+    return cfg, sharpened(params)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def _train(out, files, *extra):
 # --- damaged checkpoints, a full disk -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, small_ckpt):
     import shutil
 
@@ -141,6 +142,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoint(
 # --- one run per directory --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, tiny_files):
     cfg, tokens = tiny_files
     out = tmp_path / "run"
@@ -188,6 +190,7 @@ def test_a_metrics_file_jaxgpt_did_not_write_is_not_overwritten(tmp_path, tiny_f
 # --- generation -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_more_new_tokens_than_the_buffer_holds_is_refused_before_compiling(tmp_path,
                                                                           small_ckpt):
     t0 = time.monotonic()
@@ -237,6 +240,7 @@ def test_the_buffer_limit_follows_the_process_memory_limits(monkeypatch, tmp_pat
     assert checks.cgroup_memory_limit(str(limit)) == 2**30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_ctrl_c_prints_the_text_so_far_and_exits_130_at_once(tmp_path, small_ckpt, stream):
     # Past the 16-token context every token recomputes its window: 10^6 of them take minutes.
@@ -403,6 +407,7 @@ def test_convert_orbax_to_hf_and_back_is_lossless(tmp_path, small_ckpt):
 # --- a quiet command line ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platforms", [None, "cpu"])
 def test_the_command_line_prints_no_plugin_noise(tmp_path, platforms):
     if platforms is None and accelerator_files():

@@ -1,17 +1,14 @@
 """Reading the residual stream (TransformerLens's `ActivationCache` methods on the same
 weights), the logit lens, and attribution patching."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, jax_weights_of, random_hf_gpt2, reference, tl_bridge
+from conftest import jax_weights_of, random_hf_gpt2, reference, sharpened, tl_bridge
 
-from jaxgpt.config import GPTConfig
 from jaxgpt.interp import patching, residual
 from jaxgpt.interp.attribution import attribution_patch, metric_and_gradients
 from jaxgpt.interp.cache import ActivationCache, run_with_cache
-from jaxgpt.nn.model import init_params
 
 TOKENS = np.array([[3, 17, 42, 8, 99, 0], [11, 12, 13, 14, 15, 16]])
 
@@ -120,10 +117,9 @@ def test_the_logit_lens_ends_in_the_models_logits(both):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = GPTConfig(**TINY)
-    params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, init_params(cfg, 0))
-    return cfg, params
+def tiny(tiny):
+    cfg, params = tiny  # conftest's tiny model, sharpened
+    return cfg, sharpened(params)
 
 
 def logit_diff(logits):

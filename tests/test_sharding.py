@@ -1,18 +1,15 @@
 """Data parallel and FSDP on 8 simulated CPU devices give the losses of one device."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+from conftest import EIGHT_DEVICE_SCRIPTS
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.sharding import param_spec
 
-# Runs in a fresh interpreter: XLA_FLAGS must be set before jax is imported.
+# Runs in the 8-device interpreter of conftest's `eight_devices`.
 SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
@@ -71,21 +68,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+EIGHT_DEVICE_SCRIPTS["sharding"] = SCRIPT
+
+
 @pytest.fixture(scope="module")
-def runs():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def runs(eight_devices):
+    return eight_devices["sharding"]
 
 
 # Tolerance: the devices sum their partial gradients in another order than one device does
@@ -95,6 +83,7 @@ def runs():
 TOL = 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode, base", [("dp8", "one"), ("fsdp8", "one"), ("fsdp8_accum2", "one_accum2")]
 )
@@ -116,6 +105,7 @@ def test_eight_devices_give_the_losses_and_weights_of_one(runs, mode, base):
     )
 
 
+@pytest.mark.slow
 def test_fsdp_splits_weights_and_adam_moments_data_parallel_replicates_them(runs):
     assert runs["fsdp8"]["kernel_shard"] == [32, 16]  # [32, 128] split on its largest dim
     assert runs["fsdp8"]["mu_shard"] == [32, 16]
@@ -133,6 +123,7 @@ def test_param_spec_shards_the_largest_divisible_dimension_of_matrices_only():
     assert param_spec((32, 128), 1, fsdp=True) == P()
 
 
+@pytest.mark.slow
 def test_global_rows_builds_each_devices_rows_from_the_sharding(runs):
     got = runs["rows"]
     assert got["calls"] == [[2 * i, 2 * i + 1] for i in range(8)]  # one block per device

@@ -116,6 +116,7 @@ def test_decode_rejects_a_batch():
         token_ids_to_text(np.zeros((2, 3), dtype=np.int32))
 
 
+@pytest.mark.slow
 def test_works_offline_with_an_empty_tiktoken_cache(tmp_path):
     code = (
         "import socket\n"

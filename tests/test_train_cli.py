@@ -330,6 +330,7 @@ class _Training:
         self.proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_the_current_step_and_says_how_to_resume(tmp_path, tiny_files, sig, code):
     cfg, tokens = tiny_files
@@ -360,6 +361,7 @@ def test_a_signal_saves_the_current_step_and_says_how_to_resume(tmp_path, tiny_f
         assert again == list(range(1, steps[-1] + 3))
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, tiny_files):
     cfg, tokens = tiny_files
     run = _Training(tmp_path, cfg, tokens)
