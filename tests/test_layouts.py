@@ -150,6 +150,7 @@ def test_a_scripts_layout_argument():
         layout_lab.parse_layout("qkv,rows")
 
 
+@pytest.mark.slow
 def test_bench_layouts_runs_as_its_docs_give_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
            "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}

@@ -447,6 +447,7 @@ def _absl_lines(stderr):
     return [re.sub(r"\d+", "N", line) for line in _lines(stderr)]
 
 
+@pytest.mark.slow
 def test_importing_jaxgpt_leaves_stderr_alone(tmp_path):
     """A library import does not redirect fd 2: what jax's plugins print when they load is
     passed on as `import jax` alone prints it (the command line quiets it, above)."""

@@ -57,6 +57,7 @@ class Layout(NamedTuple):
             return cls(True, True, True, True, True, True)
         return cls(fused_qkv=True)
 
+
 def prepare(params: Any, cfg: GPTConfig, dtype: Any = jnp.float32,
             layout: Layout | None = None) -> Any:
     """Params for `GPTModel(cfg, dtype=dtype, layout=layout)` from jaxgpt params.
