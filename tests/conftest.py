@@ -15,6 +15,26 @@ from jaxgpt.nn import init_params
 from jaxgpt.nn.cache import init_cache
 from jaxgpt.training.data import save_token_file
 
+# The tests compile thousands of small programs, and compiling is most of their time. XLA's
+# backend optimisation level 0 (LLVM's -O0 for the CPU's machine code) compiles about 40%
+# faster; the programs themselves (HLO, fusions, buffers, what the tests inspect and compare)
+# are the same, and so are the results within every test's bound (docs/development.md). The
+# processes the tests start inherit it. A level set in XLA_FLAGS already is kept (to run the
+# suite at XLA's default: XLA_FLAGS=--xla_backend_optimization_level=2). XLA reads XLA_FLAGS
+# when JAX first compiles, so setting it here, before any test runs, is in time.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
+
+def xla_default_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) with the tests' optimisation level taken out of
+    XLA_FLAGS, for a process whose time goes to running rather than compiling (thousands of
+    training steps, or the 124M model's random weights), where level 0 is the slower."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAG, "").strip()
+    return env
+
 _TORCH = "pip install torch==2.13.0"
 _TEST_EXTRA = 'pip install -e ".[test]"'
 _BOOK = "pip install --no-deps llms-from-scratch==1.0.19"
@@ -42,6 +62,21 @@ REFERENCES = {
 SKIP_REFERENCES_ENV = "JAXGPT_TESTS_WITHOUT_REFERENCES"
 # The reference modules as imported when the run started (filled by pytest_configure).
 IMPORTED: dict[str, ModuleType] = {}
+
+
+# The files of the longest tests: first, so that under pytest-xdist the short ones fill the
+# workers' time around them rather than wait for them at the end. (test_sharding.py, the other
+# user of `eight_devices`, stays where it is: by then the 8-device run is done.)
+LONGEST_FIRST = ("test_generate_devices.py", "test_induction_head.py", "test_multiprocess.py",
+                 "test_aot.py", "test_induction_search.py")
+# libtpu lets one process at a time load it (a lock file), to share a TPU's chips; the tests
+# only compile for a TPU, without one, in as many pytest-xdist workers as run them.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable
 
 
 def references_optional() -> bool:
@@ -74,6 +109,8 @@ def require_references(failed: dict[str, str]) -> None:
 
 
 def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller: the workers import them (and stop on a failure)
     modules, failed = import_references()
     require_references(failed)
     IMPORTED.update(modules)
@@ -135,14 +172,30 @@ for name, code in json.loads(sys.stdin.read()).items():
 
 
 @pytest.fixture(scope="session")
-def eight_devices():
+def eight_devices(tmp_path_factory):
     """`{name: the JSON its script printed}` for every script of EIGHT_DEVICE_SCRIPTS, run
-    one after the other in one subprocess with 8 simulated CPU devices (one start of JAX)."""
+    one after the other in one subprocess with 8 simulated CPU devices (one start of JAX), once
+    a run: under pytest-xdist the first worker to need it runs it, the others read its result
+    (the directory all workers of this run share, under a lock)."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-N/popen-gwI: the run's own directory
+    result = shared / "eight-devices.json"
+    with open(shared / "eight-devices.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.is_file():
+            result.write_text(json.dumps(_run_eight_devices()))
+    return json.loads(result.read_text())
+
+
+def _run_eight_devices() -> dict:
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_CHILD], env=env,
                           input=json.dumps(EIGHT_DEVICE_SCRIPTS), capture_output=True,
                           text=True, timeout=900)

@@ -28,7 +28,8 @@ def _matmul_head(kernel, x):  # a head that is one matrix: (params, x [L, D]) ->
     return x @ kernel
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8, 13, 64])  # one per token, ragged, even, one, > N
+@pytest.mark.parametrize("chunk", [  # one per token, ragged, even, one, > N
+    1, 3, *(pytest.param(c, marks=pytest.mark.slow) for c in (8, 13, 64))])
 def test_chunked_head_loss_and_grads_equal_the_plain_head(rng, chunk):
     n, d, v = 13, 8, 37
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -63,7 +64,7 @@ def test_train_config_rejects_a_negative_loss_chunk():
         TrainConfig(loss_chunk=-1)
 
 
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_model_loss_grads_with_chunks_equal_the_plain_path(rng, tie):
     cfg = GPTConfig(**dict(TINY, tie_embeddings=tie))
     params = init_params(cfg, 0)
@@ -121,6 +122,7 @@ def test_loss_chunk_default_is_on_for_accelerators_and_off_on_cpu():
     assert resolve_loss_chunk(tc.replace(loss_chunk=7), "cpu") == 7
 
 
+@pytest.mark.slow
 def test_train_step_with_chunks_matches_the_plain_step(tiny_cfg, rng):
     batch = tuple(jnp.asarray(rng.integers(0, tiny_cfg.vocab_size, size=(4, 8)), jnp.int32)
                   for _ in range(2))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_default_env
 
 from jaxgpt.cli import main
 
@@ -79,14 +80,15 @@ def test_info_tied(capsys):
 
 @pytest.mark.slow
 def test_generate_prints_prompt_then_text_offline(tmp_path):
+    # The 124M model's random weights: at XLA's default optimisation, as drawing them runs long.
     res = _run("generate", "--prompt", "Hello, I am", "--max-new-tokens", "5", "--seed", "123",
-               tmp_path=tmp_path)
+               tmp_path=tmp_path, env=xla_default_env())
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("Hello, I am")
     assert len(res.stdout.strip()) > len("Hello, I am")
     assert "random" in res.stderr.lower()  # the weights are random until a checkpoint is given
     again = _run("generate", "--prompt", "Hello, I am", "--max-new-tokens", "5", "--seed", "123",
-                 tmp_path=tmp_path)
+                 tmp_path=tmp_path, env=xla_default_env())
     assert again.stdout == res.stdout  # same seed, same weights, same greedy text
 
 
@@ -189,6 +191,7 @@ def test_a_prompt_outside_the_models_vocabulary_fails_before_generating(tmp_path
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_num_samples_prints_k_differing_samples_of_one_batch(small_checkpoint, capsys,
                                                                        monkeypatch):
     from jaxgpt.inference import generator as generation

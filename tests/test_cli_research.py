@@ -28,6 +28,7 @@ def tiny_model(monkeypatch):
     return cfg, params
 
 
+@pytest.mark.slow
 def test_patch_draws_layers_by_positions_and_by_heads(tiny_model, tmp_path, monkeypatch,
                                                       capsys):
     drawn = {}

@@ -25,6 +25,7 @@ def _gens(cfg, params):
     return {k: Generator(params, cfg, chunk_steps=k) for k in CHUNKS}
 
 
+@pytest.mark.slow
 def test_ragged_rows_past_the_context_are_the_books_for_every_chunk(tiny, rng):
     """Rows of 1 to 23 tokens, 13 new each: the cached loop stops at a different step for each
     longest prompt (and at once for the cropped 23), and the window steps take over past
@@ -39,6 +40,7 @@ def test_ragged_rows_past_the_context_are_the_books_for_every_chunk(tiny, rng):
         assert [gen.generate([r], 13)[0] for r in rows[:3]] == want[:3], k
 
 
+@pytest.mark.slow
 def test_a_chunk_past_the_last_slot_leaves_the_last_token(tiny, rng):
     """One prompt token and 16 new (the bucket's 16 slots): 15 cached steps, so a chunk of 8
     runs step 16, whose token slot lies past the buffer (an index XLA clamps to the last)."""
@@ -49,6 +51,7 @@ def test_a_chunk_past_the_last_slot_leaves_the_last_token(tiny, rng):
         np.testing.assert_array_equal(gen.generate(prompt, 16), want, err_msg=f"chunk {k}")
 
 
+@pytest.mark.slow
 def test_eos_inside_a_chunk_stops_the_row_where_it_falls(tiny, rng):
     """Row 0's EOS is its 4th new token, inside the first chunk of 8 (and of 3's second);
     the other rows go on, and a later all-done state stops the loop in mid-chunk."""
@@ -70,6 +73,7 @@ def test_eos_inside_a_chunk_stops_the_row_where_it_falls(tiny, rng):
     assert all(v == [free[0, :cut].tolist()] for v in lists.values()), lists
 
 
+@pytest.mark.slow
 def test_sampled_tokens_do_not_depend_on_the_chunk(tiny, rng):
     """Step j draws with fold_in(key, j) whatever chunk it runs in; an inactive step's draw is
     dropped, so it shifts nothing."""
@@ -84,7 +88,8 @@ def test_sampled_tokens_do_not_depend_on_the_chunk(tiny, rng):
     assert (outs[0] != greedy).any()  # sampling drew something other than the argmax
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 5, 8])
+@pytest.mark.parametrize("chunk_size", [1, *(pytest.param(n, marks=pytest.mark.slow)
+                                              for n in (3, 5, 8))])
 def test_streamed_chunks_are_generates_tokens(tiny, rng, chunk_size):
     """Each streamed call stops at its count in mid-chunk; the next call's first step is the
     one the last inactive step computed, so its cache write and its token must agree."""

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     many = Generator(params, cfg)
     rng = np.random.default_rng(0)
     out = {"meshes": {}, "cases": []}
-    for b in (3, 8, 10):
+    for b in (3, 10):  # fewer rows than devices; more, padded to a multiple
         mesh = many.mesh(b)
         out["meshes"][b] = mesh.size
         prompt = rng.integers(0, 96, (b, 5))
@@ -55,11 +55,11 @@ def runs(eight_devices):
 
 
 def test_the_batch_is_split_over_the_devices(runs):
-    assert runs["meshes"] == {"3": 3, "8": 8, "10": 8}  # 10 rows: padded to 16 on 8 devices
+    assert runs["meshes"] == {"3": 3, "10": 8}  # 10 rows: padded to 16 on 8 devices
     assert runs["weight_devices"] == 8
 
 
 def test_several_devices_make_the_tokens_of_one(runs):
-    assert len(runs["cases"]) == 18
+    assert len(runs["cases"]) == 12
     for name, one, many in runs["cases"]:
         assert many == one, name

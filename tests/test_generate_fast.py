@@ -53,12 +53,13 @@ def _reference_run(cfg_dict, prompt, n, seed=0):
 
 @pytest.mark.parametrize(
     "layout",
-    [Layout(), Layout.for_batch(1, "cpu"), Layout(fused_qkv=True, proj=True),
-     Layout(True, True, True, True, True, True), Layout(qkv=True, head=True),
-     Layout.for_batch(1, "tpu"), Layout.for_batch(1, "gpu")],
-    ids=["book", "cpu-fixed", "proj-rows", "all-rows", "mixed-unfused", "tpu", "gpu-batch-1"],
+    [pytest.param(Layout(), id="book"), pytest.param(Layout.for_batch(1, "cpu"), id="cpu-rule"),
+     pytest.param(Layout.for_batch(1, "gpu"), id="gpu-batch-1", marks=pytest.mark.slow),
+     pytest.param(Layout(fused_qkv=True, proj=True), id="proj-rows", marks=pytest.mark.slow),
+     pytest.param(Layout(qkv=True, head=True), id="mixed-unfused", marks=pytest.mark.slow),
+     pytest.param(Layout.for_batch(1, "tpu"), id="tpu", marks=pytest.mark.slow)],
 )
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_every_layout_and_the_cache_give_the_plain_logits(rng, layout, tied):
     cfg = GPTConfig(**{**TINY, "tie_embeddings": tied})
     params = init_params(cfg, 1)
@@ -120,8 +121,9 @@ def _cache_arrays_in_loop(params, cfg, batch, dtype):
     return updates, aot.loop_stats(hlo, batch * cfg.n_heads * slots * cfg.head_dim)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch, dtype", [
+    (1, "float32"), *(pytest.param(b, d, marks=pytest.mark.slow)
+                      for b, d in ((3, "float32"), (1, "bfloat16"), (3, "bfloat16")))])
 def test_the_decode_loop_updates_the_cache_in_place(batch, dtype):
     """No copy of a layer's cache in the compiled float32 loop (XLA:CPU once copied each one
     twice a step, a third of the step time at B=1); in bf16, only XLA:CPU's conversions.
@@ -165,6 +167,7 @@ def test_the_cache_copy_check_finds_a_copy_and_a_transpose_in_a_loop(how):
 # --- one model: a change to jaxgpt.nn reaches every generation path ----------------------------
 
 
+@pytest.mark.slow
 def test_a_change_to_the_model_reaches_generate(monkeypatch, rng):
     """The researcher's experiment from issue 9: replace the activation in jaxgpt.nn."""
     from jaxgpt.nn import layers
@@ -197,7 +200,8 @@ def test_cache_equals_no_cache_equals_generate_text_simple(tiny, rng):
     np.testing.assert_array_equal(generate(params, cfg, prompt, 9, use_cache=False), want)
 
 
-@pytest.mark.parametrize("prompt_len", [3, 16, 21])  # short, exactly the context, longer
+@pytest.mark.parametrize("prompt_len", [  # short, exactly the context, longer
+    pytest.param(3, marks=pytest.mark.slow), pytest.param(16, marks=pytest.mark.slow), 21])
 def test_past_context_length_matches_the_reference_sliding_crop(prompt_len, rng):
     prompt = rng.integers(0, TINY["vocab_size"], (2, prompt_len))
     params, want = _reference_run(TINY, prompt, 30)  # far past context_length 16
@@ -290,6 +294,7 @@ def test_sampling_is_reproducible_from_the_key(tiny, rng):
     assert (a != greedy).any()
 
 
+@pytest.mark.slow
 def test_step_j_samples_with_fold_in_key_j(tiny, rng):
     """The documented contract, rebuilt by hand from GPTModel logits."""
     cfg, params = tiny
@@ -316,6 +321,7 @@ def test_bucket_length():
     assert bucket_length(10, 8, cap=12) == 12
 
 
+@pytest.mark.slow
 def test_prompt_lengths_and_counts_share_compiles(tiny, rng):
     cfg, params = tiny
     b = 6  # a batch size no other test uses, so nothing is compiled yet
@@ -334,6 +340,7 @@ def test_prompt_lengths_and_counts_share_compiles(tiny, rng):
 # --- streaming --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stream_yields_the_same_tokens_in_chunks(tiny, rng):
     cfg, params = tiny
     prompt = rng.integers(0, cfg.vocab_size, (3, 5))
@@ -433,7 +440,8 @@ def small_vocab_model(monkeypatch):
     return types.SimpleNamespace(main=cli.main, cfg=cfg, params=params)
 
 
-@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.0", "--top-k", "50", "--seed", "4"]])
+@pytest.mark.parametrize("sampling", [[], pytest.param(
+    ["--temperature", "1.0", "--top-k", "50", "--seed", "4"], marks=pytest.mark.slow)])
 def test_cli_stream_prints_the_same_text(small_vocab_model, capsys, sampling):
     argv = ["generate", "--prompt", "Hello, I am", "--max-new-tokens", "20", *sampling]
     assert small_vocab_model.main(argv) == 0

@@ -455,7 +455,9 @@ def test_from_hf_state_dict_refuses_nonzero_qkv_bias_without_qkv_bias(tiny_dir, 
 # --- the real GPT-2 sizes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+@pytest.mark.parametrize("preset", ["gpt2-small", "gpt2-medium",
+                                    *(pytest.param(p, marks=pytest.mark.slow)
+                                      for p in ("gpt2-large", "gpt2-xl"))])
 def test_gpt2_sizes_match_transformers_shapes(preset):
     cfg = GPTConfig.from_preset(preset, qkv_bias=True, tie_embeddings=True)
     hf_cfg = transformers.GPT2Config(**{k: v for k, v in gpt_config_to_hf(cfg).items()

@@ -261,6 +261,7 @@ def test_new_arrays_in_a_pytree_hook_reuse_the_compiled_program(tiny, ids):
     assert args == {"trf_blocks_1": {"att": {"hook_args": {"hook_q": [[jnp.ones(())]]}}}}
 
 
+@pytest.mark.slow
 def test_hooks_see_per_head_qkv_in_the_fused_decoding_layout(tiny, ids):
     cfg, params = tiny
     names = [f"blocks.1.attn.hook_{n}" for n in "qkv"]
@@ -292,6 +293,7 @@ class QuietAttention(MultiHeadAttention):
         return -0.5 * jnp.abs(mask.q_pos[:, None, :, None] - mask.k_pos[:, None, None, :])
 
 
+@pytest.mark.slow
 def test_a_variant_part_keeps_the_hook_points_it_inherits(tiny, ids):
     cfg, params = tiny
     model = GPTModel(cfg, attention_cls=QuietAttention)

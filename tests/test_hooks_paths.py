@@ -50,6 +50,7 @@ def _book_tokens(ref, prompt, n, vector):
     return out.numpy()
 
 
+@pytest.mark.slow
 def test_steering_gives_the_books_tokens_on_every_generation_path(book):
     ref, cfg, params = book
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 5)).astype(np.int32)
@@ -92,6 +93,7 @@ def test_a_bf16_generation_keeps_its_dtype_under_a_float32_hook(book):
     assert len(out[0]) == 8
 
 
+@pytest.mark.slow
 def test_the_train_step_runs_the_hooks_in_its_forward_pass(book):
     _, cfg, params = book
     head, dh = 2, cfg.head_dim

@@ -4,13 +4,13 @@ clearly beats every head of the untrained model. It trains for about 2.5 minutes
 catches a change which stops the model learning to copy from context (training, attention, the
 hooks the score reads), which the parity tests, on fixed weights, cannot see."""
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import xla_default_env
 
 pytestmark = pytest.mark.slow  # trains for thousands of steps in a subprocess
 
@@ -23,7 +23,8 @@ RECIPE = ["--attention-only", "--seq", "48", "--min-half", "3", "--max-half", "6
 
 
 def test_a_shortened_run_forms_an_induction_head():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    # Thousands of steps: at XLA's default optimisation, as they run rather than compile.
+    env = {**xla_default_env(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "induction_search.py"),
                            *RECIPE, "--steps", str(STEPS), "--every", str(STEPS)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1200)

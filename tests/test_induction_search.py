@@ -2,7 +2,6 @@
 them (a few steps): the search prints each layer's score before training and at each report,
 and the token file holds the stream its flags ask for."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_default_env
 
 from jaxgpt.interp import induction
 
 pytestmark = pytest.mark.slow  # each test runs a script in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+# At XLA's default optimisation: the script's time goes to training steps, not compiling.
+ENV = {**xla_default_env(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 
 
 def _run(*args):

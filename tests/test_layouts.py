@@ -132,6 +132,7 @@ def test_the_loop_confirms_or_replaces_the_per_matrix_choice():
     assert steps.calls == [NO_ROWS, ALL_ROWS] * 3
 
 
+@pytest.mark.slow
 def test_the_timers_run(cfg):
     """Each layout's weights are prepared for the model that reads them (a mismatch fails to
     trace), and a step's time is a difference of two runs, never negative."""

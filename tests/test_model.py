@@ -211,6 +211,7 @@ def test_tied_head_uses_token_embedding(rng, tiny_dict):
     np.testing.assert_allclose(model.apply({"params": params}, ids), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_logits(rng, tiny_cfg):
     # GPT-2's init gives attention scores of std ~0.01: a uniform softmax whatever their scale,
     # so no error of the attention's arithmetic would show. Q and K 10x larger give scores of

@@ -64,7 +64,8 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(),
                PYTHONPATH=os.getcwd() + os.pathsep + env.get("PYTHONPATH", ""), **extra)
     return env
 

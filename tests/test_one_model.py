@@ -60,7 +60,9 @@ def tiny():
     return cfg, init_params(cfg, 7)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+# One variant in the fast tier; every path is the same code for each.
+@pytest.mark.parametrize("name", [n if n == "rmsnorm" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in VARIANTS])
 def test_a_variant_part_runs_in_every_generation_path(tiny, rng, name):
     cfg, params = tiny
     model = GPTModel(cfg, **VARIANTS[name])
@@ -78,6 +80,7 @@ def test_a_variant_part_runs_in_every_generation_path(tiny, rng, name):
         assert got == np.asarray(solo)[0].tolist()
 
 
+@pytest.mark.slow
 def test_a_variant_trains(tiny, rng):
     """The training step applies the variant: its loss is the variant's, not GPTModel's."""
     from jaxgpt.training.config import TrainConfig
@@ -204,6 +207,7 @@ def test_cli_attention_draws_the_heatmap(tmp_path, monkeypatch):
 # --- Generator: decode-ready weights built once -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypatch):
     cfg, params = tiny
     calls = []
@@ -258,6 +262,7 @@ def _sharp_attention(params):
             for name, part in params.items()}
 
 
+@pytest.mark.slow
 def test_bf16_decoding_logits_are_close_to_fp32(tiny, rng):
     """The cached path in bf16, on sharp attention (an attention scale of 1/dh instead of
     1/sqrt(dh) in bf16 decoding moves the logits far past the bound)."""
@@ -274,6 +279,7 @@ def test_bf16_decoding_logits_are_close_to_fp32(tiny, rng):
     assert 0 < err <= BF16_LOGITS_REL_ERROR * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_bf16_generate_picks_fp32_tokens_where_the_margin_allows(tiny, rng):
     """At every step whose fp32 top-2 margin, given the tokens bf16 chose before it, exceeds
     twice the bf16 logit error bound, bf16 chose fp32's token: no rounding within the bound
@@ -325,6 +331,7 @@ def test_top_p_sampling_through_generate(tiny, rng):
     assert (kept >= 1).all() and (kept < cfg.vocab_size).all() and (kept > 1).any()
 
 
+@pytest.mark.slow
 def test_cli_top_p_samples_from_the_nucleus(monkeypatch, capsys):
     """Every token `jaxgpt generate --top-p 0.3` prints lies in the nucleus that the fp32
     logits of its prefix give (computed here in NumPy), where one drawn without --top-p from

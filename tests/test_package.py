@@ -239,8 +239,8 @@ def test_resume_warns_about_every_changed_optimisation_setting(monkeypatch):
                         lambda path: {"train": saved.to_dict()})
     changed = {"loss_chunk": 64, "lr": 1e-3, "eps": 1e-6, "keep": 5, "sample_top_k": 3}
     lines = run_dir.resume_changes("ckpt", cfg, saved.replace(**changed))
-    flags = sorted(line.split()[0] for line in lines)
-    assert flags == sorted("--" + name.replace("_", "-") for name in changed)
+    names = sorted(line.split()[0] for line in lines)
+    assert names == sorted(f"TrainConfig.{name}" for name in changed)
     assert run_dir.resume_changes("ckpt", cfg, saved) == []
     with pytest.raises(ValueError, match="^TrainConfig.seed must stay 123 to resume ckpt.*got 5$"):
         run_dir.resume_changes("ckpt", cfg, saved.replace(seed=5))

@@ -31,7 +31,13 @@ def logit_diff(logits):  # [T, V]
     return logits[-1, 3] - logits[-1, 4]
 
 
-@pytest.mark.parametrize("kind", list(patching.KINDS))
+# The fast tier: a kind of three of the ways a sweep packs its patches (layer x position,
+# head x position, a pattern's entries); the slow tier has the rest.
+FAST_KINDS = ("resid_pre", "z_by_pos", "pattern_dest_src")
+
+
+@pytest.mark.parametrize("kind", [k if k in FAST_KINDS else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in patching.KINDS])
 def test_every_sweep_equals_patching_one_activation_at_a_time(tiny, pair, kind):
     cfg, params = tiny
     clean, corrupt = pair
@@ -44,6 +50,7 @@ def test_every_sweep_equals_patching_one_activation_at_a_time(tiny, pair, kind):
     assert np.ptp(want) > 0.05, "the patches must move the metric for this test to mean much"
 
 
+@pytest.mark.slow
 def test_a_batch_of_prompts_small_chunks_and_a_metric_of_every_position(tiny):
     cfg, params = tiny
     rng = np.random.default_rng(1)
@@ -166,7 +173,11 @@ def tl_pair(tmp_path_factory):
     return cfg, params, bridge, corrupt, cache, tl_cache
 
 
-@pytest.mark.parametrize("ours,theirs", TL_SWEEPS, ids=[s for s, _ in TL_SWEEPS])
+FAST_TL = ("get_act_patch_attn_head_out_by_pos", "get_act_patch_block_every")
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    pytest.param(a, b, id=a, marks=() if a in FAST_TL else pytest.mark.slow) for a, b in TL_SWEEPS])
 def test_sweeps_match_transformer_lens(tl_pair, ours, theirs):
     import torch
     import transformer_lens.patching as tlp

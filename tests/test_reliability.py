@@ -88,6 +88,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, small_ckpt):
     assert res.stderr.startswith(f"jaxgpt: cannot read the checkpoint {bad}: reading array ")
 
 
+@pytest.mark.slow
 def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, tiny_files, capsys):
     out = tmp_path / "run"
     assert _train(out, tiny_files, "--steps", "4", "--save-every", "2") == 0
@@ -99,6 +100,9 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, tiny_files, ca
     assert (f"jaxgpt train: warning: cannot read the checkpoint {ckpts / 'step_00000004'}: "
             f"reading array ") in err
     assert f"resumed from {ckpts / 'step_00000002'} (step 2" in err
+    # The library's ResumeWarning for the changed setting, in the command's flags.
+    assert ("jaxgpt train: warning: --steps changed from 4 to 6: the run is no longer an exact "
+            "replay") in err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     # Steps 3 and 4 were redone and saved again; none restores once all are damaged.
@@ -112,6 +116,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, tiny_files, ca
         _train(out, tiny_files, "--steps", "8", "--save-every", "2", "--resume")
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoint(
         tmp_path, tiny_files, capfd):
     out = tmp_path / "run"

@@ -80,7 +80,8 @@ def _worst(grads, ref):
     return max(jax.tree_util.tree_leaves(diffs))
 
 
-@pytest.mark.parametrize("remat", ["attention", "block", True])
+@pytest.mark.parametrize("remat", [pytest.param("attention", marks=pytest.mark.slow), "block",
+                                   pytest.param(True, marks=pytest.mark.slow)])  # True: block
 def test_remat_gives_the_loss_and_gradients_of_no_remat_with_dropout_on(remat, rng):
     cfg = GPTConfig(**DROPPY)
     params = init_params(cfg, 0)
@@ -195,13 +196,13 @@ def test_resume_compares_remat_as_modes_so_old_bools_load(monkeypatch, saved, no
                         lambda path: {"train": train})
     monkeypatch.setattr(run_dir.jax, "default_backend", lambda: "cpu")
     lines = run_dir.resume_changes("ckpt", cfg, tc)
-    assert [line for line in lines if line.startswith("--remat")] == (
-        [f"--remat changed from {saved!r} to {tc.remat!r}: the run is no longer an exact "
-         f"replay of an uninterrupted one"] if warned else [])
+    assert [line for line in lines if line.startswith("TrainConfig.remat")] == (
+        [f"TrainConfig.remat changed from {saved!r} to {tc.remat!r}: the run is no longer an "
+         f"exact replay of an uninterrupted one"] if warned else [])
     assert len(lines) == int(warned)
 
 
-@pytest.mark.parametrize("remat", ["attention", "block"])
+@pytest.mark.parametrize("remat", [pytest.param("attention", marks=pytest.mark.slow), "block"])
 def test_generation_builds_its_model_without_remat(remat, monkeypatch, rng):
     """Generator (and so generate and generate_stream) applies the caller's model with remat
     off: it only costs recomputation where no gradient is taken. Read off the blocks the traced

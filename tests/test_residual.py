@@ -150,8 +150,9 @@ def test_the_gradient_is_the_metrics_derivative(tiny):
         assert abs(numeric) > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["resid_pre", "attn_out", "z_by_pos", "v_all_pos",
-                                  "pattern_by_pos", "pattern_dest_src"])
+@pytest.mark.parametrize("kind", ["resid_pre", "pattern_dest_src",
+                                  *(pytest.param(k, marks=pytest.mark.slow) for k in (
+                                      "attn_out", "z_by_pos", "v_all_pos", "pattern_by_pos"))])
 def test_attribution_matches_exact_patching_for_a_small_difference(tiny, kind):
     # When the clean run differs from the corrupted one by a small amount, the first-order
     # estimate is the exact patch's effect up to second order.

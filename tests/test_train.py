@@ -14,7 +14,7 @@ from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.io import checkpoint
 from jaxgpt.io.torch_state import from_torch_state_dict, to_torch_state_dict
 from jaxgpt.training.config import TrainConfig
-from jaxgpt.training.loop import TrainingDiverged, run_steps, train_loop
+from jaxgpt.training.loop import ResumeWarning, TrainingDiverged, run_steps, train_loop
 from jaxgpt.training.loss import cross_entropy_loss, perplexity
 from jaxgpt.training.optim import decay_mask, make_schedule
 from jaxgpt.training.run_dir import list_checkpoints
@@ -183,6 +183,7 @@ def test_adamw_training_matches_torch_reference():
     assert moved > 100 * tight  # the weights changed well beyond the tolerance
 
 
+@pytest.mark.slow
 def test_grad_accumulation_gives_the_update_of_the_whole_batch(tiny_cfg):
     cfg = tiny_cfg.replace(drop_rate=0.0)
     batches = _batches(3, b=8)
@@ -253,6 +254,7 @@ def _tokens(n, seed=0):
     return np.random.default_rng(seed).integers(0, TINY["vocab_size"], n).astype(np.uint16)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_losses_of_an_uninterrupted_run(tmp_path, tiny_cfg):
     cfg = tiny_cfg.replace(drop_rate=0.1)  # dropout keys must be restored too
     # 14 windows / batch 4 = 3 batches an epoch: the 7 steps cross two epoch boundaries.
@@ -307,27 +309,33 @@ def test_resume_after_interruption_gives_the_losses_of_an_uninterrupted_run(tmp_
     ]
 
 
+@pytest.mark.slow
 def test_resume_accepts_changed_optimisation_settings_with_a_warning(tmp_path, tiny_cfg, capsys):
     tokens = _tokens(600)
     tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
     train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
     capsys.readouterr()
-    # A diverged run's advice (lower --lr, --grad-clip off) and an extended run (--steps 4).
+    # A diverged run's advice (a lower lr, grad_clip off) and an extended run (steps=4): each
+    # change is a ResumeWarning at the caller, in the Python settings' names.
     changed = tc.replace(steps=4, lr=1e-3, grad_clip=None, eval_every=3)
-    records = train_loop(
-        tiny_cfg, changed, tokens[:500], tokens[500:], tmp_path, resume=True, progress=False
-    )
+    with pytest.warns(ResumeWarning) as caught:
+        records = train_loop(
+            tiny_cfg, changed, tokens[:500], tokens[500:], tmp_path, resume=True, progress=False
+        )
     assert [r["step"] for r in records] == [3, 4]
     assert records[0]["lr"] == pytest.approx(float(make_schedule(changed)(2)))
-    err = capsys.readouterr().err
-    for line in (
-        "--steps changed from 2 to 4: the run is no longer an exact replay",
-        "--lr changed from 0.0004 to 0.001: the run is no longer an exact replay",
-        "--grad-clip changed from 1.0 to None: the run is no longer an exact replay",
-        "--eval-every changed from 100 to 3: changes only when the loop evaluates",
-    ):
-        assert f"jaxgpt train: warning: {line}" in err
-    assert err.count("warning:") == 4
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "TrainConfig.steps changed from 2 to 4",
+        "TrainConfig.lr changed from 0.0004 to 0.001",
+        "TrainConfig.grad_clip changed from 1.0 to None",
+        "TrainConfig.eval_every changed from 100 to 3",
+    ]
+    assert str(caught[1].message).endswith(": the run is no longer an exact replay of an "
+                                           "uninterrupted one")
+    assert str(caught[3].message).endswith(": changes only when the loop evaluates, samples "
+                                           "or saves")
+    assert {w.filename for w in caught} == {__file__}  # the caller's line, not the loop's
+    assert "warning" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="^TrainConfig.steps must be more than 4 to extend the "
                                          "run: .*step_00000004 is at step 4, got 3$"):
         train_loop(
@@ -336,27 +344,41 @@ def test_resume_accepts_changed_optimisation_settings_with_a_warning(tmp_path, t
         )
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A 2-step run with a checkpoint per step, for the tests that only resume from it (a
+    refused resume writes nothing): (its directory, its TrainConfig, its tokens)."""
+    out = tmp_path_factory.mktemp("two-step-run")
+    tokens = _tokens(600)
+    tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
+    train_loop(GPTConfig(**TINY), tc, tokens[:500], tokens[500:], out, progress=False)
+    return out, tc, tokens
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"seq_len": 4}, "^TrainConfig.seq_len must stay 8 to resume .*step_00000002: the "
                          r"data's order, windows and split follow it \(.*\), got 4$"),
-        ({"seed": 7}, "^TrainConfig.seed must stay 123 to resume .*, got 7$"),
-        ({"batch_size": 8}, "^TrainConfig.batch_size must stay 4 to resume .*, got 8$"),
+        pytest.param({"seed": 7}, "^TrainConfig.seed must stay 123 to resume .*, got 7$",
+                     marks=pytest.mark.slow),
+        pytest.param({"batch_size": 8}, "^TrainConfig.batch_size must stay 4 to resume .*, got 8$",
+                     marks=pytest.mark.slow),
         ({"model": {"n_layers": 3}}, r"another model config \(n_layers: 2 -> 3\)"),
     ],
 )
-def test_resume_refuses_other_model_or_data_naming_the_field(tmp_path, tiny_cfg, change, message):
-    tokens = _tokens(600)
-    tc = TrainConfig(steps=2, batch_size=4, seq_len=8, save_every=1, sample_tokens=0)
-    train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
+def test_resume_refuses_other_model_or_data_naming_the_field(two_step_run, tiny_cfg, change,
+                                                             message):
+    out, tc, tokens = two_step_run
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     change = dict(change)
     cfg = tiny_cfg.replace(**change.pop("model", {}))
     with pytest.raises(ValueError, match=message):
         train_loop(
-            cfg, tc.replace(steps=3, **change), tokens[:500], tokens[500:], tmp_path,
+            cfg, tc.replace(steps=3, **change), tokens[:500], tokens[500:], out,
             resume=True, progress=False,
         )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
 
 
 def test_resume_without_a_checkpoint_is_an_error_naming_the_directory(tmp_path, tiny_cfg):
@@ -376,7 +398,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     tc = TrainConfig(
         steps=5, batch_size=4, seq_len=8, lr=1e30, min_lr=1e30, save_every=1, sample_tokens=0
     )
-    with pytest.raises(TrainingDiverged, match="step 2.*step_00000001"):
+    # The advice names the Python settings (the command's flags in tests/test_train_cli.py).
+    with pytest.raises(TrainingDiverged, match=r"step 2.*step_00000001\. Try a lower "
+                       r"TrainConfig\.lr or TrainConfig\.grad_clip, then resume=True$"):
         train_loop(tiny_cfg, tc, tokens[:500], tokens[500:], tmp_path, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000001"]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -400,6 +424,7 @@ def test_train_config_rejects_bad_values_naming_them():
         train_loop(GPTConfig(**TINY), TrainConfig(seq_len=32), _tokens(10), _tokens(10), "unused")
 
 
+@pytest.mark.slow
 def test_samples_use_temperature_and_top_k_with_a_fixed_key(monkeypatch):
     import jaxgpt.training.evaluation
     from jaxgpt.nn import init_params
@@ -424,6 +449,7 @@ def test_samples_use_temperature_and_top_k_with_a_fixed_key(monkeypatch):
     assert calls[-1]["key"] is None and calls[-1]["top_k"] is None and greedy.startswith("def")
 
 
+@pytest.mark.slow
 def test_rotation_removes_killed_saves_and_keeps_what_jaxgpt_did_not_write(tmp_path, tiny_cfg):
     import subprocess
     import sys
@@ -438,10 +464,11 @@ def test_rotation_removes_killed_saves_and_keeps_what_jaxgpt_did_not_write(tmp_p
     killed = ckpts / f".step_00000002.tmp-{dead}-0123abcd"  # a run killed while saving step 2
     (killed / "params").mkdir(parents=True)
     (killed / "config.json").write_text("{}")
-    train_loop(
-        tiny_cfg, tc.replace(steps=3), tokens[:500], tokens[500:], tmp_path, resume=True,
-        progress=False,
-    )
+    with pytest.warns(ResumeWarning, match="TrainConfig.steps changed from 1 to 3"):
+        train_loop(
+            tiny_cfg, tc.replace(steps=3), tokens[:500], tokens[500:], tmp_path, resume=True,
+            progress=False,
+        )
     # keep=1 rotates out step 2; step 1 holds a file jaxgpt did not write, so it stays.
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000003"]
     assert (ckpts / "step_00000001" / "notes.txt").read_text() == "mine"

@@ -136,9 +136,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite values at step 2" in err and "step_00000001" in err
+    assert err.rstrip().endswith(". Try a lower --lr or --grad-clip, then --resume")
+    assert err.count("non-finite") == 1
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
 
 
+@pytest.mark.slow
 def test_without_a_text_file_it_trains_on_the_demo_corpus_and_prints_samples(tmp_path, capsys):
     cfg = tmp_path / "gpt2vocab.json"  # a GPT-2 vocabulary, so samples decode to text
     cfg.write_text(json.dumps(dict(TINY, vocab_size=50257, emb_dim=16, n_heads=2)))

@@ -306,18 +306,33 @@ def _tokens(args: argparse.Namespace) -> tuple[Any, str]:
 def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
            desc: str) -> list[dict]:
     """`train_loop` on the flags' data; each way it can end said in one line (`_Exit`)."""
+    import warnings
+
     from jaxgpt.training import data
-    from jaxgpt.training.loop import TrainingDiverged, TrainingInterrupted, train_loop
+    from jaxgpt.training.loop import (
+        ResumeWarning,
+        TrainingDiverged,
+        TrainingInterrupted,
+        train_loop,
+    )
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        log(f"jaxgpt train: warning: {_flag_error(Warning(str(message)))}")
 
     try:
         tokens, source = _tokens(args)
         train_tokens, val_tokens = data.train_val_split(tokens, tc.train_ratio)
         log(f"jaxgpt train: {desc}; {source}: {len(tokens):,} tokens "
             f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
-        return train_loop(cfg, tc, train_tokens, val_tokens, args.out, resume=args.resume,
-                          params=params)
-    except TrainingDiverged:
-        raise _Exit(1) from None  # the loop has said what happened and the last good checkpoint
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", ResumeWarning)
+            warnings.showwarning = show  # the loop's ResumeWarnings, in the flags' words
+            return train_loop(cfg, tc, train_tokens, val_tokens, args.out, resume=args.resume,
+                              params=params)
+    except TrainingDiverged as e:
+        log(_flag_error(e))  # what happened, and the last good checkpoint
+        raise _Exit(1) from None
     except TrainingInterrupted as e:
         argv = list(getattr(args, "argv", None) or sys.argv[1:])
         again = shlex.join(["jaxgpt", *argv, *([] if "--resume" in argv else ["--resume"])])

@@ -11,12 +11,19 @@
 """
 
 from jaxgpt.training.config import DEMO_CONFIG, TrainConfig
-from jaxgpt.training.loop import TrainingDiverged, TrainingInterrupted, run_steps, train_loop
+from jaxgpt.training.loop import (
+    ResumeWarning,
+    TrainingDiverged,
+    TrainingInterrupted,
+    run_steps,
+    train_loop,
+)
 from jaxgpt.training.loss import cross_entropy_loss, perplexity
 from jaxgpt.training.step import TrainState, init_train_state, make_train_step
 
 __all__ = [
     "DEMO_CONFIG",
+    "ResumeWarning",
     "TrainConfig",
     "TrainState",
     "TrainingDiverged",

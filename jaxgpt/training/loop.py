@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ from jaxgpt.training.step import dropout_key, init_train_state, sharded_train_st
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the parameters became NaN or infinite."""
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run differs from the run it resumes (a setting changed, or a damaged checkpoint
+    was passed over); issued by process 0 only."""
 
 
 class TrainingInterrupted(Exception):
@@ -161,19 +167,20 @@ def train_loop(
     (the newest `tc.keep` kept), and `out_dir/loss.png`. `out_dir` must be new, empty or a run
     directory (`check_run_dir`) that no other run is using (`lock_run`). With `resume`,
     continues from the newest checkpoint that restores (a damaged one is passed over with a
-    warning) with exactly the batches, dropout keys and optimizer state the uninterrupted run
-    would have had; optimisation settings may differ from the saved run's (each change is logged
-    as a warning), the model and data settings may not. `on_step(step, record)` is called after
-    each step.
+    ResumeWarning) with exactly the batches, dropout keys and optimizer state the uninterrupted
+    run would have had; optimisation settings may differ from the saved run's (each change is a
+    ResumeWarning, `warnings.warn`), the model and data settings may not. `on_step(step,
+    record)` is called after each step.
 
     SIGINT/SIGTERM (in the main thread) stop the run after the step in flight: a checkpoint of
     that step is saved, `metrics.jsonl` and `loss.png` are written, and TrainingInterrupted is
     raised. A second signal exits the process at once.
 
-    Raises TrainingDiverged (nothing saved for that step) on a NaN or infinite loss, gradient or
-    parameter; ValueError, FileExistsError, FileNotFoundError or PermissionError for settings
-    or a directory that cannot work, before anything is compiled or written; CheckpointError
-    when no checkpoint restores, or one cannot be written (the older ones are kept).
+    Raises TrainingDiverged (nothing saved for that step; its message says where the last good
+    checkpoint is) on a NaN or infinite loss, gradient or parameter; ValueError,
+    FileExistsError, FileNotFoundError or PermissionError for settings or a directory that
+    cannot work, before anything is compiled or written; CheckpointError when no checkpoint
+    restores, or one cannot be written (the older ones are kept).
 
     Returns:
       The records of this run's steps (those of `metrics.jsonl` written by this call).
@@ -313,7 +320,7 @@ def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
     if not locked:  # `out` is made now, and checked again under the lock
         lock.enter_context(lock_run(out))
         candidates = prepare_run(out, cfg, tc, resume)
-    train_step, state, tokens_seen, latest, warnings = _initial_state(
+    train_step, state, tokens_seen, latest, changes = _initial_state(
         cfg, tc, mesh, params, candidates, loader)
     run = _Run(cfg, tc, out, mesh, loader, val_batches, train_step,
                make_eval_step(cfg, tc.dtype), state, tokens_seen, latest, dropout_key(tc))
@@ -322,8 +329,9 @@ def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
         # An interrupted run may have logged steps past its last checkpoint: they are redone.
         kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= start] if latest else []
         run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    for warning in warnings:
-        log(f"jaxgpt train: warning: {warning}")
+    if jax.process_index() == 0:
+        for change in changes:
+            warnings.warn(change, ResumeWarning, stacklevel=3)  # at the caller of train_loop
     if latest is not None:
         log(f"jaxgpt train: resumed from {latest} (step {start}, {tokens_seen:,} tokens seen)")
     log(
@@ -380,7 +388,7 @@ def _data(
 def _initial_state(cfg: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, params: Any | None,
                    candidates: list[Path], loader: BatchLoader
                    ) -> tuple[Callable, Any, int, Path | None, list[str]]:
-    """`(train_step, state, tokens_seen, checkpoint, warnings)`: the step for `mesh` and the
+    """`(train_step, state, tokens_seen, checkpoint, changes)`: the step for `mesh` and the
     state placed with its shardings, fresh (from `params` if given) or restored from the newest
     of `candidates` that restores."""
     train_step, shardings = sharded_train_step(cfg, tc, mesh)
@@ -392,8 +400,8 @@ def _initial_state(cfg: GPTConfig, tc: TrainConfig, mesh: jax.sharding.Mesh, par
     abstract = jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
     )
-    path, state, tokens_seen, warnings = resume_newest(candidates, cfg, tc, abstract, loader)
-    return train_step, state, tokens_seen, path, warnings
+    path, state, tokens_seen, changes = resume_newest(candidates, cfg, tc, abstract, loader)
+    return train_step, state, tokens_seen, path, changes
 
 
 def _check_finite(m: dict, state: Any, step: int, saving: bool, last_good: Path | None,
@@ -407,11 +415,11 @@ def _check_finite(m: dict, state: Any, step: int, saving: bool, last_good: Path 
     where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint saved"
     msg = (
         f"jaxgpt train: non-finite values at step {step} (loss {float(m['loss'])}, grad norm "
-        f"{float(m['grad_norm'])}); stopped. {where}. Try a lower --lr or --grad-clip, then "
-        f"--resume"
+        f"{float(m['grad_norm'])}); stopped. {where}. Try a lower TrainConfig.lr or "
+        f"TrainConfig.grad_clip, then resume=True"
     )
-    if bar:
-        bar.message(msg)
+    if bar and bar.tty:
+        print(file=sys.stderr)  # end the progress line: the caller says what happened
     raise TrainingDiverged(msg)
 
 

@@ -121,7 +121,7 @@ def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
             why = "the run is no longer an exact replay of an uninterrupted one"
         else:
             why = "changes only when the loop evaluates, samples or saves"
-        changes.append(f"--{name.replace('_', '-')} changed from {old!r} to {new!r}: {why}")
+        changes.append(f"TrainConfig.{name} changed from {old!r} to {new!r}: {why}")
     return changes
 
 
