@@ -316,8 +316,12 @@ def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
         train_loop,
     )
 
+    shown_as_python_shows = warnings.showwarning
+
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:
+        if not issubclass(category, ResumeWarning):  # another library's: as Python shows it
+            return shown_as_python_shows(message, category, filename, lineno, file, line)
         log(f"jaxgpt train: warning: {_flag_error(Warning(str(message)))}")
 
     try:
@@ -327,7 +331,7 @@ def _train(args: argparse.Namespace, cfg: GPTConfig, tc: Any, params: Any,
             f"({len(train_tokens):,} train / {len(val_tokens):,} validation)")
         with warnings.catch_warnings():
             warnings.simplefilter("always", ResumeWarning)
-            warnings.showwarning = show  # the loop's ResumeWarnings, in the flags' words
+            warnings.showwarning = show  # the loop's ResumeWarnings in the flags' words
             return train_loop(cfg, tc, train_tokens, val_tokens, args.out, resume=args.resume,
                               params=params)
     except TrainingDiverged as e:
