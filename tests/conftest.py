@@ -239,6 +239,18 @@ def sharpened(params):
     return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
 
 
+def stripe_means(pattern, half):
+    """Each head's mean weight on the induction stripe, by loops over the indices: `pattern`
+    `[B, H, 2 * half, 2 * half]` -> `[H]` (the definition, written out)."""
+    b, h = pattern.shape[:2]
+    out = np.zeros(h)
+    for head in range(h):
+        weights = [pattern[row, head, q, q - half + 1] for row in range(b)
+                   for q in range(half, 2 * half)]
+        out[head] = np.mean(weights)
+    return out
+
+
 @pytest.fixture
 def cfg_124m():
     return GPTConfig(**GPT_CONFIG_124M)

@@ -225,6 +225,28 @@ def test_hooks_at_one_point_run_in_order_and_see_their_name(tiny, ids):
         run_with_hooks(params, cfg, ids, [("blocks.0.hook_resid_post",)])
 
 
+def test_the_models_own_hooks_run_before_the_calls(tiny, ids):
+    # At one point, a hooked model's hooks come first, then run_with_hooks'/run_with_cache's:
+    # an add then a scale is not a scale then an add.
+    cfg, params = tiny
+    point = "blocks.1.hook_resid_mid"
+    vector = jnp.asarray(np.random.default_rng(6).normal(size=cfg.emb_dim), jnp.float32)
+    model = GPTModel(cfg, hooks=hook_table(cfg, [(point, Partial(_add, vector))]))
+    _, plain = run_with_cache(params, cfg, ids, names=[point])
+    _, hooked = run_with_cache(params, cfg, ids, names=[point], model=model,
+                               hooks=[(point, Partial(_scale, jnp.float32(2.0)))])
+    np.testing.assert_allclose(hooked[point], (plain[point] + vector) * 2, atol=1e-5,
+                               err_msg="the model's own hook did not run before the call's")
+
+
+def test_a_hook_that_changes_the_shape_is_refused(tiny, ids):
+    cfg, params = tiny
+    with pytest.raises(ValueError, match=r"the hook at blocks.0.hook_resid_post returned shape "
+                                         r"\(2, 7\) for an activation of shape \(2, 7, 32\)"):
+        run_with_hooks(params, cfg, ids, [("blocks.0.hook_resid_post",
+                                           lambda x, name: x.sum(axis=-1))])
+
+
 def test_run_with_hooks_is_differentiable_in_the_hooks_arrays(tiny, ids):
     cfg, params = tiny
 

@@ -2,6 +2,7 @@
 them (a few steps): the search prints each layer's score before training and at each report,
 and the token file holds the stream its flags ask for."""
 
+import pickle
 import re
 import subprocess
 import sys
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import xla_default_env
+from conftest import stripe_means, xla_default_env
 
+from jaxgpt.config import GPTConfig
 from jaxgpt.interp import induction
+from jaxgpt.interp.cache import run_with_cache
+from jaxgpt.nn.model import GPTModel, init_params
 
 pytestmark = pytest.mark.slow  # each test runs a script in a subprocess
 
@@ -27,15 +31,46 @@ def _run(*args):
     return proc.stdout
 
 
-def test_the_search_reports_each_layers_score():
+def _layer_best(params, cfg, model, seq):
+    """Each layer's best head score averaged over the script's probes, from the patterns by
+    the definition (`conftest.stripe_means`), not by the script's own path."""
+    halves = (5, 8, 11) if seq >= 22 else (3, 5, 7)
+    per_probe = []
+    for half in halves:
+        tokens = induction.repeated_tokens(32, half, cfg.vocab_size, 99 + half)
+        _, cache = run_with_cache(params, cfg, tokens, model=model,
+                                  names=lambda n: n.endswith("hook_pattern"))
+        per_probe.append([stripe_means(np.asarray(cache["pattern", i], np.float64), half)
+                          for i in range(cfg.n_layers)])
+    return np.mean(per_probe, axis=0).max(axis=1)  # [L]
+
+
+def test_the_search_reports_each_layers_score(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from induction_search import NoFeedForward
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cfg = GPTConfig(vocab_size=64, context_length=24, emb_dim=64, n_heads=4, n_layers=3,
+                    drop_rate=0.0)
     for extra in ([], ["--attention-only"]):
+        saved = tmp_path / f"params{len(extra)}.pkl"
         out = _run(ROOT / "scripts" / "induction_search.py", "--steps", 4, "--every", 2,
-                   "--warmup", 2, "--layers", 3, "--seq", 24, "--max-gap", 3, *extra)
+                   "--warmup", 2, "--layers", 3, "--seq", 24, "--max-gap", 3, "--save", saved,
+                   *extra)
         rows = re.findall(r"(untrained|step \d+).*?best \[([^\]]*)\]", out)
         assert [name for name, _ in rows] == ["untrained", "step 2", "step 4"], out
-        for _, scores in rows:
-            values = [float(v) for v in scores.split()]
-            assert len(values) == 3 and all(0 < v < 1 for v in values), out
+        printed = {name: [float(v) for v in scores.split()] for name, scores in rows}
+        model = GPTModel(cfg, feed_forward_cls=NoFeedForward) if extra else None
+        with open(saved, "rb") as f:
+            trained = pickle.load(f)
+        untrained = init_params(cfg, 123, model=model)  # the script's default --seed
+        for name, params in (("untrained", untrained), ("step 4", trained)):
+            want = _layer_best(params, cfg, model, 24)
+            # Printed to 3 decimals: within half a unit of the last, plus fp32 noise.
+            np.testing.assert_allclose(printed[name], want, rtol=0, atol=5e-4 + 1e-6,
+                                       err_msg=f"{name} {extra}: the printed per-layer best "
+                                               f"is not each layer's best head score")
 
 
 def test_repeat_tokens_writes_the_stream_its_flags_ask_for(tmp_path):

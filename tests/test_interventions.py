@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sharpened, stripe_means
 
 from jaxgpt.interp import induction
 from jaxgpt.interp import interventions as iv
@@ -89,10 +90,28 @@ def test_repeated_runs_with_more_copies_and_gaps_before_each():
 
 def test_induction_scores_are_a_mean_attention_per_head(tiny):
     cfg, params = tiny
-    tokens = induction.repeated_tokens(3, 6, cfg.vocab_size, seed=3)
+    params = sharpened(params)  # heads that differ: random weights attend nearly uniformly
+    half = 6
+    tokens = induction.repeated_tokens(3, half, cfg.vocab_size, seed=3)
     scores = np.asarray(induction.induction_scores(params, cfg, tokens))
-    _, cache = run_with_cache(params, cfg, tokens)
-    want = [np.asarray(induction.induction_stripe(cache["pattern", i], 6)).mean(axis=(0, 2))
-            for i in range(cfg.n_layers)]
-    np.testing.assert_allclose(scores, want, rtol=1e-6)
-    assert scores.shape == (cfg.n_layers, cfg.n_heads) and ((scores > 0) & (scores < 1)).all()
+    assert scores.shape == (cfg.n_layers, cfg.n_heads)
+    _, cache = run_with_cache(params, cfg, tokens, names=lambda n: n.endswith("hook_pattern"))
+    want = np.stack([stripe_means(np.asarray(cache["pattern", i], np.float64), half)
+                     for i in range(cfg.n_layers)])
+    # The same float32 weights, averaged in another order: a few roundings of values < 1.
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6,
+                               err_msg="induction_scores is not each head's mean weight on "
+                                       "the stripe q - half + 1")
+    # The scores tell heads apart (a test on equal scores would not see heads swapped).
+    assert np.ptp(want) > 1e-3, want
+    # A head that is an induction head scores 1, one a token off scores 0, uniform 1/(q+1).
+    made = np.zeros((1, 3, 2 * half, 2 * half))
+    for q in range(2 * half):
+        made[0, 1, q, : q + 1] = 1 / (q + 1)  # uniform over the keys it may see
+        if q >= half:
+            made[0, 0, q, q - half + 1] = 1.0
+            made[0, 2, q, q - half] = 1.0
+    got = np.asarray(induction.induction_stripe(jnp.asarray(made), half).mean(axis=(0, 2)))
+    uniform = np.mean([1 / (q + 1) for q in range(half, 2 * half)])
+    np.testing.assert_allclose(got, [1.0, uniform, 0.0], rtol=1e-6)
+    assert ((scores >= 0) & (scores <= 1)).all()
