@@ -11,6 +11,11 @@ Anything else is assumed to read all of its input, so the answer is never too sm
 metric is then evaluated by the same equations, each view gathered from the compact logits
 `[..., R, C]` of the rows and columns read: the same numbers as the metric of the full logits.
 
+The analysis is checked before it is used: the compact evaluation of random logits must give
+the metric of those logits. Where it does not, or the analysis itself failed (a construct it
+cannot follow), the metric reads every logit: `MetricReads.fallback` says why, and `evaluate`
+is the metric itself. A wrong analysis then costs a slower sweep, never a wrong one.
+
 Shapes: T positions, V vocabulary, R rows read, C columns read.
 """
 
@@ -31,10 +36,13 @@ _MOVES = {"slice": (0, 1), "squeeze": (0, 1), "reshape": (0, 1), "transpose": (0
           "convert_element_type": (0, 1), "gather": (0, 1), "dynamic_slice": (0, 1),
           "concatenate": (0, None), "pad": (0, 2), "dynamic_update_slice": (0, 2),
           "select_n": (1, None)}
-# Primitives whose sub-jaxpr is their whole computation: followed inside.
+# Primitives whose sub-jaxpr is their whole computation: followed inside. `pjit` is `jit`'s name
+# before JAX 0.7, `checkpoint` and `remat` `jax.checkpoint`'s in older JAX (now `remat2`).
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "checkpoint": "jaxpr", "remat": "jaxpr"}
+          "checkpoint": "jaxpr", "remat": "jaxpr", "remat2": "jaxpr"}
+# How far the check's two evaluations may differ (see `_agrees`).
+_TOLERANCE = 2.0 ** -24 * 1024
 
 
 class _View(NamedTuple):
@@ -61,6 +69,7 @@ class MetricReads(NamedTuple):
     rows: np.ndarray  # int, sorted: positions (axis -2) the metric reads
     columns: np.ndarray | None  # int, sorted: vocabulary columns read; None for all
     evaluate: Callable[[jax.Array], jax.Array]
+    fallback: str | None  # why every logit is read (the analysis failed); None: it was followed
 
 
 def _sub(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
@@ -92,6 +101,9 @@ def _move(eqn: Any, ins: list[Any]) -> _View | None:
     span = _MOVES.get(eqn.primitive.name)
     if span is None or len(eqn.outvars) != 1:
         return None
+    if eqn.primitive.name == "convert_element_type" and \
+            eqn.params["new_dtype"] != eqn.invars[0].aval.dtype:
+        return None  # another dtype's values are not the logits' (only a weak type's change is)
     lo, hi = span
     hi = len(ins) if hi is None else hi
     if any(isinstance(v, (_View, _Dep)) for i, v in enumerate(ins) if not lo <= i < hi):
@@ -179,11 +191,8 @@ class _Plan:
         return [gather(v) if isinstance(v, _View) else v for v in outs]
 
 
-def metric_reads(metric: Callable[[jax.Array], jax.Array],
-                 shape: tuple[int, ...]) -> MetricReads:
-    """Trace `metric` on float32 logits of `shape` (`[..., T, V]`): the rows and columns it
-    reads, and the metric as a function of those alone (see the module's docstring)."""
-    closed = jax.make_jaxpr(metric)(jax.ShapeDtypeStruct(shape, jnp.float32))
+def _follow(closed: jex.ClosedJaxpr, shape: tuple[int, ...]) -> MetricReads:
+    """The analysis of the traced metric `closed` (see the module's docstring)."""
     size = int(np.prod(shape))
     whole = _View(np.arange(size, dtype=np.int32).reshape(shape), np.zeros(shape, np.float32))
     read_list: list[np.ndarray] = []
@@ -215,4 +224,71 @@ def metric_reads(metric: Callable[[jax.Array], jax.Array],
 
         return plan.evaluate(closed.jaxpr, [whole], gather)[0]
 
-    return MetricReads(rows, columns, evaluate)
+    return MetricReads(rows, columns, evaluate, None)
+
+
+def _said(error: Exception) -> str:
+    """An exception in one line: its type and its message's first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _shown(value: np.ndarray) -> str:
+    """A value in a few characters: its numbers (a few of them) and its dtype."""
+    return f"{np.array2string(value, threshold=6, precision=6)} ({value.dtype})"
+
+
+def _agrees(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether the compact evaluation `got` is the metric's value `want` (NaN agreeing with
+    NaN). Both are the same operations on the same values, which XLA may group differently in
+    the two programs (a reduction's order, a fusion): each grouping's rounding is 2^-24 of the
+    values in float32, and `_TOLERANCE` allows 1024 of them at the scale of the normal draws
+    (order 1), while one element missed or misplaced moves the metric by order 1 over the
+    number of elements it averages."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    if not jnp.issubdtype(want.dtype, jnp.floating):
+        return bool(np.array_equal(got, want))
+    return bool(np.allclose(got.astype(np.float64), want.astype(np.float64),
+                            rtol=_TOLERANCE, atol=_TOLERANCE, equal_nan=True))
+
+
+def _check(metric: Callable[[jax.Array], jax.Array], reads: MetricReads,
+           shape: tuple[int, ...]) -> str | None:
+    """Why the analysis `reads` is wrong (its evaluation of random logits is not the metric of
+    them), or None."""
+
+    @jax.jit
+    def both(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        compact = logits[..., reads.rows, :]
+        compact = compact if reads.columns is None else compact[..., reads.columns]
+        return metric(logits), reads.evaluate(compact)
+
+    # Normal draws, distinct and of order 1: an element missed or taken from elsewhere shows.
+    # NumPy's: the same on every backend, and 5x faster than JAX's on a CPU.
+    logits = np.random.default_rng(0).standard_normal(shape, np.float32)
+    try:
+        want, got = (np.asarray(value) for value in both(logits))
+    except Exception as error:  # the metric alone traced: the analysis's evaluation failed
+        return f"evaluating the logits read raised {_said(error)}"
+    if not _agrees(got, want):
+        return (f"on random logits the logits read give {_shown(got)}, the metric "
+                f"{_shown(want)}")
+    return None
+
+
+def metric_reads(metric: Callable[[jax.Array], jax.Array],
+                 shape: tuple[int, ...]) -> MetricReads:
+    """Trace `metric` on float32 logits of `shape` (`[..., T, V]`): the rows and columns it
+    reads, and the metric as a function of those alone, checked on random logits; every row
+    and column, and the metric itself, where the analysis fails (see the module's docstring)."""
+    closed = jax.make_jaxpr(metric)(jax.ShapeDtypeStruct(shape, jnp.float32))
+    try:
+        reads = _follow(closed, shape)
+    except Exception as error:  # a construct the analysis cannot follow: read everything
+        why: str | None = f"the analysis raised {_said(error)}"
+    else:
+        why = _check(metric, reads, shape)
+    if why is None:
+        return reads
+    return MetricReads(np.arange(shape[-2]), None, metric, why)
