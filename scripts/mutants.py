@@ -199,10 +199,10 @@ MUTANTS = [
     Mutant("outputs-unmarked", "a metric that returns a logit itself reads nothing",
            "jaxgpt/interp/reads.py",
            one("        plan.mark(out)\n", "        pass\n"), READS),
-    Mutant("move-index-unknown", "a gather or select with an index computed from logits is a move",
+    Mutant("move-index-unknown", "a gather with an index computed from logits is a move",
            "jaxgpt/interp/reads.py",
-           one("    if any(isinstance(v, (_View, _Dep)) for i, v in enumerate(ins) if not lo <= i < hi):",
-               "    if False:"), READS),
+           one("    if any(isinstance(v, (_View, _Dep)) for i, v in enumerate(ins) "
+               "if not lo <= i < hi):", "    if False:"), READS),
     Mutant("gather-fill", "an out-of-bounds gather's fill is taken for logit 0",
            "jaxgpt/interp/reads.py",
            one('params = {**eqn.params, "fill_value": -1} if "fill_value" in eqn.params',

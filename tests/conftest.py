@@ -239,6 +239,19 @@ def sharpened(params):
     return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
 
 
+def assert_close(got, want, atol, what):
+    """`got` within `atol` of `want`, else one line: `what`, and which entries are off."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, not {want.shape}"
+    off = np.argwhere(~(np.abs(got - want) <= atol))  # NaN is off too
+    if len(off):
+        first = tuple(map(int, off[0]))
+        raise AssertionError(
+            f"{what}: {len(off)} of {want.size} entries off (atol {atol:.2g}), at "
+            f"{[tuple(map(int, i)) for i in off[:6]]}{'...' if len(off) > 6 else ''}; "
+            f"{first}: {got[first]:.6g}, not {want[first]:.6g}")
+
+
 def stripe_means(pattern, half):
     """Each head's mean weight on the induction stripe, by loops over the indices: `pattern`
     `[B, H, 2 * half, 2 * half]` -> `[H]` (the definition, written out)."""

@@ -11,12 +11,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, jax_weights_of, random_hf_gpt2, reference, sharpened, tl_bridge
+from conftest import (
+    TINY,
+    assert_close,
+    jax_weights_of,
+    random_hf_gpt2,
+    reference,
+    sharpened,
+    tl_bridge,
+)
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp import patching
 from jaxgpt.interp.cache import run_with_cache
-from jaxgpt.interp.reads import metric_reads
 from jaxgpt.nn import init_params
 
 T = 5
@@ -113,19 +120,6 @@ def eight_heads(pair):
     # rows for any n chunks, which always divides 4: a short last chunk takes 8 heads.
     cfg = GPTConfig(**{**TINY, "n_heads": 8})
     return sweeps_of(cfg, sharpened(init_params(cfg, 0)), *pair)
-
-
-def assert_close(got, want, atol, what):
-    """`got` within `atol` of `want`, else one line: `what`, and which entries are off."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, not {want.shape}"
-    off = np.argwhere(~(np.abs(got - want) <= atol))  # NaN is off too
-    if len(off):
-        first = tuple(map(int, off[0]))
-        raise AssertionError(
-            f"{what}: {len(off)} of {want.size} entries off (atol {atol:.2g}), at "
-            f"{[tuple(map(int, i)) for i in off[:6]]}{'...' if len(off) > 6 else ''}; "
-            f"{first}: {got[first]:.6g}, not {want[first]:.6g}")
 
 
 def rounding(want):
@@ -291,34 +285,6 @@ def test_rows_pack_suffixes_two_by_two():
     # The suffix of the patch at position p has 8 - p tokens: p and 7 - p fill a row of 9.
     rows = patching.pack([8 - p for p in range(8)], 9)
     assert sorted(sorted(r) for r in rows) == [[0, 7], [1, 6], [2, 5], [3, 4]]
-
-
-# --- what the metric reads -------------------------------------------------------------------
-
-
-def test_the_metric_reads_what_it_indexes_and_is_evaluated_exactly():
-    rng = np.random.default_rng(2)
-    logits = jnp.asarray(rng.normal(size=(6, 50)), jnp.float32)
-    ids = jnp.array([3, 4])
-    log_softmax = jax.jit(jax.nn.log_softmax)
-    cases = [  # metric, rows, columns (None: all)
-        (lambda x: x[-1, 3] - x[-1, 4], [5], [3, 4]),
-        (lambda x: (x[-1, ids] * jnp.array([1.0, -1.0])).sum(), [5], [3, 4]),
-        (lambda x: jax.nn.log_softmax(x[-1])[3], [5], None),
-        (lambda x: log_softmax(x[-1])[3] - log_softmax(x[2])[7], [2, 5], None),  # one jit twice
-        (lambda x: jnp.where(x[-1, 2] > 0, x[-2, 3], x[-3, 4]), [3, 4, 5], [2, 3, 4]),
-        (lambda x: jnp.concatenate([x[-1, :4], jnp.ones(2)]).sum(), [5], [0, 1, 2, 3]),
-        (lambda x: x.mean(), list(range(6)), None),
-    ]
-    for metric, rows, columns in cases:
-        reads = metric_reads(metric, logits.shape)
-        assert reads.rows.tolist() == rows
-        assert (reads.columns is None and columns is None) or reads.columns.tolist() == columns
-        compact = logits[reads.rows]
-        compact = compact if reads.columns is None else compact[:, reads.columns]
-        np.testing.assert_allclose(jax.jit(reads.evaluate)(compact), metric(logits), rtol=1e-6)
-    batched = metric_reads(lambda x: x[0, -1, 3] - x[0, -1, 4], (1, 6, 50))
-    assert batched.rows.tolist() == [5] and batched.columns.tolist() == [3, 4]
 
 
 # --- TransformerLens ---------------------------------------------------------------------------

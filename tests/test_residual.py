@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import jax_weights_of, random_hf_gpt2, reference, sharpened, tl_bridge
+from conftest import assert_close, jax_weights_of, random_hf_gpt2, reference, sharpened, tl_bridge
 
 from jaxgpt.interp import patching, residual
 from jaxgpt.interp.attribution import attribution_patch, metric_and_gradients
@@ -127,19 +127,6 @@ def tiny(tiny):
 
 def logit_diff(logits):
     return logits[-1, 3] - logits[-1, 4]
-
-
-def assert_close(got, want, atol, what):
-    """`got` within `atol` of `want`, else one line: `what`, and which entries are off."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, not {want.shape}"
-    off = np.argwhere(~(np.abs(got - want) <= atol))  # NaN is off too
-    if len(off):
-        first = tuple(map(int, off[0]))
-        raise AssertionError(
-            f"{what}: {len(off)} of {want.size} entries off (atol {atol:.2g}), at "
-            f"{[tuple(map(int, i)) for i in off[:6]]}{'...' if len(off) > 6 else ''}; "
-            f"{first}: {got[first]:.6g}, not {want[first]:.6g}")
 
 
 def test_the_gradient_is_the_metrics_derivative(tiny):

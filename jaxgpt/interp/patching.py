@@ -20,8 +20,8 @@ what a patch can change:
   finds the positions (and, for a logit difference, the vocabulary columns) it looks at; the
   metric is evaluated on those logits alone, with the same result.
 
-The patches go in chunks (`chunk_size` patches per start layer, default: as many as fit in
-about `MEMORY_BUDGET` bytes of activations), one compiled program run per chunk
+The patches go in chunks (about `chunk_size` patches per start layer, default: as many as fit
+in about `MEMORY_BUDGET` bytes of activations), one compiled program run per chunk
 (`sweep_chunk`); a chunk's `Packing` says which token of which row belongs to which patch,
 and what each patch replaces. The kinds (`KINDS`) derive from the table of hook points
 (`nn.hooks`): the points TransformerLens patches (`PATCHED`), swept by the axes of their
@@ -323,9 +323,10 @@ def chunk_bytes(cfg: GPTConfig, batch: int, t: int, n_rows: int, width: int,
 
 def layout(every: Sequence[Patch], t: int, chunk_size: int | None,
            fits: Callable[[int], bool]) -> tuple[int, list[list[list[int]]]]:
-    """`(width, chunks)`: rows of `width` tokens (see `pack`), split into chunks of
-    `chunk_size` patches, or (None) as few as `fits(rows)` allows; each chunk a list of rows
-    of indices into `every`."""
+    """`(width, chunks)`: rows of `width` tokens (see `pack`), split evenly into
+    ceil(patches / `chunk_size`) chunks, or (None) as few as `fits(rows)` allows; each chunk a
+    list of rows of indices into `every`. A row packs up to two patches, so a chunk may hold a
+    few more than `chunk_size`."""
     lengths = [t - patch.start for patch in every]
     width = t + 1 if min(lengths) < t else t
     rows = pack(lengths, width)
@@ -424,9 +425,10 @@ def patch_sweep(params: Any, cfg: GPTConfig, corrupted_tokens: Any, clean_cache:
     patched in from `clean_cache`: `[L, *axes]` (see the module's docstring).
 
     `corrupted_tokens` `[T]` gives the metric logits `[T, V]`, `[B, T]` gives it `[B, T, V]`
-    (every prompt is patched at once, as TransformerLens does). `chunk_size` patches per start
-    layer go in one program (default: what fits in `MEMORY_BUDGET`); `progress(done, total)`
-    is called after each chunk. Equals `reference_sweep`, in far less work.
+    (every prompt is patched at once, as TransformerLens does). About `chunk_size` patches per
+    start layer go in one program (`layout`; default: what fits in `MEMORY_BUDGET`);
+    `progress(done, total)` is called after each chunk. Equals `reference_sweep`, in far less
+    work.
     """
     plan = plan_sweep(params, cfg, corrupted_tokens, clean_cache, metric, kind, model=model,
                       chunk_size=chunk_size)
