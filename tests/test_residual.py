@@ -194,14 +194,15 @@ def _moved(alpha, direction, x, name):
     return x + alpha * direction
 
 
-def first_order(params, cfg, kind, clean, corrupted):
+def first_order(params, cfg, kind, clean, corrupted, tokens=CORRUPTED, metric=None):
     """`[L, *axes]`: for each patch of `kind`, d/da of the metric of the corrupted run with the
     activation at that patch's cells moved by a (clean - corrupted), at a = 0, by forward mode.
     Every layer has its hook (a move of zeros but at the patch's layer), so one program serves
-    every patch of the kind."""
+    every patch of the kind. `tokens` `[T]` (the metric `logit_diff` of `[T, V]`) or `[B, T]`
+    (`metric` of `[B, T, V]`)."""
     what = patching.KINDS[kind]
     dims = what.shape.split()
-    shape = patching.sizes(what, len(CORRUPTED), cfg.n_heads)
+    shape = patching.sizes(what, np.shape(tokens)[-1], cfg.n_heads)
     names = [f"blocks.{i}.{what.hook}" for i in range(cfg.n_layers)]
     out = np.zeros((cfg.n_layers, *shape), np.float32)
     cells = list(itertools.product(*map(range, shape)))
@@ -213,12 +214,13 @@ def first_order(params, cfg, kind, clean, corrupted):
         moves[layer][tuple(index)] = np.asarray(clean[names[layer]] - corrupted[names[layer]])[
             tuple(index)]
 
-        def metric(a, moves=moves):
+        def moved_metric(a, moves=moves):
             hooks = [(n, jax.tree_util.Partial(_moved, a, jnp.asarray(m)))
                      for n, m in zip(names, moves, strict=True)]
-            return logit_diff(run_with_hooks(params, cfg, CORRUPTED, hooks)[0])
+            logits = run_with_hooks(params, cfg, tokens, hooks)
+            return logit_diff(logits[0]) if metric is None else metric(logits)
 
-        _, out[(layer, *cell)] = jax.jvp(metric, (jnp.float32(0),), (jnp.float32(1),))
+        _, out[(layer, *cell)] = jax.jvp(moved_metric, (jnp.float32(0),), (jnp.float32(1),))
     return out
 
 
@@ -242,3 +244,23 @@ def test_attribution_is_the_first_order_term_at_the_corrupted_run(tiny, kind):
     assert_close(got, want, 1e-5, f"attribution_patch({kind!r}) is not (clean - corrupted) . "
                  f"the gradient at the corrupted run")
     assert np.abs(want).max() > 0.1, "the estimates must be of some size for this to mean much"
+
+
+def test_attribution_of_a_batch_sums_its_prompts(tiny):
+    # A patch replaces the activation in every prompt at once (as TransformerLens's batched
+    # sweeps do), so its first-order term is the sum over the prompts, not their mean.
+    cfg, params = tiny
+    clean_tokens = np.stack([CLEAN, CORRUPTED[::-1]])
+    corrupted_tokens = np.stack([CORRUPTED, CLEAN[::-1]])
+
+    def metric(logits):  # [B, T, V]: each prompt's logit difference, summed
+        return (logits[:, -1, 3] - logits[:, -1, 4]).sum()
+
+    _, clean = run_with_cache(params, cfg, clean_tokens)
+    _, corrupted = run_with_cache(params, cfg, corrupted_tokens)
+    want = first_order(params, cfg, "resid_pre", clean, corrupted, corrupted_tokens, metric)
+    got = attribution_patch(params, cfg, corrupted_tokens, clean, metric, "resid_pre")
+    # As for one prompt above (two prompts' terms of order 1 summed): 1e-5.
+    assert_close(got, want, 1e-5, "attribution_patch of a batch is not the first-order term "
+                 "of patching every prompt at once")
+    assert np.abs(want).max() > 0.1
