@@ -26,6 +26,7 @@ from jaxgpt.nn.hooks import (
     hook_points,
     hook_table,
     module_path,
+    with_hook_args,
 )
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.training.step import flat_logits
@@ -283,6 +284,22 @@ def test_new_arrays_in_a_pytree_hook_reuse_the_compiled_program(tiny, ids):
     assert args == {"trf_blocks_1": {"att": {"hook_args": {"hook_q": [[jnp.ones(())]]}}}}
 
 
+def test_a_models_own_pytree_hooks_run_before_those_of_the_call(tiny, ids):
+    # A model may carry pytree hooks of its own (a free table, their arrays merged into the
+    # params, as `patch_sweep(..., model=...)` takes them); the call's arrays at the same point
+    # merge in beside them, and its hooks run after the model's.
+    cfg, params = tiny
+    point = "blocks.0.hook_resid_post"
+    vector = jnp.asarray(np.random.default_rng(6).normal(size=cfg.emb_dim), jnp.float32)
+    table, args = free_hooks(cfg, [(point, Partial(_add, vector))])
+    _, plain = run_with_cache(params, cfg, ids, names=[point])
+    _, got = run_with_cache(with_hook_args(params, args), cfg, ids, names=[point],
+                            model=GPTModel(cfg, hooks=table),
+                            hooks=[(point, Partial(_scale, jnp.float32(2.0)))])
+    # An add and a doubling: two fp32 roundings of values of order 1.
+    np.testing.assert_allclose(got[point], (plain[point] + vector) * 2, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_hooks_see_per_head_qkv_in_the_fused_decoding_layout(tiny, ids):
     cfg, params = tiny
@@ -315,17 +332,59 @@ class QuietAttention(MultiHeadAttention):
         return -0.5 * jnp.abs(mask.q_pos[:, None, :, None] - mask.k_pos[:, None, None, :])
 
 
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _quiet_pattern(cache, t, dh):
+    """QuietAttention's pattern from its cached q and k, in float64: the softmax of the
+    scaled scores plus its bias, causally masked."""
+    q, k = (np.asarray(cache[name, 0], np.float64) for name in ("q", "k"))  # [B, T, H, Dh]
+    pos = np.arange(t)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+    scores = scores - 0.5 * np.abs(pos[:, None] - pos[None, :])
+    return _softmax(np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf))
+
+
 @pytest.mark.slow
 def test_a_variant_part_keeps_the_hook_points_it_inherits(tiny, ids):
     cfg, params = tiny
+    t, dh = ids.shape[1], cfg.head_dim
+    names = [(n, 0) for n in ("q", "k", "pattern")]
     model = GPTModel(cfg, attention_cls=QuietAttention)
-    _, plain = run_with_cache(params, cfg, ids, names=[("pattern", 0)])
-    _, biased = run_with_cache(params, cfg, ids, names=[("pattern", 0)], model=model)
-    assert np.abs(plain["pattern", 0] - biased["pattern", 0]).max() > 0.05
+    plain_logits, plain = run_with_cache(params, cfg, ids, names=[("pattern", 0)])
+    logits, biased = run_with_cache(params, cfg, ids, names=names, model=model)
+    # Scores are dots of 8 fp32 terms, ~1e-7 relative each, of size < 1, and softmax moves by
+    # no more than its scores do: 1e-6 holds the weights (each < 1) with a wide margin.
+    np.testing.assert_allclose(biased["pattern", 0], _quiet_pattern(biased, t, dh), atol=1e-6)
+    assert np.abs(plain["pattern", 0] - biased["pattern", 0]).max() > 0.05  # the bias acts
+    # A hook at a point the variant inherits acts there: the pattern follows the hooked
+    # queries (the cached q is after the hook), and the logits move.
+    triple = [("blocks.0.attn.hook_q", Partial(_scale, jnp.float32(3.0)))]
+    hooked_logits, hooked = run_with_cache(params, cfg, ids, names=names, model=model,
+                                           hooks=triple)
+    np.testing.assert_allclose(hooked["q", 0], 3 * np.asarray(biased["q", 0]), rtol=1e-6)
+    np.testing.assert_allclose(hooked["pattern", 0], _quiet_pattern(hooked, t, dh), atol=1e-6)
+    assert np.abs(hooked["pattern", 0] - biased["pattern", 0]).max() > 1e-3
+    assert np.abs(hooked_logits - logits).max() > 1e-4 * np.abs(logits).max()
+    assert np.abs(logits - plain_logits).max() > 1e-4 * np.abs(logits).max()
+
+    # A feed-forward variant that replaces `__call__`: the block's points see what it computes,
+    # 2 * layers_0(norm2(resid_mid)), here from the cached resid_mid in float64.
     doubled = GPTModel(cfg, feed_forward_cls=DoubledFeedForward)
     weights = doubled.init(jax.random.key(0), jnp.asarray(ids))["params"]
-    _, cache = run_with_cache(weights, cfg, ids, names=[("mlp_out", 0)], model=doubled)
-    assert cache["mlp_out", 0].shape == (2, 7, cfg.emb_dim)
+    _, cache = run_with_cache(weights, cfg, ids, names=[("resid_mid", 0), ("mlp_out", 0)],
+                              model=doubled)
+    block = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), weights["trf_blocks_0"])
+    x = np.asarray(cache["resid_mid", 0], np.float64)
+    centred = x - x.mean(-1, keepdims=True)
+    normed = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5)
+    dense = block["ff"]["layers_0"]
+    want = 2 * ((block["norm2"]["scale"] * normed + block["norm2"]["shift"]) @ dense["kernel"]
+                + dense["bias"])
+    # Two fp32 steps of ~1e-7 relative on values of order 1 (the LayerNorm, a 32-term dot).
+    np.testing.assert_allclose(cache["mlp_out", 0], want, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match="never reached 'blocks.0.mlp.hook_pre'"):
         run_with_cache(weights, cfg, ids, names=[("pre", 0)], model=doubled)
 

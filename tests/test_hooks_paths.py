@@ -87,10 +87,32 @@ def test_a_new_steering_vector_reuses_the_compiled_loop(book):
 
 def test_a_bf16_generation_keeps_its_dtype_under_a_float32_hook(book):
     _, cfg, params = book
-    vector = jnp.asarray(_steering(cfg, 5))  # float32; the activations are bfloat16
-    hooks = [(f"blocks.{LAYER}.hook_resid_post", Partial(_add, vector))]
-    out = generate(params, cfg, [[4, 5, 6]], 5, dtype=jnp.bfloat16, hooks=hooks)
-    assert len(out[0]) == 8
+    seen = []
+
+    def record(x, name):  # a plain function, bound: it runs when the program is traced
+        seen.append((name, x.shape[1], x.dtype))
+        return x
+
+    # The float32 vector goes into block 0's output; the recorder sees that point after it
+    # (hooks at one point run in order) and points of block 1 downstream. (The LayerNorms'
+    # points are float32 whatever the dtype: their statistics are.)
+    steered = "blocks.0.hook_resid_post"
+    later = [steered, "blocks.1.hook_resid_pre", "blocks.1.attn.hook_v",
+             "blocks.1.hook_resid_post"]
+    gen = Generator(params, cfg, dtype=jnp.bfloat16)
+
+    def tokens(vector):
+        hooks = [(steered, Partial(_add, jnp.asarray(vector, jnp.float32)))]
+        return gen.generate([[4, 5, 6]], 8, hooks=hooks + [(name, record) for name in later])
+
+    out = tokens(_steering(cfg, 5))
+    # Every forward pass of the program was traced: the prefill (the prompt's 8 slots), the
+    # cached steps (one token) and the window recomputed past the context (16 tokens).
+    assert [t for _, t, _ in seen] == [8] * 4 + [1] * 4 + [16] * 4, seen
+    assert [name for name, _, _ in seen] == later * 3
+    assert all(dtype == jnp.bfloat16 for _, _, dtype in seen), seen
+    # The hook acts: with a zero vector (the same compiled program) the tokens are unsteered.
+    assert out != tokens(np.zeros(cfg.emb_dim))
 
 
 @pytest.mark.slow

@@ -224,7 +224,7 @@ def pack_chunk(chunk: Sequence[Patch], rows: Sequence[Sequence[int]], n_rows: in
 class Corrupted(NamedTuple):
     """What the sweep reads of the corrupted run, stacked over layers."""
 
-    resid_pre: jax.Array  # [L, B, T, D]
+    resid_pre: jax.Array  # [L, B, T, D]: each block's input, before its hook_resid_pre
     keys: jax.Array  # [L, B * H, T, Dh]
     values: jax.Array  # [L, B * H, T, Dh]
     final: jax.Array  # [B, T, D]: the last block's output
@@ -234,7 +234,10 @@ def corrupted_run(params: Any, cfg: GPTConfig, tokens: np.ndarray,
                   model: GPTModel) -> Corrupted:
     """The corrupted run's residual streams, keys and values (in the cache's layout)."""
     n = cfg.n_layers
-    names = [act_name(short, i) for short in ("resid_pre", "k", "v") for i in range(n)]
+    # Each block's input as it receives it: the sweep runs the block on it, the block's own
+    # hooks and all (the embeddings, then the block before's output; not hook_resid_pre's).
+    inputs = ["hook_embed", "hook_pos_embed", *(act_name("resid_post", i) for i in range(n - 1))]
+    names = inputs + [act_name(short, i) for short in ("k", "v") for i in range(n)]
     final, cache = run_with_cache(params, cfg, tokens, names=names, model=model,
                                   stop_at_layer=n)  # the blocks' output; no head
     b, t = tokens.shape
@@ -243,7 +246,9 @@ def corrupted_run(params: Any, cfg: GPTConfig, tokens: np.ndarray,
         return jnp.stack([cache[name, i].transpose(0, 2, 1, 3).reshape(b * cfg.n_heads, t, -1)
                           for i in range(n)])
 
-    return Corrupted(cache.stack_activation("resid_pre"), heads("k"), heads("v"), final)
+    resid = [cache["hook_embed"] + cache["hook_pos_embed"],
+             *(cache["resid_post", i] for i in range(n - 1))]
+    return Corrupted(jnp.stack(resid), heads("k"), heads("v"), final)
 
 
 def _take_clean(kind: Kind, clean: jax.Array, packing: Packing, b: int, act: jax.Array,

@@ -163,6 +163,10 @@ class MultiHeadAttention(nn.Module):
         scores = jnp.einsum("xqd,xkd->xqk", q, keys).astype(jnp.float32)  # [B*H, T, S]
         scores = self.masked_scores(scores, mask, b, flat=cache is not None)
         scores = self.hook("hook_attn_scores", scores, (b, h, t, s))
+        if self.hooks:
+            # A hook that scales MASKED up makes it -inf: a row of padding (every key masked)
+            # would softmax to NaN, which the next layer's 0-weighted values carry to every row.
+            scores = jnp.maximum(scores, MASKED)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B*H | B, H, T, S]
         weights = self.hook("hook_pattern", weights, (b, h, t, s))
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)

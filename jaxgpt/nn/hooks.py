@@ -324,10 +324,16 @@ def _hashable(leaf: Any) -> bool:
 
 def with_hook_args(params: Any, args: dict) -> Any:
     """`params` with the free hooks' arrays merged in (new dicts along the way; the arrays
-    are not copied)."""
+    are not copied). Arrays `params` holds already (a model's own free hooks) come first at
+    each point, as that model's hooks run first (`HookTable.plus`)."""
     if not args:
         return params
     out = dict(params)
     for key, value in args.items():
-        out[key] = value if key == HOOK_ARGS else with_hook_args(out.get(key, {}), value)
+        if key == HOOK_ARGS:
+            held = out.get(key, {})
+            out[key] = {**held, **{name: [*held.get(name, []), *arrays]
+                                   for name, arrays in value.items()}}
+        else:
+            out[key] = with_hook_args(out.get(key, {}), value)
     return out
