@@ -119,10 +119,13 @@ MUTANTS = [
            "jaxgpt/nn/hooks.py",
            one("return name in _OUTSIDE if inside is None else inside[1] in _IN_BLOCK",
                "return True"), HOOKS),
-    Mutant("args-replace-params", "with_hook_args replaces a module's params by hook arrays",
+    Mutant("args-replace-held", "a call's pytree-hook arrays replace a hooked model's own",
+           "jaxgpt/nn/hooks.py", one("            held = out.get(key, {})\n",
+                                     "            held = {}\n"), HOOKS),
+    Mutant("nested-args-dropped", "with_hook_args drops the arrays of nested parts",
            "jaxgpt/nn/hooks.py",
-           one("out[key] = value if key == HOOK_ARGS else with_hook_args(out.get(key, {}), "
-                   "value)", "out[key] = value"), HOOKS),
+           one("            out[key] = with_hook_args(out.get(key, {}), value)",
+               "            out[key] = out.get(key, {})"), HOOKS),
     # --- attention --------------------------------------------------------------------------------
     Mutant("z-hook-unused", "hook_z's result is cached but out_proj reads the unhooked z",
            "jaxgpt/nn/attention.py",
@@ -136,6 +139,21 @@ MUTANTS = [
                ("q, keys, values = heads(q), heads(k), heads(v)",
                 "q, keys, values = heads(q), heads(k), heads(v_in)"),
            ), HOOKS),
+    Mutant("q-hook-regrouped-when-cached", "a decoding step's hook_q sees [B, H, T, Dh]",
+           "jaxgpt/nn/attention.py",
+           one("        q, k, v = (self.hook(name, y, (b, t, h, dh))",
+               '        q, k, v = (self.hook(name, y, (b, t, h, dh) if cache is None or '
+               'name != "hook_q" else (b, h, t, dh))'), PATHS),
+    Mutant("scaled-mask-unclamped", "a scores hook that scales the mask up gives NaN padding rows",
+           "jaxgpt/nn/attention.py",
+           one("            scores = jnp.maximum(scores, MASKED)\n", "            pass\n"), PATHS),
+    Mutant("pos-embed-hook-skipped-when-decoding", "a decoding step skips hook_pos_embed",
+           "jaxgpt/nn/model.py",
+           one('pos = hook_point(self, self.hooks, "hook_pos_embed", '
+               'jnp.broadcast_to(pos, tok.shape))',
+               'pos = jnp.broadcast_to(pos, tok.shape) if in_idx.shape[1] == 1 else '
+               'hook_point(self, self.hooks, "hook_pos_embed", jnp.broadcast_to(pos, tok.shape))'),
+           PATHS),
     Mutant("pattern-heads-regrouped", "hook_pattern sees [H, B, T, S] regrouped as [B, H, T, S]",
            "jaxgpt/nn/attention.py",
            one('weights = self.hook("hook_pattern", weights, (b, h, t, s))',
@@ -159,8 +177,17 @@ MUTANTS = [
            "jaxgpt/interp/cache.py",
            one("stop = self.cfg.n_layers if layer is None or layer == -1 else layer",
                "stop = self.cfg.n_layers - 1 if layer is None or layer == -1 else layer"),
-           PATCHING + ATTRIBUTION),
+           ("tests/test_hooks.py",)),
     # --- patching ---------------------------------------------------------------------------------
+    Mutant("resid-pre-hooked-twice", "a sweep's rows start after hook_resid_pre, which "
+           "the block then runs again", "jaxgpt/interp/patching.py", (
+               ('names = inputs + [act_name(short, i) for short in ("k", "v") for i in range(n)]',
+                'names = inputs + [act_name(short, i) for short in ("resid_pre", "k", "v") '
+                'for i in range(n)]'),
+               ('return Corrupted(jnp.stack(resid), heads("k"), heads("v"), final)',
+                'return Corrupted(cache.stack_activation("resid_pre"), heads("k"), heads("v"), '
+                'final)'),
+           ), ("tests/test_hook_points.py::test_the_patching_sweeps_run_a_hooked_models_hooks",)),
     Mutant("oldest-rows", "a sweep patches the oldest group of rows, not the newest",
            "jaxgpt/interp/patching.py",
            one("newest = act[-b * p:].reshape(packed.shape)",

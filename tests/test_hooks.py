@@ -159,6 +159,16 @@ def test_run_with_cache_keeps_only_what_is_asked_for(tiny, ids):
         run_with_cache(params, cfg, np.zeros((1, 17), np.int32))
 
 
+def test_stack_activation_stacks_each_layers_activation(tiny, ids):
+    cfg, params = tiny
+    _, cache = run_with_cache(params, cfg, ids)
+    for layer, count in ((None, cfg.n_layers), (-1, cfg.n_layers), (1, 1)):
+        got = np.asarray(cache.stack_activation("resid_pre", layer))
+        want = np.stack([np.asarray(cache[f"blocks.{i}.hook_resid_pre"]) for i in range(count)])
+        np.testing.assert_array_equal(got, want, err_msg=f"stack_activation('resid_pre', "
+                                                         f"{layer}) is not layers 0..{count - 1}")
+
+
 def test_stop_at_layer_returns_the_residual_stream_and_runs_nothing_after(tiny, ids):
     cfg, params = tiny
     _, full = run_with_cache(params, cfg, ids)
