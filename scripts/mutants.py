@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
@@ -388,7 +388,14 @@ def main() -> None:
                                  f"fix that first (or --no-baseline)")
                 print(f"baseline: {len(files)} test files pass on the unchanged tree")
             t0 = time.time()
-            results = list(pool.map(run, mutants))
+            futures = {pool.submit(run, m): m for m in mutants}
+            for done, future in enumerate(as_completed(futures), 1):
+                r = future.result()
+                said = f"killed by {r.by}" if r.killed else \
+                    "SURVIVED" if r.killed is False else r.by
+                print(f"[{done}/{len(mutants)}] {futures[future].name}: {said} "
+                      f"({r.seconds:.0f} s)", flush=True)
+            results = [f.result() for f in futures]
     print("\n| mutant | what it does | killed by | s |\n|---|---|---|---:|")
     for m, r in zip(mutants, results, strict=True):
         verdict = r.by if r.killed else ("**SURVIVED**" if r.killed is False else
