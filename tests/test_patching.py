@@ -48,25 +48,11 @@ def logit_diff(logits):  # [T, V]
 # --- every public sweep is tested --------------------------------------------------------------
 
 # The public sweeps as the tests call them: each one-kind sweep by its kind (held to
-# `reference_sweep` under every chunking below), and each stacked sweep with its kinds and
-# whether a kind's result is transposed into the stack (as its docstring lays it out).
-NAMED_SWEEPS = {
-    "resid_pre": "get_act_patch_resid_pre",
-    "resid_mid": "get_act_patch_resid_mid",
-    "attn_out": "get_act_patch_attn_out",
-    "mlp_out": "get_act_patch_mlp_out",
-    "z_by_pos": "get_act_patch_attn_head_out_by_pos",
-    "q_by_pos": "get_act_patch_attn_head_q_by_pos",
-    "k_by_pos": "get_act_patch_attn_head_k_by_pos",
-    "v_by_pos": "get_act_patch_attn_head_v_by_pos",
-    "z_all_pos": "get_act_patch_attn_head_out_all_pos",
-    "q_all_pos": "get_act_patch_attn_head_q_all_pos",
-    "k_all_pos": "get_act_patch_attn_head_k_all_pos",
-    "v_all_pos": "get_act_patch_attn_head_v_all_pos",
-    "pattern_by_pos": "get_act_patch_attn_head_pattern_by_pos",
-    "pattern_all_pos": "get_act_patch_attn_head_pattern_all_pos",
-    "pattern_dest_src": "get_act_patch_attn_head_pattern_dest_src_pos",
-}
+# `reference_sweep` under every chunking below; each carries its kind as `.kind`), and each
+# stacked sweep with its kinds and whether a kind's result is transposed into the stack (as
+# its docstring lays it out).
+NAMED_SWEEPS = {getattr(patching, n).kind: n for n in dir(patching)
+                if n.startswith("get_act_patch_") and hasattr(getattr(patching, n), "kind")}
 STACKED_SWEEPS = {  # name: (its kinds, in order; the kinds transposed `[L, H, T]` -> `[L, T, H]`)
     "get_act_patch_block_every": (("resid_pre", "attn_out", "mlp_out"), ()),
     "get_act_patch_attn_head_all_pos_every": (

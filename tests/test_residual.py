@@ -186,8 +186,6 @@ def test_attribution_matches_exact_patching_for_a_small_difference(tiny, kind):
 
 # Two prompts of the tiny model far apart: 3 of their 5 tokens differ.
 CLEAN, CORRUPTED = np.array([5, 60, 13, 88, 47]), np.array([5, 9, 13, 2, 71])
-# Where each of a kind's axes is in its activation's shape (`patching.Kind.shape`).
-DIM = {"pos": "T", "dest": "T", "src": "S", "head": "H"}
 
 
 def _moved(alpha, direction, x, name):
@@ -209,7 +207,7 @@ def first_order(params, cfg, kind, clean, corrupted, tokens=CORRUPTED, metric=No
     for layer, cell in itertools.product(range(cfg.n_layers), cells):
         index = [slice(None)] * len(dims)  # every prompt, and all of what the patch replaces
         for axis, i in zip(what.axes, cell, strict=True):
-            index[dims.index(DIM[axis])] = i
+            index[dims.index(patching.AXIS_DIM[axis])] = i
         moves = [np.zeros(corrupted[n].shape, np.float32) for n in names]
         moves[layer][tuple(index)] = np.asarray(clean[names[layer]] - corrupted[names[layer]])[
             tuple(index)]
