@@ -107,8 +107,7 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
 
-@struct.dataclass
-class SAE:
+class SAE(struct.PyTreeNode):
     """A sparse autoencoder: its weights, its gradient-free training state, its config."""
 
     params: dict[str, jax.Array]
