@@ -22,6 +22,10 @@ PAGE_SUFFIXES = (".html", ".htm")
 # Where a flag reads differently from its `FeaturesConfig` field: its name, and what it adds.
 _FLAG_NAMES = {"hook_name": "--hook"}
 _ALSO = {"top": "0: all", "features": "comma-separated, e.g. 3,17"}
+# Settings whose default is what the SAE's cfg.json says of its training (sae-lens's metadata).
+_FROM_SAE = {"context_size": "the SAE's metadata.context_size, at most the model's context, "
+                             "else min(128, context_length)",
+             "prepend_bos": "the SAE's metadata.prepend_bos, else no"}
 
 
 def _fail(msg: str) -> SystemExit:
@@ -46,15 +50,15 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
         help_text = field.metadata["help"]
         if field.name in _ALSO:
             help_text += f"; {_ALSO[field.name]}"
-        shown = field.metadata["none"] if field.default is None else field.default
-        kwargs: dict[str, Any] = {"dest": field.name, "default": field.default}
+        default = None if field.name in _FROM_SAE else field.default  # None: the SAE's
+        shown = _FROM_SAE.get(field.name, field.metadata["none"] if default is None else default)
+        kwargs: dict[str, Any] = {"dest": field.name, "default": default}
         if isinstance(field.default, bool):
-            kwargs["action"] = "store_true"
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            help_text += f" (default {shown})"
             kwargs["type"] = {"features": _feature_list, "hook_name": str}.get(field.name, int)
             kwargs["metavar"] = {"features": "F,F", "hook_name": "NAME"}.get(field.name, "N")
-        p.add_argument(flag, help=help_text, **kwargs)
+        p.add_argument(flag, help=f"{help_text} (default {shown})", **kwargs)
 
 
 def add(sub: Any) -> None:
@@ -81,6 +85,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FeaturesConfig)}
     values["top"] = values["top"] or None  # --top 0: all
+    values["prepend_bos"] = bool(values["prepend_bos"])  # None: the SAE's, filled in later
     try:
         return FeaturesConfig(**values)
     except ValueError as e:
@@ -103,12 +108,10 @@ def _load_sae(path: str) -> Any:
     """The SAE of the folder `path`; one line if it is not one jaxgpt can read."""
     from jaxgpt.sae.formats import load_sae
 
-    if not Path(path).is_dir():
-        raise _fail(f"--sae {path} is not a directory")
     try:
         return load_sae(path)
     except (OSError, ValueError) as e:
-        raise _fail(f"--sae {path}: {e}") from e
+        raise _fail(f"--sae {e}") from e
 
 
 def _tokens(args: argparse.Namespace, vocab_size: int) -> tuple[Any, str]:
@@ -141,6 +144,21 @@ def _tokens(args: argparse.Namespace, vocab_size: int) -> tuple[Any, str]:
     return tokens, desc
 
 
+def _as_trained(fc: Any, args: argparse.Namespace, context_length: int) -> Any:
+    """`fc` with the settings the flags left open as the SAE's cfg.json says it was trained
+    (sae-lens's `metadata.context_size` and `prepend_bos`)."""
+    from jaxgpt.sae.formats import read_cfg
+
+    meta = read_cfg(args.sae).get("metadata") or {}
+    changes: dict[str, Any] = {}
+    size = meta.get("context_size")
+    if args.context_size is None and isinstance(size, int) and size >= 2:
+        changes["context_size"] = min(size, context_length)
+    if args.prepend_bos is None:
+        changes["prepend_bos"] = bool(meta.get("prepend_bos", False))
+    return dataclasses.replace(fc, **changes)
+
+
 def run(args: argparse.Namespace) -> int:
     from jaxgpt.sae.features import feature_stats, write_features_page
 
@@ -149,13 +167,14 @@ def run(args: argparse.Namespace) -> int:
     sae = _load_sae(args.sae)
     model_cfg = peek_config(args)
     try:
-        fc = fc.check(sae.cfg, model_cfg)
+        fc = _as_trained(fc, args, model_cfg.context_length).check(sae.cfg, model_cfg)
     except ValueError as e:
         raise _fail(flag_error(e, args.flags, {})) from e
     tokens, source = _tokens(args, model_cfg.vocab_size)
     cfg, params, desc = load_model(args)
     log(f"jaxgpt: {desc}")
-    log(f"jaxgpt: reading {len(tokens):,} tokens of {source} at {fc.resolve_hook(sae.cfg)}")
+    log(f"jaxgpt: reading {len(tokens):,} tokens of {source} at {fc.resolve_hook(sae.cfg)}, "
+        f"in windows of {fc.window(cfg)}{' led by <|endoftext|>' if fc.prepend_bos else ''}")
     stats = feature_stats(params, cfg, sae, tokens, fc)
     path = write_features_page(stats, out, title=args.title)
     log(f"jaxgpt: wrote {path} ({len(stats.features):,} features of {stats.d_sae:,}; "

@@ -37,6 +37,7 @@ import math
 import os
 import unicodedata
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -238,10 +239,11 @@ class _Running(NamedTuple):
     top_acts: jax.Array  # [F, n, W] float32
 
 
-def _start(n_features: int, fc: FeaturesConfig) -> _Running:
-    f, n, w = n_features, fc.contexts, fc.before + 1 + fc.after
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _start(f: int, n: int, w: int, bins: int) -> _Running:
+    """Nothing seen yet by F features keeping n contexts of W tokens (one compiled program)."""
     return _Running(jnp.zeros(f, jnp.int32), jnp.zeros(f, jnp.float32), jnp.zeros(f, jnp.int32),
-                    jnp.zeros((f, fc.bins), jnp.int32), jnp.full((f, n), -jnp.inf, jnp.float32),
+                    jnp.zeros((f, bins), jnp.int32), jnp.full((f, n), -jnp.inf, jnp.float32),
                     jnp.full((f, n), -1, jnp.int32), jnp.zeros((f, n), jnp.int32),
                     jnp.full((f, n, w), -1, jnp.int32), jnp.zeros((f, n, w), jnp.float32))
 
@@ -282,18 +284,12 @@ def _contexts(acts: jax.Array, tokens: jax.Array, row0: jax.Array, n: int, befor
     return act, (row0 + order).astype(jnp.int32), pos.astype(jnp.int32), win_tokens, win_acts
 
 
-@functools.partial(jax.jit, static_argnames=("n", "before", "after", "bins", "skip_first"),
-                   donate_argnums=(1,))
-def _update(sae: SAE, run: _Running, x: jax.Array, tokens: jax.Array, row0: jax.Array,
-            columns: jax.Array | None, *, n: int, before: int, after: int, bins: int,
-            skip_first: bool) -> _Running:
-    """The statistics after one batch: hook activations `x [B, T, d_in]` of `tokens [B, T]`,
-    the windows `row0..row0+B-1`; `columns`: the features kept (None: all)."""
-    acts = encode(sae, x).astype(jnp.float32)
-    if columns is not None:
-        acts = acts[..., columns]
-    if skip_first:  # the <|endoftext|> put before each window: not the text's
-        acts, tokens = acts[:, 1:], tokens[:, 1:]
+@functools.partial(jax.jit, static_argnames=("n", "before", "after", "bins"),
+                   donate_argnums=(0,))
+def _update(run: _Running, acts: jax.Array, tokens: jax.Array, row0: jax.Array, *, n: int,
+            before: int, after: int, bins: int) -> _Running:
+    """The statistics after one batch: activations `acts [B, T, F]` of `tokens [B, T]`, the
+    windows `row0..row0+B-1`."""
     flat = acts.reshape(-1, acts.shape[-1])
     new_max = jnp.maximum(run.max, flat.max(0))
     exponent, hist = _histogram(run, flat, new_max, bins)
@@ -306,9 +302,10 @@ def _update(sae: SAE, run: _Running, x: jax.Array, tokens: jax.Array, row0: jax.
                     *top)
 
 
-def _windows(tokens: Any, cfg: GPTConfig, fc: FeaturesConfig) -> np.ndarray:
-    """`tokens [N]` as windows `[N // T', T]` of `fc.window(cfg)` tokens (a text shorter than
-    one window: one shorter window), each led by <|endoftext|> when `prepend_bos`."""
+def token_windows(tokens: Any, cfg: GPTConfig, fc: FeaturesConfig) -> np.ndarray:
+    """`tokens [N]` as the windows `feature_stats` reads, int32 `[N // T', T]`: `fc.window(cfg)`
+    tokens each (a text shorter than one window: one shorter window; a shorter tail is left
+    out), each led by <|endoftext|> when `fc.prepend_bos`."""
     from jaxgpt.tokenizer import EOT_ID
 
     ids = np.asarray(tokens).reshape(-1)
@@ -324,6 +321,40 @@ def _windows(tokens: Any, cfg: GPTConfig, fc: FeaturesConfig) -> np.ndarray:
     return rows
 
 
+@functools.partial(jax.jit, static_argnames=("width", "skip_first"))
+def _encode(sae: SAE, x: jax.Array, tokens: jax.Array, columns: jax.Array | None, *,
+            width: int, skip_first: bool) -> tuple[jax.Array, jax.Array]:
+    """`(tokens, feature activations [B, T, F] float32)` of hook activations `x [B, T, ...]`
+    (hook_z's heads flattened), the first position dropped when `skip_first`."""
+    acts = encode(sae, x.reshape(*tokens.shape, width)).astype(jnp.float32)
+    if columns is not None:
+        acts = acts[..., columns]
+    if skip_first:  # the <|endoftext|> put before each window: not the text's
+        return tokens[:, 1:], acts[:, 1:]
+    return tokens, acts
+
+
+def feature_activations(params: Any, cfg: GPTConfig, sae: SAE, windows: np.ndarray,
+                        fc: FeaturesConfig) -> Iterator[tuple[int, jax.Array, jax.Array]]:
+    """The activations `feature_stats` reads, a batch of `fc.batch_size` windows at a time:
+    `(first window, tokens [B, T], acts [B, T, F])`, F the features `fc.features` (default
+    all), without the position of the <|endoftext|> that `fc.prepend_bos` put first.
+
+    Args:
+      windows: int `[N, T]`, as `token_windows` cuts them.
+    """
+    from jaxgpt.interp.cache import run_with_cache
+
+    hook = fc.resolve_hook(sae.cfg)
+    stop, width = hook_site(cfg, hook, sae.cfg.d_in)
+    columns = None if fc.features is None else jnp.asarray(fc.features, jnp.int32)
+    for start in range(0, len(windows), fc.batch_size):
+        batch = windows[start:start + fc.batch_size]
+        _, cache = run_with_cache(params, cfg, batch, names=[hook], stop_at_layer=stop)
+        yield (start, *_encode(sae, cache[hook], jnp.asarray(batch), columns, width=width,
+                               skip_first=fc.prepend_bos))
+
+
 def feature_stats(params: Any, cfg: GPTConfig, sae: SAE, tokens: Any,
                   fc: FeaturesConfig | None = None) -> FeatureStats:
     """Each feature's density, largest activation, histogram, top contexts and logit weights
@@ -332,35 +363,27 @@ def feature_stats(params: Any, cfg: GPTConfig, sae: SAE, tokens: Any,
     Args:
       params, cfg: the model's weights and config.
       sae: the SAE; it reads `fc.hook_name` or its own `cfg.hook_name`.
-      tokens: token ids `[N]` (a text; a tail shorter than a window is left out).
+      tokens: token ids `[N]` (a text; cut by `token_windows`).
       fc: what to read and keep (default `FeaturesConfig()`).
 
     Returns:
       `FeatureStats` of the features shown: `fc.features`, or the `fc.top` densest.
     """
-    from jaxgpt.interp.cache import run_with_cache
-
     fc = (fc or FeaturesConfig()).check(sae.cfg, cfg)
-    hook = fc.resolve_hook(sae.cfg)
-    stop, width = hook_site(cfg, hook, sae.cfg.d_in)
-    rows = _windows(tokens, cfg, fc)
-    columns = None if fc.features is None else jnp.asarray(fc.features, jnp.int32)
+    windows = token_windows(tokens, cfg, fc)
     scanned = sae.cfg.d_sae if fc.features is None else len(fc.features)
-    run = _start(scanned, fc)
-    for start in range(0, len(rows), fc.batch_size):
-        batch = rows[start:start + fc.batch_size]
-        _, cache = run_with_cache(params, cfg, batch, names=[hook], stop_at_layer=stop)
-        x = cache[hook].reshape(*batch.shape, width)  # hook_z: [B, T, H, Dh] -> [B, T, H * Dh]
-        run = _update(sae, run, x, jnp.asarray(batch), jnp.int32(start), columns,
-                      n=fc.contexts, before=fc.before, after=fc.after, bins=fc.bins,
-                      skip_first=fc.prepend_bos)
+    run = _start(scanned, fc.contexts, fc.before + 1 + fc.after, fc.bins)
+    for start, batch, acts in feature_activations(params, cfg, sae, windows, fc):
+        run = _update(run, acts, batch, jnp.int32(start), n=fc.contexts, before=fc.before,
+                      after=fc.after, bins=fc.bins)
     host = {name: np.asarray(a) for name, a in run._asdict().items()}
-    n_tokens = rows.size - len(rows) * fc.prepend_bos
+    n_tokens = windows.size - len(windows) * fc.prepend_bos
     density = host["active"] / n_tokens
-    index = np.arange(scanned) if columns is None else np.asarray(fc.features)
+    index = np.arange(scanned) if fc.features is None else np.asarray(fc.features)
     order = np.lexsort((index, -density))  # densest first, then by index
     if fc.features is None and fc.top is not None:
         order = order[:fc.top]
+    hook = fc.resolve_hook(sae.cfg)
     promoted, suppressed = logit_weights(params, cfg, sae, index[order], fc.logit_tokens, hook)
     found = host["top_act"][order] > 0
     return FeatureStats(
@@ -372,7 +395,7 @@ def feature_stats(params: Any, cfg: GPTConfig, sae: SAE, tokens: Any,
         context_pos=host["top_pos"][order], context_tokens=host["top_tokens"][order],
         context_token_acts=host["top_acts"][order], promoted=promoted[0],
         promoted_logit=promoted[1], suppressed=suppressed[0], suppressed_logit=suppressed[1],
-        n_tokens=int(n_tokens), n_windows=len(rows), context_size=rows.shape[1],
+        n_tokens=int(n_tokens), n_windows=len(windows), context_size=windows.shape[1],
         n_dead=int((host["active"] == 0).sum()), n_scanned=scanned, before=fc.before,
         hook_name=hook, architecture=sae.cfg.architecture, d_in=sae.cfg.d_in,
         d_sae=sae.cfg.d_sae)
@@ -414,6 +437,22 @@ def residual_directions(params: Any, cfg: GPTConfig, hook_name: str,
     return directions @ module["kernel"].astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "hook_name", "k"))
+def _logit_extremes(params: Any, sae: SAE, features: jax.Array, *, cfg: GPTConfig,
+                    hook_name: str, k: int) -> tuple[jax.Array, ...]:
+    """`(top weights, their ids, bottom weights, their ids)`, each `[F, k]`, of the logit
+    weights of `features [F]` (see `logit_weights`)."""
+    from jaxgpt.interp.residual import unembed_directions
+
+    resid = residual_directions(params, cfg, hook_name, decoder_directions(sae, features))
+    assert resid is not None  # logit_weights asks only for points that have one
+    unembed = unembed_directions(params, cfg, jnp.arange(cfg.vocab_size)).astype(jnp.float32)
+    logits = resid @ unembed.T  # [F, V]
+    top, top_ids = jax.lax.top_k(logits, k)
+    bottom, bottom_ids = jax.lax.top_k(-logits, k)
+    return top, top_ids, -bottom, bottom_ids
+
+
 def logit_weights(params: Any, cfg: GPTConfig, sae: SAE, features: Any, k: int,
                   hook_name: str, chunk: int = 256) -> tuple[tuple[np.ndarray, np.ndarray],
                                                              tuple[np.ndarray, np.ndarray]]:
@@ -422,29 +461,21 @@ def logit_weights(params: Any, cfg: GPTConfig, sae: SAE, features: Any, k: int,
     feature's residual direction (`decoder_directions`, then `residual_directions`) times
     `final_norm.scale * W_U` (`[F, V]`, made `chunk` features at a time). `[F, 0]` where the
     hook point has no residual direction (`residual_directions` is None)."""
-    from jaxgpt.interp.residual import unembed_directions
-
-    features = np.asarray(features, np.int64)
+    features = np.asarray(features, np.int64).reshape(-1)
     k = min(k, cfg.vocab_size)
-    probe = residual_directions(params, cfg, hook_name, jnp.zeros((1, sae.cfg.d_in)))
+    probe = jax.eval_shape(lambda: residual_directions(params, cfg, hook_name,
+                                                       jnp.zeros((1, sae.cfg.d_in))))
     if probe is None or not features.size:
         empty = (np.zeros((len(features), 0), np.int64), np.zeros((len(features), 0)))
         return empty, empty
-    unembed = unembed_directions(params, cfg, jnp.arange(cfg.vocab_size)).astype(jnp.float32)
-    tops, bottoms = [], []
-    for start in range(0, len(features), chunk):
-        rows = decoder_directions(sae, features[start:start + chunk])
-        resid = residual_directions(params, cfg, hook_name, rows)
-        assert resid is not None  # as the probe
-        logits = resid @ unembed.T  # [f, V]
-        tops.append(jax.lax.top_k(logits, k))
-        neg, idx = jax.lax.top_k(-logits, k)
-        bottoms.append((-neg, idx))
-
-    def stack(parts: list, i: int) -> np.ndarray:
-        return np.concatenate([np.asarray(p[i]) for p in parts])
-
-    return (stack(tops, 1), stack(tops, 0)), (stack(bottoms, 1), stack(bottoms, 0))
+    chunk = min(chunk, len(features))
+    padded = np.resize(features, -(-len(features) // chunk) * chunk)  # one shape for all
+    parts = [_logit_extremes(params, sae, jnp.asarray(padded[i:i + chunk], jnp.int32),
+                             cfg=cfg, hook_name=hook_name, k=k)
+             for i in range(0, len(padded), chunk)]
+    top, top_ids, bottom, bottom_ids = (np.concatenate([np.asarray(p[j]) for p in parts])
+                                        [:len(features)] for j in range(4))
+    return (top_ids, top), (bottom_ids, bottom)
 
 
 # --- the page ------------------------------------------------------------------------------
