@@ -220,7 +220,8 @@ class FakeTokenizer:
     """Token bytes chosen to break a page that does not escape, or that decodes carelessly."""
 
     TOKENS = {0: b"<script>alert(1)</script>", 1: b'" onmouseover="x', 2: b"\xf0\x9f",
-              3: b"\x98\x80", 4: b"\n", 5: b"  ", 6: b"<|endoftext|>", 7: b"&amp;", 8: b"\x07"}
+              3: b"\x98\x80", 4: b"\n", 5: b"  ", 6: b"<|endoftext|>", 7: b"&amp;", 8: b"\x07",
+              9: b"a\n\xf0"}
     special_tokens_set = {"<|endoftext|>"}
 
     def decode_single_token_bytes(self, token):
@@ -258,7 +259,7 @@ class Tags(html.parser.HTMLParser):
 
 
 def test_the_page_escapes_hostile_tokens_and_shows_bytes_whitespace_and_eot():
-    stats = one_feature_stats([0, 1, 2, 3, 4, 5, 6, 7, 8], [0.5, 1, 2, 2, 0, 0, 1, 0, 0])
+    stats = one_feature_stats([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0.5, 1, 2, 2, 0, 0, 1, 0, 0, 1])
     page = features_page(stats, FakeTokenizer(), title="<b>t</b>")
     parsed = Tags()
     parsed.feed(page)
@@ -266,7 +267,7 @@ def test_the_page_escapes_hostile_tokens_and_shows_bytes_whitespace_and_eot():
     assert not any(k.startswith("on") for _, attrs in parsed.tags for k in attrs)
     text = "".join(parsed.text)
     for shown in ("<script>alert(1)</script>", '" onmouseover="x', "\\xf0\\x9f", "\\x98\\x80",
-                  "↵", "<|endoftext|>", "&amp;", "\\x07", "<b>t</b>", '"><script>'):
+                  "↵", "<|endoftext|>", "&amp;", "\\x07", "<b>t</b>", '"><script>', "a↵\\xf0"):
         assert shown in text, shown  # as text, after the parser unescapes it
     assert any(a.get("class") == "t bytes" for t, a in parsed.tags if t == "span")
     assert any(a.get("class") == "t special" for t, a in parsed.tags if t == "span")
@@ -285,6 +286,10 @@ def test_emoji_split_across_tokens_shows_its_bytes_with_the_real_tokenizer():
                                            [1.0] * 9, hook_name="x"), tokenizer)
     assert "<script" not in page and "&lt;" in page  # " <", "script", ">": three tokens
     assert page.count("t bytes") == len(partial)
+    parsed = Tags()
+    parsed.feed(page)
+    tips = [a["title"] for t, a in parsed.tags if "bytes" in a.get("class", "")]
+    assert len(tips) == len(partial) and all("part of ' 😀'" in tip for tip in tips), tips
 
 
 def _utf8(raw):
@@ -408,6 +413,8 @@ def test_the_command_refuses_bad_input_in_one_line(tiny_cli, tmp_path, capsys):
 def chromium(page, tmp_path, *flags):
     """Run headless Chromium on the file `page` with console messages logged: (its stdout,
     the console messages it logged)."""
+    if not os.path.exists(CHROMIUM):  # under CI=true: .ci/run installs it
+        pytest.fail(f"no {CHROMIUM}: apt-get install chromium (bash .ci/run does)")
     proc = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",

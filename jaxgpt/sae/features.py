@@ -9,18 +9,19 @@ feature, in memory that does not grow with the text:
 
 - density: the fraction of tokens whose activation is > 0 (sae-lens's feature sparsity);
 - the largest activation;
-- a histogram of the non-zero activations: `bins` equal bins over `[0, 2**e)`, `2**e` the
+- a histogram of the positive activations: `bins` equal bins over `[0, 2**e)`, `2**e` the
   smallest power of two above the largest activation. When a batch raises it, the bins merge in
   pairs, so the counts are exactly `np.histogram` of every activation over the final edges;
 - its top contexts: the windows whose largest activation is highest, each the tokens around
   that maximum with their activations, kept by a bounded top-n merge batch after batch (ties:
-  the earlier window first, so any batch size gives the same contexts);
+  the earlier window first, so the merge gives what one top-n over all windows would);
 - the tokens it promotes and suppresses most through the unembedding, its "logit weights" as
   sae-lens's Neuronpedia dashboards compute them: `W_dec[f] @ W_U`, with the final LayerNorm's
   scale folded into `W_U` as TransformerLens's default (folded) `HookedTransformer` does. The
   LayerNorm's centring and its division by the residual's norm are left out: they depend on the
   context the feature writes into.
 
+`token_windows` and `feature_activations` are the windows and the activations it reads.
 `features_page` renders those statistics as one self-contained page (inline CSS and SVG, no
 script; a Content-Security-Policy refuses anything else), and `write_features_page` writes it.
 
@@ -37,7 +38,7 @@ import math
 import os
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -49,8 +50,8 @@ import numpy as np
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.sae.model import SAE, SAEConfig, decoder_norms, encode
 
-# The axes of a hook point's activation (`jaxgpt.nn.hooks.Point.shape`) that one token's
-# vector spans; hook_z's heads are flattened to H * Dh as sae-lens's hook_z SAEs read them.
+# The leading axes (`jaxgpt.nn.hooks.Point.shape`) of a hook point an SAE can read: one vector
+# per token, the axes after them flattened (hook_z's heads: H * Dh, as sae-lens reads hook_z).
 _PER_TOKEN = "B T"
 
 
@@ -118,6 +119,9 @@ class FeaturesConfig:
         if self.context_size is not None and self.context_size > cfg.context_length:
             raise _fail("context_size", f"must be at most the model's context_length "
                         f"{cfg.context_length}", self.context_size)
+        if self.window(cfg) < 1 + self.prepend_bos:
+            raise _fail("prepend_bos", f"leaves no room for the text in windows of "
+                        f"{self.window(cfg)} token")
         return self
 
     def resolve_hook(self, sae_cfg: SAEConfig) -> str:
@@ -178,7 +182,7 @@ class FeatureStats:
       features: `[F]` the features' indices in the SAE.
       density: `[F]` fraction of the tokens with activation > 0.
       max_act: `[F]` largest activation (0 for a feature never active).
-      hist_counts: `[F, bins]` counts of the non-zero activations in equal bins over
+      hist_counts: `[F, bins]` counts of the positive activations in equal bins over
         `[0, hist_range)`.
       hist_range: `[F]` the histograms' upper edges, powers of two (0: never active).
       context_act: `[F, n]` each top context's largest activation, highest first; contexts
@@ -524,24 +528,31 @@ def _token_text(tokenizer: TokenBytes, token: int) -> tuple[str, str]:
         raw = tokenizer.decode_single_token_bytes(int(token))
     except (KeyError, ValueError):
         return f"<id {token}>", "special"
-    special = getattr(tokenizer, "special_tokens_set", ())
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "".join(f"\\x{b:02x}" for b in raw), "bytes"
-    if text in special:
+    text = raw.decode("utf-8", errors="backslashreplace")  # b" \xf0\x9f": " \\xf0\\x9f"
+    if text in getattr(tokenizer, "special_tokens_set", ()):
         return text, "special"
     shown = "".join(_VISIBLE.get(c, c) if unicodedata.category(c) != "Cc" or c in _VISIBLE
                     else f"\\x{ord(c):02x}" for c in text)
+    if not _whole_characters(raw):
+        return shown, "bytes"
     return shown, ("ws" if text and not text.strip() and " " not in text else "")
 
 
+def _whole_characters(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _token_span(tokenizer: TokenBytes, token: int, act: float | None = None,
-                scale: float = 1.0, is_max: bool = False) -> str:
-    """One token as an HTML span, shaded by `act / scale` where `act` is given."""
+                scale: float = 1.0, is_max: bool = False, part_of: str | None = None) -> str:
+    """One token as an HTML span, shaded by `act / scale` where `act` is given; `part_of`:
+    the characters a run of byte tokens around it makes (said in its tooltip)."""
     text, kind = _token_text(tokenizer, token)
     classes = " ".join(c for c in ("t", kind, "max" if is_max else "") if c)
-    style, tip = "", f"token {token}"
+    style, tip = "", f"token {token}" + (f" · part of {part_of!r}" if part_of else "")
     if act is not None:
         tip = f"activation {act:.4g} · {tip}"
         alpha = min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0
@@ -564,11 +575,28 @@ def _histogram_svg(counts: np.ndarray, upper: float) -> str:
                     f'height="{bar:.2f}" fill="#f08a24"><title>[{lo:.3g}, {hi:.3g}): {c}'
                     f"</title></rect>")
     return (f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="histogram of the non-zero activations">{"".join(bars)}'
+            f'aria-label="histogram of the positive activations">{"".join(bars)}'
             f'<line x1="0" y1="{h - pad}" x2="{w}" y2="{h - pad}" stroke="#999"/>'
             f'<text x="0" y="{h - 2}">0</text><text x="{w}" y="{h - 2}" text-anchor="end">'
             f'{upper:.3g}</text><text x="{w}" y="10" text-anchor="end">{top} max count</text>'
             f"</svg>")
+
+
+def _byte_runs(tokenizer: TokenBytes, tokens: Sequence[int]) -> dict[int, str]:
+    """For each token of `tokens` that is not whole UTF-8 characters, the text of the run of
+    such tokens it is part of (an emoji split over two tokens: the emoji)."""
+    runs: dict[int, str] = {}
+    run: list[int] = []
+    for w, tok in enumerate([*tokens, -1]):
+        partial = tok >= 0 and _token_text(tokenizer, int(tok))[1] == "bytes"
+        if partial:
+            run.append(w)
+            continue
+        if run:
+            raw = b"".join(tokenizer.decode_single_token_bytes(int(tokens[r])) for r in run)
+            runs.update(dict.fromkeys(run, raw.decode("utf-8", errors="replace")))
+            run = []
+    return runs
 
 
 def _contexts_html(stats: FeatureStats, i: int, tokenizer: TokenBytes) -> str:
@@ -577,9 +605,12 @@ def _contexts_html(stats: FeatureStats, i: int, tokenizer: TokenBytes) -> str:
     scale = float(stats.max_act[i])
     items = []
     for j in range(int(stats.context_count[i])):
-        spans = [_token_span(tokenizer, int(tok), float(act), scale, w == stats.before)
-                 if tok >= 0 else "" for w, (tok, act) in enumerate(zip(
-                     stats.context_tokens[i, j], stats.context_token_acts[i, j], strict=True))]
+        toks = stats.context_tokens[i, j]
+        runs = _byte_runs(tokenizer, toks)
+        spans = [_token_span(tokenizer, int(tok), float(act), scale, w == stats.before,
+                             runs.get(w)) if tok >= 0 else ""
+                 for w, (tok, act) in enumerate(zip(toks, stats.context_token_acts[i, j],
+                                                    strict=True))]
         b = stats.before
         where = f"window {stats.context_window[i, j]}, token {stats.context_pos[i, j]}"
         items.append(f'<li><span class="v" title="{where}">{stats.context_act[i, j]:.3g}'
