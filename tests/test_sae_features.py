@@ -267,7 +267,8 @@ def test_the_page_escapes_hostile_tokens_and_shows_bytes_whitespace_and_eot():
     assert not any(k.startswith("on") for _, attrs in parsed.tags for k in attrs)
     text = "".join(parsed.text)
     for shown in ("<script>alert(1)</script>", '" onmouseover="x', "\\xf0\\x9f", "\\x98\\x80",
-                  "↵", "<|endoftext|>", "&amp;", "\\x07", "<b>t</b>", '"><script>', "a↵\\xf0"):
+                  "↵", "<|endoftext|>", "&amp;", "\\x07", "<b>t</b>", '"><script>', "a↵\\xf0",
+                  "··"):
         assert shown in text, shown  # as text, after the parser unescapes it
     assert any(a.get("class") == "t bytes" for t, a in parsed.tags if t == "span")
     assert any(a.get("class") == "t special" for t, a in parsed.tags if t == "span")

@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     tokens, source = _tokens(args, model_cfg.vocab_size)
     cfg, params, desc = load_model(args)
     log(f"jaxgpt: {desc}")
-    log(f"jaxgpt: reading {len(tokens):,} tokens of {source} at {fc.resolve_hook(sae.cfg)}, "
+    n_read = min(len(tokens), fc.max_tokens or len(tokens))
+    log(f"jaxgpt: reading {n_read:,} tokens of {source} at {fc.resolve_hook(sae.cfg)}, "
         f"in windows of {fc.window(cfg)}{' led by <|endoftext|>' if fc.prepend_bos else ''}")
     stats = feature_stats(params, cfg, sae, tokens, fc)
     path = write_features_page(stats, out, title=args.title)

@@ -491,7 +491,7 @@ class TokenBytes(Protocol):
 
 
 # Characters a token may hold that would vanish or break the line on the page, as shown.
-_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+_VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # and a token of spaces only: "·" each
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:16px;
  color:#1d1d1f;background:#fafafa}
@@ -535,7 +535,9 @@ def _token_text(tokenizer: TokenBytes, token: int) -> tuple[str, str]:
                     else f"\\x{ord(c):02x}" for c in text)
     if not _whole_characters(raw):
         return shown, "bytes"
-    return shown, ("ws" if text and not text.strip() and " " not in text else "")
+    if text and not text.strip():  # only whitespace: each space as a dot, so it shows
+        return shown.replace(" ", "·"), "ws"
+    return shown, ""
 
 
 def _whole_characters(raw: bytes) -> bool:
