@@ -2,6 +2,7 @@
 the activations at once, the streamed top-n against the all-at-once one, the page (escaping,
 bytes, whitespace, dead features), one-line refusals, and the page in a real browser."""
 
+import dataclasses
 import html.parser
 import json
 import math
@@ -366,6 +367,19 @@ def test_the_command_writes_the_page_as_the_sae_was_trained(tiny_cli, tmp_path, 
     err = capsys.readouterr().err
     assert "windows of 12 led by <|endoftext|>" in err and f"wrote {out}" in err
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temps
+
+
+def test_every_flag_reaches_its_features_config_field():
+    argv = ["sae", "features", "--sae", "x", "--hook", "h", "--context-size", "9",
+            "--batch-size", "3", "--max-tokens", "50", "--prepend-bos", "--top", "7",
+            "--features", "1,2", "--contexts", "3", "--before", "2", "--after", "1", "--bins",
+            "8", "--logit-tokens", "4"]
+    fc = features_command._config(cli.build_parser().parse_args(argv))
+    assert fc == FeaturesConfig("h", 9, 3, 50, True, 7, (1, 2), 3, 2, 1, 8, 4)
+    changed = [f.name for f in dataclasses.fields(fc) if getattr(fc, f.name) != f.default]
+    assert changed == [f.name for f in dataclasses.fields(fc)]  # a flag for every field
+    assert features_command._config(cli.build_parser().parse_args(argv[:4])) \
+        == FeaturesConfig()  # no flags: the config's defaults (those from the SAE: later)
 
 
 def write_folder(tmp_path, name, architecture="standard", d_in=32, hook="blocks.0.hook_resid_post"):
