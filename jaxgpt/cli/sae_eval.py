@@ -24,6 +24,8 @@ COMMAND = "sae eval"
 _FLAGS = {"hook_name": "--hook", "n_batches": "--batches", "batch_size_prompts": "--batch-size",
           "context_size": "--context-size", "prepend_bos": "--no-prepend-bos",
           "exclude": "--exclude", "dense_threshold": "--dense-threshold"}
+_METAVARS = {"hook_name": "NAME", "n_batches": "N", "batch_size_prompts": "B",
+             "context_size": "T", "dense_threshold": "F"}
 # Text read from a --text-file: about this many characters per token needed (GPT-2 averages
 # about 4), so a large file is not tokenized whole for a few batches.
 _CHARS_PER_TOKEN = 16
@@ -58,8 +60,8 @@ def add(sub: Any) -> None:
             kwargs.update(nargs="*", type=int, metavar="ID",
                           help=f"{meta['help']}; --exclude alone: none (default {shown})")
         else:
-            kwargs.update(default=default, type={"hook_name": str, "context_size": int}.get(
-                name, type(default)))
+            kwargs.update(default=default, metavar=_METAVARS[name], type={
+                "hook_name": str, "context_size": int}.get(name, type(default)))
         p.add_argument(flag, **kwargs)
     p.add_argument("--out", metavar="FILE.json", help="also write the metrics here, as JSON")
     p.set_defaults(func=run)

@@ -71,16 +71,16 @@ class EvalConfig:
     file, and which tokens the metrics leave out (defaults: sae-lens's for GPT-2)."""
 
     hook_name: str | None = _setting(None, "hook point the SAE reads",
-                                     none="the SAE's own (cfg.json's metadata.hook_name)")
+                                     none="the SAE's own, from its cfg.json")
     n_batches: int = _setting(10, "batches of prompts evaluated")
     batch_size_prompts: int = _setting(8, "prompts per batch")
     context_size: int | None = _setting(None, "tokens per prompt",
                                         none="min(128, the model's context_length)")
-    prepend_bos: bool = _setting(True, "start each prompt with <|endoftext|>, as sae-lens "
-                                 "does for GPT-2")
+    prepend_bos: bool = _setting(True, "start each prompt with <|endoftext|> (sae-lens does, "
+                                 "for GPT-2)")
     exclude: tuple[int, ...] | None = _setting(
-        None, "token ids the metrics leave out", none="<|endoftext|>, the GPT-2 tokenizer's "
-        "special token (sae-lens leaves out the special tokens)")
+        None, "token ids the metrics leave out", none="<|endoftext|>: sae-lens leaves out the "
+        "tokenizer's special tokens")
     dense_threshold: float = _setting(DENSE_THRESHOLD, "a feature active on more than this "
                                       "fraction of tokens counts as dense")
 
