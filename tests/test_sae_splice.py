@@ -117,6 +117,11 @@ def test_an_inner_hook_changes_the_output_by_what_it_changed(model, ids):
     want = x - acts[..., j, None] * sae.params["W_dec"][j]
     assert_close(cache[HOOK], want, ATOL, "the activation less feature j")
     assert (np.asarray(cache[f"{HOOK}.hook_sae_acts_post"])[..., j] == 0).all()
+    # The error term is a hook point too: zeroed, the output is the SAE's reconstruction.
+    _, cache = run_with_cache_with_saes(
+        params, cfg, ids, sae, use_error_term=True, names=[HOOK],
+        hooks=[(f"{HOOK}.hook_sae_error", lambda e, name: e * 0)])
+    assert_close(cache[HOOK], decode(sae, acts, x), ATOL, "the reconstruction alone")
 
 
 def test_every_inner_point_is_cached_under_saelens_names(model, ids):

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     print(_table(metrics))
     if out is not None:
         report = {"sae": str(args.sae), "hook_name": hook, "model": desc, "data": source,
-                  "eval_config": {**ec.__dict__, "exclude": list(exclude)},
+                  "eval_config": {**ec.__dict__, "hook_name": hook, "context_size":
+                                  int(batches.shape[2]), "exclude": list(exclude)},
                   "metrics": metrics, "feature_metrics": {
                       k: [None if math.isnan(v) else float(v) for v in vals]
                       for k, vals in features.items()}}
