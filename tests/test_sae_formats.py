@@ -194,6 +194,7 @@ def test_save_refuses_an_existing_folder_unless_told(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_sae(sae, tmp_path / "sae")
     other = M.init_sae(M.SAEConfig("topk", 4, 8, k=2), 0)
+    (tmp_path / "sae" / "sparsity.safetensors").write_bytes(b"")  # sae-lens's checkpoints add it
     save_sae(other, tmp_path / "sae", overwrite=True)
     assert load_sae(tmp_path / "sae").cfg.architecture == "topk"
     (tmp_path / "mine").mkdir()
@@ -213,6 +214,21 @@ def test_an_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_sae(M.init_sae(M.SAEConfig("standard", 4, 8), 0), tmp_path / "sae")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_removes_the_temporary_a_killed_save_left(tmp_path):
+    import subprocess
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+    stale = tmp_path / f".sae.tmp-{dead}-0123abcd"
+    stale.mkdir()
+    (stale / "cfg.json").write_text("{}")
+    foreign = tmp_path / f".sae.tmp-{dead}-4567abcd"  # a name that fits, content that does not
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    save_sae(M.init_sae(M.SAEConfig("standard", 4, 8), 0), tmp_path / "sae")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name, "sae"]
 
 
 def test_save_refuses_metadata_naming_another_hook(tmp_path):

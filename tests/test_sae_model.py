@@ -162,7 +162,7 @@ def test_fold_W_dec_norm_matches_saelens_and_keeps_the_forward(case):
             M.fold_W_dec_norm(sae)
         return
     folded = M.fold_W_dec_norm(sae)
-    for name, got in folded.params.items():
+    for name, got in {**folded.params, **folded.state}.items():
         want = e[f"fold_W_dec_norm/{name}"]
         assert_close(got, want, tol(want), f"{case} folded {name}")
     np.testing.assert_allclose(np.linalg.norm(folded.params["W_dec"], axis=-1), 1.0,
@@ -247,6 +247,29 @@ def test_aux_loss_is_zero_without_dead_features():
         assert float(out.losses["auxiliary_reconstruction_loss"]) == 0.0
     out = M.training_forward(sae, x, jnp.arange(16) < 5)
     assert float(out.losses["auxiliary_reconstruction_loss"]) > 0.0
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_aux_loss_with_fewer_dead_features_than_k_aux(rescale):
+    """Two dead features, fewer than d_in // 2 = 4: both reconstruct the residual, the loss
+    scaled by 2 / 4 (the recorded cases have more dead features than k_aux)."""
+    cfg = M.SAEConfig("topk", 8, 16, k=3, rescale_acts_by_decoder_norm=rescale,
+                      aux_loss_coefficient=0.5)
+    sae = M.init_sae(cfg, 0)
+    rows = jnp.arange(1.0, 17.0)[:, None]  # decoder norms that differ, so rescaling shows
+    sae = sae.replace(params={**sae.params, "W_dec": sae.params["W_dec"] * rows})
+    x = jax.random.normal(jax.random.key(5), (4, 8))
+    dead = jnp.zeros(16, bool).at[jnp.array([3, 11])].set(True)
+    out = M.training_forward(sae, x, dead)
+    h = np.asarray(out.hidden_pre, np.float64)
+    W_dec = np.asarray(sae.params["W_dec"], np.float64)
+    if rescale:
+        W_dec = W_dec / np.linalg.norm(W_dec, axis=-1, keepdims=True)
+    recons = h[:, [3, 11]] @ W_dec[[3, 11]]
+    residual = np.asarray(x, np.float64) - np.asarray(out.sae_out, np.float64)
+    want = 0.5 * (2 / 4) * ((recons - residual) ** 2).sum(-1).mean()
+    got = out.losses["auxiliary_reconstruction_loss"]
+    assert_close(got, want, 1e-5 * want, "aux loss")  # float32 against float64: a few ulps
 
 
 def test_aux_loss_refuses_run_time_normalisation():
