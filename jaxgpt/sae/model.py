@@ -16,8 +16,9 @@ The four architectures sae-lens trains:
 - batchtopk: the `k * N` largest activations over a batch of N rows (k on average per row),
   with a threshold learned along the way (`state["topk_threshold"]`); it is used and saved as
   a jumprelu SAE with that threshold (`to_inference`);
-- jumprelu: `h * (h > threshold)`, trained through straight-through estimates of the step's
-  gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty.
+- jumprelu: `ReLU(h) * (h > threshold)`, trained through straight-through estimates of the
+  step's gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty, the
+  threshold kept `>= 0` (`project_threshold`).
 
 Where `x' = x - b_dec` when `apply_b_dec_to_input`. Shapes: `x [..., d_in]`, activations
 `[..., d_sae]`.
