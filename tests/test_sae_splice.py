@@ -198,7 +198,10 @@ def test_a_hook_z_sae_reads_the_heads_flattened(model, ids):
 
 
 # --- every path ----------------------------------------------------------------------------
+# Slow, as tests/test_hook_points.py's tests of every path are: each compiles a generation
+# loop, a sweep or a train step for the splice (and one without, to compare).
 
+@pytest.mark.slow
 def test_generate_runs_the_splice_in_cached_and_uncached_decoding(model):
     cfg, params = model
     prompt = jnp.asarray([[5, 17, 42, 3]], jnp.int32)
@@ -214,6 +217,7 @@ def test_generate_runs_the_splice_in_cached_and_uncached_decoding(model):
     assert np.array_equal(np.asarray(generate(params, cfg, prompt, 8, hooks=error)), plain)
 
 
+@pytest.mark.slow
 def test_a_patching_sweep_runs_on_the_spliced_model(model, rng):
     cfg, params = model
     clean_ids = rng.integers(0, 100, 8).astype(np.int32)
@@ -236,6 +240,7 @@ def test_a_patching_sweep_runs_on_the_spliced_model(model, rng):
     assert np.abs(np.asarray(fast - plain)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_the_train_step_trains_through_the_splice(model, rng):
     cfg, params = model
     tc = TrainConfig(steps=2, batch_size=2, seq_len=8, lr=1e-3, grad_clip=None)
