@@ -67,9 +67,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
                                        "jumprelu_ste_to_input": True, "jumprelu_bandwidth": 0.4,
                                        "jumprelu_tanh_scale": 2.0,
                                        "normalize_activations": "constant_norm_rescale"}),
-    "jumprelu_quadratic": ("jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic",
-                                        "target_l0": 6.0, "jumprelu_bandwidth": 0.5,
-                                        "apply_b_dec_to_input": False}),
+    "jumprelu_quadratic_ste": ("jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic",
+                                            "target_l0": 6.0, "jumprelu_bandwidth": 0.5,
+                                            "jumprelu_ste_to_input": True,
+                                            "apply_b_dec_to_input": False}),
 }
 COEFFICIENT = 0.7  # the sparsity coefficient of the recorded pass (standard's l1, jumprelu's l0)
 SCALING_FACTOR = 2.5  # fold_activation_norm_scaling_factor's
@@ -259,6 +260,11 @@ def main() -> None:
     if args.write_jaxgpt:
         write_jaxgpt_folders(args.write_jaxgpt)
         return
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # sae-lens's inference cfg.json lists its fields in a set's order: fix the hash seed
+        # so that a rerun writes the same bytes.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "PYTHONHASHSEED": "0"})
     import sae_lens
     import torch
 

@@ -16,8 +16,9 @@ The four architectures sae-lens trains:
 - batchtopk: the `k * N` largest activations over a batch of N rows (k on average per row),
   with a threshold learned along the way (`state["topk_threshold"]`); it is used and saved as
   a jumprelu SAE with that threshold (`to_inference`);
-- jumprelu: `h * (h > threshold)`, trained through straight-through estimates of the step's
-  gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty.
+- jumprelu: `ReLU(h) * (h > threshold)`, trained through straight-through estimates of the
+  step's gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty, the
+  threshold kept `>= 0` (`project_threshold`).
 
 Where `x' = x - b_dec` when `apply_b_dec_to_input`. Shapes: `x [..., d_in]`, activations
 `[..., d_sae]`.
@@ -333,17 +334,28 @@ def _times_W_dec(sae: SAE, acts: jax.Array) -> jax.Array:
     return acts @ sae.params["W_dec"]
 
 
+def decode_linear(sae: SAE, acts: jax.Array) -> jax.Array:
+    """`acts @ W_dec + b_dec` `[..., d_in]`: the reconstruction before a run-time
+    normalisation is undone (sae-lens's `hook_sae_recons`)."""
+    return _times_W_dec(sae, acts) + sae.params["b_dec"]
+
+
+def denormalize(sae: SAE, out: jax.Array, x: jax.Array | None) -> jax.Array:
+    """`out` `[..., d_in]` with the run-time normalisation (`constant_norm_rescale`,
+    `layer_norm`) of the input `x` undone; `out` as it is for the other SAEs."""
+    if sae.cfg.normalize_activations not in ("constant_norm_rescale", "layer_norm"):
+        return out
+    if x is None:
+        raise ValueError(f"decode needs the input x to undo the SAE's "
+                         f"{sae.cfg.normalize_activations} normalisation")
+    return _norm_out(sae.cfg, x.astype(sae.cfg.dtype), out)
+
+
 def decode(sae: SAE, acts: jax.Array, x: jax.Array | None = None) -> jax.Array:
     """The reconstruction `[..., d_in]` of feature activations `acts`. `x`, the input they
     came from, is needed only to undo a run-time normalisation (`constant_norm_rescale`,
     `layer_norm`)."""
-    out = _times_W_dec(sae, acts) + sae.params["b_dec"]
-    if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-        if x is None:
-            raise ValueError(f"decode needs the input x to undo the SAE's "
-                             f"{sae.cfg.normalize_activations} normalisation")
-        out = _norm_out(sae.cfg, x.astype(sae.cfg.dtype), out)
-    return out
+    return denormalize(sae, decode_linear(sae, acts), x)
 
 
 def forward(sae: SAE, x: jax.Array) -> jax.Array:
