@@ -22,7 +22,7 @@ from jaxgpt.cli import sae_features as features_command
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.nn.model import init_params
 from jaxgpt.sae import features
-from jaxgpt.sae.features import FeaturesConfig, feature_stats, features_page, hook_site
+from jaxgpt.sae.features import FeaturesConfig, feature_stats, features_page, stop_layer
 from jaxgpt.sae.formats import save_sae
 from jaxgpt.sae.model import SAEConfig, init_sae
 from jaxgpt.tokenizer import EOT_ID, get_tokenizer
@@ -302,19 +302,16 @@ def _utf8(raw):
         return False
 
 
-def test_hook_site_finds_the_width_and_the_layer_or_refuses_in_one_line():
-    assert hook_site(CFG, "blocks.1.hook_resid_post", 32) == (2, 32)
-    assert hook_site(CFG, "blocks.0.attn.hook_z") == (1, 32)
-    assert hook_site(CFG, "blocks.0.mlp.hook_post") == (1, 128)
-    assert hook_site(CFG, "hook_embed") == (0, 32)
-    assert hook_site(CFG, "ln_final.hook_normalized") == (None, 32)
-    with pytest.raises(ValueError, match=r"'blocks.1.hook_resid_post'$"):
-        hook_site(CFG, "blocks.1.hook_resid_pots")
-    with pytest.raises(ValueError, match="not one vector per token"):
-        hook_site(CFG, "blocks.0.attn.hook_pattern")
-    with pytest.raises(ValueError, match="d_in is 64, but hook 'blocks.0.hook_mlp_out' holds "
-                                         "vectors of 32"):
-        hook_site(CFG, "blocks.0.hook_mlp_out", 64)
+def test_the_hook_point_is_checked_and_reached():
+    sae_cfg = SAEConfig("standard", 32, 8, hook_name="blocks.1.hook_resid_pots")
+    with pytest.raises(ValueError, match=r"the closest is 'blocks.1.hook_resid_post'$"):
+        FeaturesConfig().check(sae_cfg, CFG)
+    with pytest.raises(ValueError, match="attention weights over the keys"):
+        FeaturesConfig(hook_name="blocks.0.attn.hook_pattern").check(sae_cfg, CFG)
+    with pytest.raises(ValueError, match="d_in is 32, but blocks.0.mlp.hook_post has 128"):
+        FeaturesConfig(hook_name="blocks.0.mlp.hook_post").check(sae_cfg, CFG)
+    assert [stop_layer(n) for n in ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z",
+                                    "hook_embed", "ln_final.hook_normalized")] == [2, 1, 0, None]
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -399,10 +396,10 @@ def test_the_command_refuses_bad_input_in_one_line(tiny_cli, tmp_path, capsys):
     (model_dir / "config.json").write_text("{}")
     cases = [
         (["--hook", "blocks.0.hook_resid_pots"],
-         "hook 'blocks.0.hook_resid_pots' is not a hook point of this model; the closest is "
-         "'blocks.0.hook_resid_post'"),
+         r"'blocks.0.hook_resid_pots' is not a hook point of this model \(2 layers\); the "
+         "closest is 'blocks.0.hook_resid_post'"),
         (["--hook", "blocks.0.mlp.hook_post"],
-         "the SAE's d_in is 32, but hook 'blocks.0.mlp.hook_post' holds vectors of 128"),
+         "the SAE's d_in is 32, but blocks.0.mlp.hook_post has 128 values per token"),
         (["--sae", str(model_dir)], "is not an sae-lens SAE folder"),
         (["--sae", write_folder(tmp_path, "gated", "gated")],
          "architecture 'gated' is not one jaxgpt reads"),

@@ -31,7 +31,6 @@ Shapes: N windows, T tokens per window, F features kept, n contexts, W tokens sh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import html
 import math
@@ -49,10 +48,7 @@ import numpy as np
 
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.sae.model import SAE, SAEConfig, decoder_norms, encode
-
-# The leading axes (`jaxgpt.nn.hooks.Point.shape`) of a hook point an SAE can read: one vector
-# per token, the axes after them flattened (hook_z's heads: H * Dh, as sae-lens reads hook_z).
-_PER_TOKEN = "B T"
+from jaxgpt.sae.splice import check_hook
 
 
 def setting(default: Any, help: str, none: str | None = None) -> Any:
@@ -110,9 +106,10 @@ class FeaturesConfig:
             object.__setattr__(self, "features", tuple(int(f) for f in feats))  # frozen
 
     def check(self, sae_cfg: SAEConfig, cfg: GPTConfig) -> FeaturesConfig:
-        """This config, if it fits the SAE and the model; ConfigError (or ValueError naming
-        the hook) if not."""
-        hook_site(cfg, self.resolve_hook(sae_cfg), sae_cfg.d_in)
+        """This config, if it fits the SAE and the model; ConfigError (or the ValueError of
+        `jaxgpt.sae.splice.check_hook`: no such hook point, the closest named, or d_in not its
+        width) if not."""
+        check_hook(cfg, self.resolve_hook(sae_cfg), sae_cfg.d_in)
         if self.features is not None and max(self.features) >= sae_cfg.d_sae:
             raise _fail("features", f"must be below the SAE's d_sae {sae_cfg.d_sae}",
                         max(self.features))
@@ -142,33 +139,12 @@ def _at_least(fc: FeaturesConfig, name: str, low: int) -> None:
         raise _fail(name, f"must be an int >= {low}", v)
 
 
-def hook_site(cfg: GPTConfig, name: str, d_in: int | None = None) -> tuple[int | None, int]:
-    """Where an SAE reading the hook point `name` of `GPTModel(cfg)` gets its input:
-    `(stop_at_layer, width)`, width the size of one token's vector (hook_z's heads flattened).
-
-    ValueError in one line, before anything runs: a name the model does not have (with the
-    closest one), an activation that is not one vector per token (attention patterns), or a
-    width other than `d_in`."""
-    from jaxgpt.nn.hooks import hook_points
-
-    points = dict(hook_points(cfg))
-    if name not in points:
-        close = difflib.get_close_matches(name, list(points), n=1, cutoff=0.0)
-        raise ValueError(f"hook {name!r} is not a hook point of this model; the closest is "
-                         f"{close[0]!r}")
-    shape = points[name].shape
-    if not shape.startswith(_PER_TOKEN) or "S" in shape.split():
-        raise ValueError(f"hook {name!r} holds {shape} activations, not one vector per token; "
-                         f"an SAE reads a point such as 'blocks.0.hook_resid_post'")
-    sizes = {"D": cfg.emb_dim, "4D": 4 * cfg.emb_dim, "H": cfg.n_heads, "Dh": cfg.head_dim,
-             "1": 1}
-    width = math.prod(sizes[axis] for axis in shape.split()[2:])
-    if d_in is not None and d_in != width:
-        raise ValueError(f"the SAE's d_in is {d_in}, but hook {name!r} holds vectors of "
-                         f"{width} ({shape[4:]}) in this model")
-    layer = name.split(".")[1] if name.startswith("blocks.") else None
-    stop = int(layer) + 1 if layer is not None else (0 if name.startswith("hook_") else None)
-    return stop, width
+def stop_layer(name: str) -> int | None:
+    """The `stop_at_layer` that reaches the hook point `name`: one past its block (0 for the
+    embeddings' points; None, the whole model, for `ln_final`'s)."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return 0 if name.startswith("hook_") else None
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -255,7 +231,7 @@ def _start(f: int, n: int, w: int, bins: int) -> _Running:
 def _histogram(run: _Running, acts: jax.Array, new_max: jax.Array, bins: int) -> tuple:
     """`(exponent, hist)` after a batch of activations `acts [N, F]`: the range raised to the
     power of two above `new_max` (old bins merged in pairs, as often as it doubled), then the
-    batch's non-zero activations counted. Powers of two make `acts / width` exact, so a value on
+    batch's positive activations counted. Powers of two make `acts / width` exact, so a value on
     an edge falls in the bin it starts, as in `np.histogram`."""
     _, top = jnp.frexp(new_max)  # new_max = m * 2**top with m in [0.5, 1): 2**top > new_max
     exponent = jnp.where(new_max > 0, top, 0).astype(jnp.int32)
@@ -350,13 +326,14 @@ def feature_activations(params: Any, cfg: GPTConfig, sae: SAE, windows: np.ndarr
     from jaxgpt.interp.cache import run_with_cache
 
     hook = fc.resolve_hook(sae.cfg)
-    stop, width = hook_site(cfg, hook, sae.cfg.d_in)
+    check_hook(cfg, hook, sae.cfg.d_in)
     columns = None if fc.features is None else jnp.asarray(fc.features, jnp.int32)
     for start in range(0, len(windows), fc.batch_size):
         batch = windows[start:start + fc.batch_size]
-        _, cache = run_with_cache(params, cfg, batch, names=[hook], stop_at_layer=stop)
-        yield (start, *_encode(sae, cache[hook], jnp.asarray(batch), columns, width=width,
-                               skip_first=fc.prepend_bos))
+        _, cache = run_with_cache(params, cfg, batch, names=[hook],
+                                  stop_at_layer=stop_layer(hook))
+        yield (start, *_encode(sae, cache[hook], jnp.asarray(batch), columns,
+                               width=sae.cfg.d_in, skip_first=fc.prepend_bos))
 
 
 def feature_stats(params: Any, cfg: GPTConfig, sae: SAE, tokens: Any,
