@@ -61,7 +61,7 @@ def test_the_layout_names_every_module():
     # A folder's __init__.py says what the folder holds; the table lists the modules.
     faces = {p for p in package if p.endswith("/__init__.py") and p != "jaxgpt/__init__.py"}
     assert named - package == set(), "the layout names modules that do not exist"
-    assert package - faces - named == set(), "modules missing from the layout in docs/development.md"
+    assert package - faces - named == set(), "modules missing from docs/development.md"
 
 
 def test_readme_is_a_door():

@@ -4,7 +4,6 @@ environment), and `jaxgpt sae eval` says it or refuses in one line."""
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -34,18 +33,10 @@ def gpt2():
 
 
 def fixture_sae(name, tmp_path_factory):
-    """The fixture SAE `name` as `load_sae` reads it. sae-lens marks its hook_z SAE
-    `reshape_activations: hook_z` (the heads flattened, which jaxgpt's splice and evals do by
-    the activation's shape), which `load_sae` refuses: that one is read as 'none'."""
-    folder = DATA / name
-    if name == "hook_z":
-        copy = tmp_path_factory.mktemp("hook_z") / "sae"
-        shutil.copytree(folder, copy)
-        raw = json.loads((copy / "cfg.json").read_text())
-        raw["reshape_activations"] = "none"
-        (copy / "cfg.json").write_text(json.dumps(raw))
-        folder = copy
-    return load_sae(folder)
+    """The fixture SAE `name` (sae-lens marks its hook_z SAE `reshape_activations: hook_z`)."""
+    sae = load_sae(DATA / name)
+    assert sae.cfg.reshape_activations == ("hook_z" if name == "hook_z" else "none")
+    return sae
 
 
 def tokens():

@@ -270,7 +270,7 @@ BAD_SAE = {
     "bad json": (lambda f: (f / "cfg.json").write_text("{"), "not readable JSON"),
     "a list": (lambda f: (f / "cfg.json").write_text("[]"), "holds a list"),
     "gated": (_edit_cfg(architecture="gated"), "architecture 'gated' is not one jaxgpt reads"),
-    "hook_z": (_edit_cfg(reshape_activations="hook_z"), "reshape_activations='hook_z'"),
+    "reshape": (_edit_cfg(reshape_activations="hook_q"), "reshape_activations='hook_q'"),
     "whitening": (_edit_cfg(normalize_activations="covariance_whitening"),
                   "normalize_activations"),
     "no d_sae": (lambda f: _edit_cfg()(f) or (f / "cfg.json").write_text(json.dumps(
@@ -309,3 +309,15 @@ def test_a_pre_6_config_is_read_as_saelens_reads_it():
                                     "normalize_activations": False})
     assert (cfg.architecture, cfg.k, cfg.hook_name) == ("topk", 4, "blocks.0.hook_mlp_out")
     assert cfg.normalize_activations == "none" and cfg.apply_b_dec_to_input
+
+
+def test_a_hook_z_folder_keeps_its_reshape_both_ways(tmp_path):
+    """sae-lens marks SAEs on attention heads' hook_z `reshape_activations: hook_z`: read, and
+    written back as it was."""
+    src = tmp_path / "src"
+    save_sae(load_sae(DATA / "jumprelu" / "inference"), src)
+    _edit_cfg(reshape_activations="hook_z")(src)
+    sae = load_sae(src)
+    assert sae.cfg.reshape_activations == "hook_z"
+    save_sae(sae, tmp_path / "out")
+    assert read_cfg(tmp_path / "out")["reshape_activations"] == "hook_z"

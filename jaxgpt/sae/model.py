@@ -79,6 +79,9 @@ class SAEConfig:
     target_l0: float | None = None
     # Where it reads (a hook point name); sae-lens keeps it in `metadata.hook_name`.
     hook_name: str | None = None
+    # "hook_z": it reads attention heads' `[..., H, Dh]` flattened to `[..., H * Dh]` (encode
+    # takes the flattened rows; `jaxgpt.sae.splice` flattens a hook_z point whatever this says).
+    reshape_activations: str = "none"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -88,6 +91,9 @@ class SAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+        if self.reshape_activations not in ("none", "hook_z"):
+            raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got "
+                             f"{self.reshape_activations!r}")
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got "
                              f"{self.normalize_activations!r}")
