@@ -17,6 +17,7 @@ Shapes: N rows (tokens), F d_sae features, d d_in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,15 @@ import optax
 from flax import struct
 
 from jaxgpt import sharding
-from jaxgpt.sae.model import SAE, SAEConfig, init_sae, training_forward, update_topk_threshold
+from jaxgpt.sae.model import (
+    SAE,
+    SAEConfig,
+    forward,
+    init_sae,
+    process_sae_in,
+    training_forward,
+    update_topk_threshold,
+)
 from jaxgpt.sae.train_config import SAETrainConfig, coefficient_at, lr_at
 
 # torch's Adam epsilon, which sae-lens leaves at its default.
@@ -75,7 +84,7 @@ def sae_input(acts: Acts, cfg: SAEConfig) -> jax.Array:
     """The rows SAE `cfg` trains on: `acts[cfg.hook_name]`, or `acts` itself if an array."""
     if not isinstance(acts, Mapping):
         return acts
-    if cfg.hook_name not in acts:
+    if cfg.hook_name is None or cfg.hook_name not in acts:
         raise ValueError(f"no activations for the SAE on {cfg.hook_name!r}: the batch holds "
                          f"{', '.join(map(str, acts))}")
     return acts[cfg.hook_name]
@@ -179,3 +188,70 @@ def make_sae_step(tc: SAETrainConfig, mesh: jax.sharding.Mesh | None = None
     rep = sharding.replicated(mesh)
     return jax.jit(step_fn, donate_argnums=0, in_shardings=(rep, sharding.batch_sharding(mesh)),
                    out_shardings=(rep, rep))
+
+
+# --- resampling ----------------------------------------------------------------------------
+
+# Anthropic's factor: a resampled encoder row is the input at 0.2 x the alive rows' mean norm.
+RESAMPLE_ENCODER_SCALE = 0.2
+_ERROR_CHUNK = 4096  # rows whose reconstruction is computed at once while resampling
+
+
+def _row_errors(sae: SAE, x: jax.Array) -> jax.Array:
+    """`|forward(x) - x|^2` of each row of `x [R, d]`, `_ERROR_CHUNK` rows at a time."""
+    r = x.shape[0]
+    chunk = min(_ERROR_CHUNK, r)
+    pad = -r % chunk
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[-1])
+    errs = jax.lax.map(lambda c: jnp.square(forward(sae, c) - c.astype(sae.cfg.dtype)).sum(-1),
+                       xs)
+    return errs.reshape(-1)[:r].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("tc",), donate_argnums=(0, 1, 2))
+def resample_dead(sae: SAE, opt_state: Any, since_fired: jax.Array, x: jax.Array,
+                  scaling: jax.Array, key: jax.Array, tc: SAETrainConfig
+                  ) -> tuple[SAE, Any, jax.Array, jax.Array]:
+    """Anthropic's resampling (Towards Monosemanticity, 2023) of the features dead for more
+    than `dead_feature_window` steps: `(sae, opt_state, since_fired, how many)`.
+
+    Each dead feature gets an input row drawn from `x [R, d]` (times `scaling`) with
+    probability proportional to the square of the SAE's squared error on it; its decoder row
+    becomes that input as the encoder sees it (`x - b_dec`), normalised to the alive
+    features' mean decoder norm (Anthropic's decoder rows all have norm 1; sae-lens's are free
+    and its L1 penalty is weighted by them), its encoder column the same direction at 0.2 times
+    the alive features' mean encoder norm, its encoder bias 0, and Adam's moments of all three
+    0. Their counters restart.
+    """
+    x = x * scaling
+    dead = since_fired > tc.dead_feature_window
+    err = _row_errors(sae, x)
+    logits = jnp.where(err > 0, 2 * jnp.log(jnp.maximum(err, 1e-30)), -jnp.inf)
+    logits = jnp.where(jnp.isfinite(logits).any(), logits, 0.0)  # all exact: uniform
+    rows = jax.random.categorical(key, logits, shape=(sae.cfg.d_sae,))
+    v = process_sae_in(sae, x[rows]).astype(jnp.float32)  # [F, d]
+    u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+    alive = ~dead
+    p = sae.params
+
+    def alive_mean(norms: jax.Array) -> jax.Array:
+        return jnp.where(alive.any(), (norms * alive).sum() / jnp.maximum(alive.sum(), 1),
+                         norms.mean())
+
+    dec = alive_mean(jnp.linalg.norm(p["W_dec"], axis=-1))
+    enc = alive_mean(jnp.linalg.norm(p["W_enc"], axis=0)) * RESAMPLE_ENCODER_SCALE
+    new = dict(p)
+    new["W_dec"] = jnp.where(dead[:, None], (u * dec).astype(p["W_dec"].dtype), p["W_dec"])
+    new["W_enc"] = jnp.where(dead[None, :], (u * enc).T.astype(p["W_enc"].dtype), p["W_enc"])
+    new["b_enc"] = jnp.where(dead, 0, p["b_enc"])
+
+    def reset(moments: dict) -> dict:
+        out = dict(moments)
+        out["W_dec"] = jnp.where(dead[:, None], 0, moments["W_dec"])
+        out["W_enc"] = jnp.where(dead[None, :], 0, moments["W_enc"])
+        out["b_enc"] = jnp.where(dead, 0, moments["b_enc"])
+        return out
+
+    opt_state = opt_state._replace(mu=reset(opt_state.mu), nu=reset(opt_state.nu))
+    since_fired = jnp.where(dead, 0, since_fired)
+    return sae.replace(params=new), opt_state, since_fired, dead.sum()

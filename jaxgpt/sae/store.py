@@ -243,12 +243,12 @@ class ActivationStore:
         windows = self.buffer_windows_of(epoch, buffer)
         ids = np.zeros((self.chunks * self.prompts, self.tc.context_size), np.int32)
         ids[:len(windows)] = self.window_tokens(windows)  # the padding rows are never served
-        ids = ids.reshape(self.chunks, self.prompts, -1)
+        chunked: Any = ids.reshape(self.chunks, self.prompts, -1)
         self._buffers = {}  # the old buffer goes before the new one is made
         if self.mesh is not None:
             spec = jax.sharding.PartitionSpec(None, sharding.DATA)
-            ids = jax.device_put(ids, jax.sharding.NamedSharding(self.mesh, spec))
-        self._buffers = buffer_forward(self.params, jnp.asarray(ids), model=self.model,
+            chunked = jax.device_put(chunked, jax.sharding.NamedSharding(self.mesh, spec))
+        self._buffers = buffer_forward(self.params, jnp.asarray(chunked), model=self.model,
                                        names=self.names, stop=self.stop)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.tc.seed), epoch), buffer)
         self._perm = _permutation(key, rows=len(windows) * self.tc.context_size)
