@@ -18,6 +18,7 @@ Shapes: N rows (tokens), F d_sae features, d d_in.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -60,14 +61,19 @@ def optimizer(tc: SAETrainConfig) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=tc.adam_beta1, b2=tc.adam_beta2, eps=ADAM_EPS)
 
 
+def init_key(cfg: SAEConfig, tc: SAETrainConfig) -> jax.Array:
+    """The key an SAE of `cfg` is initialised with: `tc.seed` and the config itself, so an SAE
+    starts the same whichever others train beside it."""
+    return jax.random.fold_in(jax.random.key(tc.seed), zlib.crc32(repr(cfg).encode()) >> 1)
+
+
 def init_sae_state(sae_cfgs: Sequence[SAEConfig], tc: SAETrainConfig,
                    saes: Sequence[SAE] | None = None,
                    scaling: Sequence[float] | None = None) -> SAETrainState:
-    """Step 0: SAE i initialised as sae-lens does with key `fold_in(key(tc.seed), i)` (or
-    `saes`, copied: the step donates the state), fresh Adam moments, no feature dead."""
+    """Step 0: each SAE initialised as sae-lens does with `init_key(cfg, tc)` (or `saes`,
+    copied: the step donates the state), fresh Adam moments, no feature dead."""
     if saes is None:
-        base = jax.random.key(tc.seed)
-        saes = [init_sae(cfg, jax.random.fold_in(base, i)) for i, cfg in enumerate(sae_cfgs)]
+        saes = [init_sae(cfg, init_key(cfg, tc)) for cfg in sae_cfgs]
     else:
         saes = [jax.tree_util.tree_map(jnp.array, s) for s in saes]
     if len(saes) != len(sae_cfgs):
