@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxgpt.cli import sae_eval, sae_features
+from jaxgpt.cli import sae_eval, sae_features, sae_train
 
 
 def add(sub: Any) -> None:
@@ -16,3 +16,4 @@ def add(sub: Any) -> None:
     commands = p.add_subparsers(dest="sae_command", required=True)
     sae_eval.add(commands)
     sae_features.add(commands)
+    sae_train.add(commands)
