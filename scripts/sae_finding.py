@@ -40,12 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.cache import run_with_cache
+from jaxgpt.nn.model import init_params
 from jaxgpt.sae import model as sae_model
+from jaxgpt.sae.features import FeaturesConfig, feature_stats, write_features_page
 from jaxgpt.sae.model import SAE, SAEConfig
+from jaxgpt.sae.train_config import SAETrainConfig
+from jaxgpt.sae.training import train_saes
 from jaxgpt.tokenizer import get_tokenizer
 from jaxgpt.training import data
 from jaxgpt.training.config import TrainConfig
@@ -54,6 +57,7 @@ from jaxgpt.training.loop import run_steps
 from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
 UNITS = ("SAE features", "MLP neurons", "random directions")
+PAGE_FEATURES = 30  # features on the page: the first scored ones, by index
 MEASURES = ("one token", "one word", "one previous token")
 
 
@@ -74,15 +78,15 @@ class Recipe:
     sae_steps: int = 3000
     sae_batch: int = 512
     sae_lr: float = 3e-4
-    # A feature that has not fired on this many activations counts as dead (the aux loss).
-    dead_after: int = 50_000
+    # A feature that has not fired for this many steps is dead (TopK's auxiliary loss).
+    dead_window: int = 100
     holdout: float = 0.2  # the tail of the text the measure reads
     top: int = 20
     purity: float = 0.8
     seed: int = 1
 
 
-QUICK = Recipe(layers=2, emb=64, heads=4, seq=64, gpt_steps=150, layer=0, d_sae=256, k=8,
+QUICK = Recipe(layers=2, emb=64, heads=4, seq=64, gpt_steps=300, layer=1, d_sae=256, k=8,
                sae_steps=800, sae_batch=256)
 
 
@@ -141,39 +145,24 @@ def activations(params: Any, cfg: GPTConfig, inputs: np.ndarray, names: list[str
 
 # --- the SAE ---------------------------------------------------------------------------------
 
-def train_sae(acts: np.ndarray, r: Recipe, hook: str) -> SAE:
-    """A TopK SAE trained on the rows of `acts [N, d_in]` (Adam, random batches, the dead
-    features' auxiliary loss), as sae-lens trains one; returned as for inference."""
-    cfg = SAEConfig("topk", d_in=acts.shape[1], d_sae=r.d_sae, k=r.k,
-                    rescale_acts_by_decoder_norm=True, hook_name=hook)
-    sae = sae_model.init_sae(cfg, jax.random.key(r.seed))
-    opt = optax.adam(r.sae_lr)
+def train_sae(params: Any, cfg: GPTConfig, train: np.ndarray, r: Recipe, hook: str) -> SAE:
+    """A TopK SAE trained on the GPT's activations at `hook` over `train` with
+    `jaxgpt.sae.training.train_saes` (sae-lens's defaults but the sizes); for inference."""
+    sae_cfg = SAEConfig("topk", d_in=cfg.emb_dim, d_sae=r.d_sae, k=r.k,
+                        rescale_acts_by_decoder_norm=True, hook_name=hook)
+    tc = SAETrainConfig(training_tokens=r.sae_steps * r.sae_batch,
+                        train_batch_size_tokens=r.sae_batch, context_size=r.seq, lr=r.sae_lr,
+                        dead_feature_window=r.dead_window, seed=r.seed,
+                        log_every=max(r.sae_steps // 4, 1), save_every=r.sae_steps)
+    t0 = time.time()
 
-    @jax.jit
-    def step(sae: SAE, opt_state: Any, x: jax.Array,
-             dead: jax.Array) -> tuple[SAE, Any, dict, jax.Array]:
-        def loss(params: dict) -> tuple[jax.Array, sae_model.TrainOutput]:
-            out = sae_model.training_forward(sae.replace(params=params), x, dead)
-            return out.loss, out
+    def report(records: list[dict]) -> None:
+        for rec in records:
+            print(f"SAE step {rec['step']}: explained variance {rec['explained_variance']:.3f}, "
+                  f"L0 {rec['l0']:.1f}, dead {rec['dead_features']} of {r.d_sae} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
 
-        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(sae.params)
-        updates, opt_state = opt.update(grads, opt_state, sae.params)
-        params = optax.apply_updates(sae.params, updates)
-        return sae.replace(params=params), opt_state, out.losses, (out.feature_acts > 0).any(0)
-
-    rng, opt_state = np.random.default_rng(r.seed), opt.init(sae.params)
-    since = np.zeros(r.d_sae, np.int64)  # activations since each feature last fired
-    variance = float(np.square(acts - acts.mean(0)).sum(-1).mean())
-    t0, every = time.time(), max(r.sae_steps // 4, 1)
-    for i in range(1, r.sae_steps + 1):
-        x = jnp.asarray(acts[rng.integers(0, len(acts), r.sae_batch)])
-        sae, opt_state, losses, fired = step(sae, opt_state, x, jnp.asarray(since > r.dead_after))
-        since = np.where(np.asarray(fired), 0, since + r.sae_batch)
-        if i % every == 0 or i == r.sae_steps:
-            print(f"SAE step {i}: fraction of variance unexplained "
-                  f"{float(losses['mse_loss']) / variance:.3f}, dead "
-                  f"{int((since > r.dead_after).sum())} of {r.d_sae} ({time.time() - t0:.0f} s)",
-                  flush=True)
+    [sae] = train_saes(params, cfg, train, [sae_cfg], tc, progress=False, on_log=report)
     return sae_model.to_inference(sae)
 
 
@@ -240,6 +229,15 @@ def shares(units: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     return table
 
 
+def verdicts(acts: np.ndarray, labels: dict[str, np.ndarray],
+             r: Recipe) -> list[dict[str, Any]]:
+    """Per scored unit of `acts [N, U]`, by index: its index and, per measure, its purity."""
+    positions, scored = top_positions(acts, r.top)
+    pure = {m: purity(lbl, positions) for m, lbl in labels.items()}
+    return [{"feature": int(u), **{m: float(pure[m][u]) for m in labels}}
+            for u in np.flatnonzero(scored)]
+
+
 def word_ids(vocab: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Each token of `vocab [V]` (GPT-2 ids) as a word: an id shared by the tokens equal once
     whitespace and case are dropped (`[V]`); and the tokens' strings."""
@@ -247,6 +245,29 @@ def word_ids(vocab: np.ndarray) -> tuple[np.ndarray, list[str]]:
     strings = [tokenizer.decode([int(t)]) for t in vocab]
     _, words = np.unique([s.strip().lower() for s in strings], return_inverse=True)
     return words.astype(np.int64), strings
+
+
+class CorpusTokens:
+    """The corpus's own vocabulary as the features page reads a tokenizer: each id's GPT-2
+    token bytes."""
+
+    def __init__(self, vocab: np.ndarray):
+        self.vocab, self.gpt2 = vocab, get_tokenizer()
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self.gpt2.decode_single_token_bytes(int(self.vocab[token]))
+
+
+def write_page(params: Any, cfg: GPTConfig, sae: SAE, held: np.ndarray, vocab: np.ndarray,
+               features: list[int], r: Recipe, path: Path) -> None:
+    """The features page (`jaxgpt.sae.features`) of `features` over the held-out text."""
+    fc = FeaturesConfig(context_size=r.seq, features=tuple(features), contexts=5, before=8,
+                        after=3, logit_tokens=6, bins=16)
+    stats = feature_stats(params, cfg, sae, held, fc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_features_page(stats, path, CorpusTokens(vocab), title=f"{len(features)} features of "
+                        f"a TopK SAE at {sae.cfg.hook_name} (scripts/sae_finding.py)")
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
 
 
 # --- pictures --------------------------------------------------------------------------------
@@ -260,23 +281,26 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_shares(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Grouped bars: per measure, each kind of unit's share with its Wilson 95% interval."""
+def plot_shares(tables: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Grouped bars, a panel per table: per measure, each kind of unit's share with its Wilson
+    95% interval, the count above it."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
-    width = 0.8 / len(table)
-    for j, (name, row) in enumerate(table.items()):
-        xs = np.arange(len(MEASURES)) + (j - (len(table) - 1) / 2) * width
-        values = [row[m]["share"] for m in MEASURES]
-        lo = [v - row[m]["wilson95"][0] for v, m in zip(values, MEASURES, strict=True)]
-        hi = [row[m]["wilson95"][1] - v for v, m in zip(values, MEASURES, strict=True)]
-        bars = ax.bar(xs, values, width, yerr=[lo, hi], capsize=3,
-                      label=f"{name} ({row['scored']} scored)")
-        ax.bar_label(bars, [f"{row[m]['count']}" for m in MEASURES], fontsize=7, padding=2)
-    ax.set_xticks(np.arange(len(MEASURES)), MEASURES)
-    ax.set_ylabel("share of units")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 3.8), sharey=True,
+                             squeeze=False, layout="constrained")
+    for ax, (panel, table) in zip(axes[0], tables.items(), strict=True):
+        width = 0.8 / len(table)
+        for j, (name, row) in enumerate(table.items()):
+            xs = np.arange(len(MEASURES)) + (j - (len(table) - 1) / 2) * width
+            values = np.array([row[m]["share"] for m in MEASURES])
+            bounds = np.array([row[m]["wilson95"] for m in MEASURES])  # [measures, 2]
+            bars = ax.bar(xs, values, width, yerr=np.abs(bounds.T - values), capsize=3,
+                          label=f"{name} ({row['scored']} scored)")
+            ax.bar_label(bars, [f"{row[m]['count']}" for m in MEASURES], fontsize=7, padding=2)
+        ax.set_xticks(np.arange(len(MEASURES)), MEASURES)
+        ax.set_title(panel, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel("share of units")
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -319,8 +343,31 @@ def plot_examples(blocks: list[tuple[str, list[str]]], path: Path) -> None:
 
 # --- the experiment --------------------------------------------------------------------------
 
-def run(r: Recipe, out: Path, images: Path | None) -> dict[str, Any]:
-    """The experiment end to end; writes `out/finding.json` (and pictures to `images`)."""
+def measure(params: Any, cfg: GPTConfig, train: np.ndarray, inputs: np.ndarray,
+            labels: dict[str, np.ndarray], r: Recipe) -> tuple[dict, dict[str, np.ndarray], SAE]:
+    """An SAE trained on the GPT `params` at block `r.layer`'s output, and the shares of its
+    features, the block's neurons and random directions on the held-out windows `inputs`:
+    `(shares' table, each kind's activations [N, U], the SAE)`."""
+    hook, neurons = f"blocks.{r.layer}.hook_resid_post", f"blocks.{r.layer}.mlp.hook_post"
+    sae = train_sae(params, cfg, train, r, hook)
+    acts = activations(params, cfg, inputs, [hook, neurons])
+    directions = np.random.default_rng(r.seed).standard_normal((cfg.emb_dim, r.d_sae))
+    units = {"SAE features": np.asarray(sae_model.encode(sae, jnp.asarray(acts[hook]))),
+             "MLP neurons": acts[neurons],
+             "random directions": acts[hook] @ directions.astype(np.float32)}
+    table = shares(units, labels, r)
+    for name, row in table.items():
+        print(f"{name:18} {row['scored']:4} scored of {row['units']:4}: " + ", ".join(
+            f"{m} {row[m]['count']} ({row[m]['share']:.3f}, 95% "
+            f"{row[m]['wilson95'][0]:.3f}-{row[m]['wilson95'][1]:.3f})" for m in MEASURES))
+    return table, units, sae
+
+
+def run(r: Recipe, out: Path, *, control: bool = False, images: Path | None = None,
+        page: Path | None = None) -> dict[str, Any]:
+    """The experiment end to end; writes `out/finding.json`. `control`: the same on the GPT
+    before training; `images`: the pictures there; `page`: the first `PAGE_FEATURES` scored
+    features' page."""
     t0 = time.time()
     vocab, ids = corpus_ids()
     train, held = data.train_val_split(ids, 1 - r.holdout)
@@ -328,34 +375,36 @@ def run(r: Recipe, out: Path, images: Path | None) -> dict[str, Any]:
                     n_heads=r.heads, n_layers=r.layers, drop_rate=0.1)
     print(f"{len(ids)} tokens ({len(vocab)} distinct), {len(held)} held out; {cfg}", flush=True)
     params = train_gpt(cfg, r, train, held)
-    hook, neurons = f"blocks.{r.layer}.hook_resid_post", f"blocks.{r.layer}.mlp.hook_post"
-    sae = train_sae(activations(params, cfg, windows(train, r.seq)[0], [hook])[hook], r, hook)
     inputs = windows(held, r.seq)[0]
-    acts = activations(params, cfg, inputs, [hook, neurons])
-    directions = np.random.default_rng(r.seed).standard_normal((cfg.emb_dim, r.d_sae))
-    units = {"SAE features": np.asarray(sae_model.encode(sae, jnp.asarray(acts[hook]))),
-             "MLP neurons": acts[neurons],
-             "random directions": acts[hook] @ directions.astype(np.float32)}
     words, strings = word_ids(vocab)
-    table = shares(units, position_labels(inputs, words), r)
-    for name, row in table.items():
-        print(f"{name:18} {row['scored']:4} scored of {row['units']:4}: " + ", ".join(
-            f"{m} {row[m]['count']} ({row[m]['share']:.3f}, 95% "
-            f"{row[m]['wilson95'][0]:.3f}-{row[m]['wilson95'][1]:.3f})" for m in MEASURES))
-    result = {"recipe": dataclasses.asdict(r), "hook": hook, "tokens": int(len(ids)),
-              "held_out": int(len(held)), "shares": table, "seconds": round(time.time() - t0)}
+    labels = position_labels(inputs, words)
+    table, units, sae = measure(params, cfg, train, inputs, labels, r)
+    result: dict[str, Any] = {
+        "recipe": dataclasses.asdict(r), "hook": sae.cfg.hook_name, "tokens": int(len(ids)),
+        "held_out": int(len(held)), "shares": table}
+    tables = {"trained GPT": table}
+    if control:
+        print("The same on the GPT before training:")
+        result["untrained"] = tables["untrained GPT"] = measure(
+            init_params(cfg, r.seed), cfg, train, inputs, labels, r)[0]
+    result["seconds"] = round(time.time() - t0)
+    if images is not None:
+        draw(tables, units["SAE features"], inputs, strings, r, images)
+    if page is not None:
+        result["page"] = verdicts(units["SAE features"], labels, r)[:PAGE_FEATURES]
+        write_page(params, cfg, sae, held, vocab, [f["feature"] for f in result["page"]], r,
+                   page)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finding.json").write_text(json.dumps(result, indent=1) + "\n")
-    if images is not None:
-        draw(table, units["SAE features"], inputs, strings, r, images)
     return result
 
 
-def draw(table: dict[str, dict[str, Any]], features: np.ndarray, inputs: np.ndarray,
+def draw(tables: dict[str, dict[str, Any]], features: np.ndarray, inputs: np.ndarray,
          strings: list[str], r: Recipe, images: Path) -> None:
-    """The shares' bar chart and the top contexts of the first six scored features."""
+    """The shares' bar chart (a panel per table) and the top contexts of the first six
+    scored features."""
     images.mkdir(parents=True, exist_ok=True)
-    plot_shares(table, images / "sae_finding_shares.png",
+    plot_shares(tables, images / "sae_finding_shares.png",
                 f"units whose top {r.top} held-out activations are >= {r.purity:.0%} one ...")
     _, scored = top_positions(features, r.top)
     blocks = [(f"feature {u}", contexts(inputs, strings, features, u, 5))
@@ -368,8 +417,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for finding.json")
     p.add_argument("--images", help="directory for the pictures (none drawn without it)")
+    p.add_argument("--page", help=f"write the page of the first {PAGE_FEATURES} scored "
+                   f"features here (an .html file)")
+    p.add_argument("--control", action="store_true",
+                   help="also measure an SAE on the GPT before training")
     p.add_argument("--quick", action="store_true",
-                   help="the shortened version the test runs (a 2-layer GPT, 150 steps)")
+                   help="the shortened version the test runs (a 2-layer GPT, 300 steps)")
     for f in dataclasses.fields(Recipe):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"default {f.default} ({getattr(QUICK, f.name)} with --quick)")
@@ -380,7 +433,8 @@ def main() -> None:
     r = dataclasses.replace(base, **changes)
     if not 0 <= r.layer < r.layers:
         p.error(f"--layer must be in [0, {r.layers}), got {r.layer}")
-    run(r, Path(a.out), Path(a.images) if a.images else None)
+    run(r, Path(a.out), control=a.control, images=Path(a.images) if a.images else None,
+        page=Path(a.page) if a.page else None)
 
 
 if __name__ == "__main__":
