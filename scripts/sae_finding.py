@@ -229,13 +229,15 @@ def shares(units: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     return table
 
 
-def verdicts(acts: np.ndarray, labels: dict[str, np.ndarray],
+def verdicts(acts: np.ndarray, labels: dict[str, np.ndarray], strings: list[str],
              r: Recipe) -> list[dict[str, Any]]:
-    """Per scored unit of `acts [N, U]`, by index: its index and, per measure, its purity."""
+    """Per scored unit of `acts [N, U]`, by index: its index, the commonest token among its
+    top positions, and its purity by each measure."""
     positions, scored = top_positions(acts, r.top)
     pure = {m: purity(lbl, positions) for m, lbl in labels.items()}
-    return [{"feature": int(u), **{m: float(pure[m][u]) for m in labels}}
-            for u in np.flatnonzero(scored)]
+    tokens = labels["one token"][positions]  # [top, U]
+    return [{"feature": int(u), "token": strings[np.bincount(tokens[:, u]).argmax()],
+             **{m: float(pure[m][u]) for m in labels}} for u in np.flatnonzero(scored)]
 
 
 def word_ids(vocab: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -391,7 +393,7 @@ def run(r: Recipe, out: Path, *, control: bool = False, images: Path | None = No
     if images is not None:
         draw(tables, units["SAE features"], inputs, strings, r, images)
     if page is not None:
-        result["page"] = verdicts(units["SAE features"], labels, r)[:PAGE_FEATURES]
+        result["page"] = verdicts(units["SAE features"], labels, strings, r)[:PAGE_FEATURES]
         write_page(params, cfg, sae, held, vocab, [f["feature"] for f in result["page"]], r,
                    page)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,12 @@ def test_shares_count_units_by_measure():
     assert (row["units"], row["scored"]) == (2, 2)
     assert [row[m]["count"] for m in sae_finding.MEASURES] == [1, 2, 0]
     assert row["one word"]["share"] == 1.0
+    # What the page's features are listed with: the commonest token and each purity.
+    found = sae_finding.verdicts(np.stack([unit0, unit1], 1), labels, ["a", "b", "c", "B"], r)
+    assert found == [{"feature": 0, "token": "b", "one token": 1.0, "one word": 1.0,
+                      "one previous token": 0.5},
+                     {"feature": 1, "token": "b", "one token": 0.5, "one word": 1.0,
+                      "one previous token": 0.5}]  # feature 1's tie of b and B: the lower id
 
 
 @pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about a minute of CPU)
