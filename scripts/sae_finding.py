@@ -75,7 +75,7 @@ class Recipe:
     layer: int = 1  # the block whose output the SAE reads
     d_sae: int = 512
     k: int = 16
-    sae_steps: int = 3000
+    sae_steps: int = 2000
     sae_batch: int = 512
     sae_lr: float = 3e-4
     # A feature that has not fired for this many steps is dead (TopK's auxiliary loss).
@@ -229,24 +229,33 @@ def shares(units: dict[str, np.ndarray], labels: dict[str, np.ndarray],
     return table
 
 
-def verdicts(acts: np.ndarray, labels: dict[str, np.ndarray], strings: list[str],
+def verdicts(acts: np.ndarray, labels: dict[str, np.ndarray], pieces: list[bytes],
              r: Recipe) -> list[dict[str, Any]]:
     """Per scored unit of `acts [N, U]`, by index: its index, the commonest token among its
     top positions, and its purity by each measure."""
     positions, scored = top_positions(acts, r.top)
     pure = {m: purity(lbl, positions) for m, lbl in labels.items()}
     tokens = labels["one token"][positions]  # [top, U]
-    return [{"feature": int(u), "token": strings[np.bincount(tokens[:, u]).argmax()],
+    return [{"feature": int(u), "token": shown(pieces[np.bincount(tokens[:, u]).argmax()]),
              **{m: float(pure[m][u]) for m in labels}} for u in np.flatnonzero(scored)]
 
 
-def word_ids(vocab: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Each token of `vocab [V]` (GPT-2 ids) as a word: an id shared by the tokens equal once
-    whitespace and case are dropped (`[V]`); and the tokens' strings."""
+def token_bytes(vocab: np.ndarray) -> list[bytes]:
+    """The GPT-2 bytes of each token of `vocab [V]` (a character may span several tokens)."""
     tokenizer = get_tokenizer()
-    strings = [tokenizer.decode([int(t)]) for t in vocab]
-    _, words = np.unique([s.strip().lower() for s in strings], return_inverse=True)
-    return words.astype(np.int64), strings
+    return [tokenizer.decode_single_token_bytes(int(t)) for t in vocab]
+
+
+def shown(piece: bytes) -> str:
+    """A token's bytes as text: a byte that is not whole UTF-8 as `\\xNN`."""
+    return piece.decode("utf-8", "backslashreplace")
+
+
+def word_ids(pieces: list[bytes]) -> np.ndarray:
+    """An id per token `[V]`, shared by the tokens equal once whitespace and case are dropped
+    (" The", "the")."""
+    _, words = np.unique([shown(b).strip().lower() for b in pieces], return_inverse=True)
+    return words.astype(np.int64)
 
 
 class CorpusTokens:
@@ -307,22 +316,25 @@ def plot_shares(tables: dict[str, dict[str, Any]], path: Path, title: str) -> No
     plt.close(fig)
 
 
-def _shown(s: str) -> str:
-    return s.replace("\n", "\\n").replace("\t", "\\t")
+def _visible(text: str) -> str:
+    return text.replace("\n", "\\n").replace("\t", "\\t")
 
 
-def contexts(inputs: np.ndarray, strings: list[str], acts: np.ndarray, unit: int, n: int,
+def contexts(inputs: np.ndarray, pieces: list[bytes], acts: np.ndarray, unit: int, n: int,
              before: int = 8, after: int = 2) -> list[str]:
     """The unit's `n` top positions as lines of text: the activation, then the tokens around
     the position with the position's own token in [brackets]."""
     seq = inputs.shape[1]
+
+    def text(ids: np.ndarray) -> str:
+        return _visible(b"".join(pieces[i] for i in ids).decode("utf-8", "replace"))
+
     lines = []
     for pos in np.argsort(-acts[:, unit], kind="stable")[:n]:
         w, t = divmod(int(pos), seq)
-        left = "".join(strings[i] for i in inputs[w, max(0, t - before):t])
-        right = "".join(strings[i] for i in inputs[w, t + 1:t + 1 + after])
-        lines.append(f"{acts[pos, unit]:6.2f}  {_shown(left)[-40:]:>40}"
-                     f"[{_shown(strings[inputs[w, t]])}]{_shown(right)[:16]}")
+        left, right = text(inputs[w, max(0, t - before):t]), text(inputs[w, t + 1:t + 1 + after])
+        lines.append(f"{acts[pos, unit]:6.2f}  {left[-40:]:>40}"
+                     f"[{_visible(shown(pieces[inputs[w, t]]))}]{right[:16]}")
     return lines
 
 
@@ -378,7 +390,8 @@ def run(r: Recipe, out: Path, *, control: bool = False, images: Path | None = No
     print(f"{len(ids)} tokens ({len(vocab)} distinct), {len(held)} held out; {cfg}", flush=True)
     params = train_gpt(cfg, r, train, held)
     inputs = windows(held, r.seq)[0]
-    words, strings = word_ids(vocab)
+    pieces = token_bytes(vocab)
+    words = word_ids(pieces)
     labels = position_labels(inputs, words)
     table, units, sae = measure(params, cfg, train, inputs, labels, r)
     result: dict[str, Any] = {
@@ -391,9 +404,9 @@ def run(r: Recipe, out: Path, *, control: bool = False, images: Path | None = No
             init_params(cfg, r.seed), cfg, train, inputs, labels, r)[0]
     result["seconds"] = round(time.time() - t0)
     if images is not None:
-        draw(tables, units["SAE features"], inputs, strings, r, images)
+        draw(tables, units["SAE features"], inputs, pieces, r, images)
     if page is not None:
-        result["page"] = verdicts(units["SAE features"], labels, strings, r)[:PAGE_FEATURES]
+        result["page"] = verdicts(units["SAE features"], labels, pieces, r)[:PAGE_FEATURES]
         write_page(params, cfg, sae, held, vocab, [f["feature"] for f in result["page"]], r,
                    page)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,14 +415,14 @@ def run(r: Recipe, out: Path, *, control: bool = False, images: Path | None = No
 
 
 def draw(tables: dict[str, dict[str, Any]], features: np.ndarray, inputs: np.ndarray,
-         strings: list[str], r: Recipe, images: Path) -> None:
+         pieces: list[bytes], r: Recipe, images: Path) -> None:
     """The shares' bar chart (a panel per table) and the top contexts of the first six
     scored features."""
     images.mkdir(parents=True, exist_ok=True)
     plot_shares(tables, images / "sae_finding_shares.png",
                 f"units whose top {r.top} held-out activations are >= {r.purity:.0%} one ...")
     _, scored = top_positions(features, r.top)
-    blocks = [(f"feature {u}", contexts(inputs, strings, features, u, 5))
+    blocks = [(f"feature {u}", contexts(inputs, pieces, features, u, 5))
               for u in np.flatnonzero(scored)[:6]]
     plot_examples(blocks, images / "sae_finding_examples.png")
     print(f"wrote {images / 'sae_finding_shares.png'}, {images / 'sae_finding_examples.png'}")

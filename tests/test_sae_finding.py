@@ -64,11 +64,30 @@ def test_shares_count_units_by_measure():
     assert [row[m]["count"] for m in sae_finding.MEASURES] == [1, 2, 0]
     assert row["one word"]["share"] == 1.0
     # What the page's features are listed with: the commonest token and each purity.
-    found = sae_finding.verdicts(np.stack([unit0, unit1], 1), labels, ["a", "b", "c", "B"], r)
+    pieces = [b"a", b"b", b"c", b"B"]
+    found = sae_finding.verdicts(np.stack([unit0, unit1], 1), labels, pieces, r)
     assert found == [{"feature": 0, "token": "b", "one token": 1.0, "one word": 1.0,
                       "one previous token": 0.5},
                      {"feature": 1, "token": "b", "one token": 0.5, "one word": 1.0,
                       "one previous token": 0.5}]  # feature 1's tie of b and B: the lower id
+
+
+def test_a_word_drops_whitespace_and_case_but_keeps_bytes_apart():
+    # The two halves of a UTF-8 character are different tokens, not one "word" of U+FFFD.
+    pieces = [b" The", b"the", b"\xe2\x80", b"\x99", b"\n", b"  ", b"The"]
+    words = sae_finding.word_ids(pieces)
+    assert words[0] == words[1] == words[6]
+    assert words[2] != words[3]
+    assert words[4] == words[5]  # whitespace is one word
+    assert len(set(words.tolist())) == 4
+
+
+def test_a_context_shows_a_character_split_over_tokens_whole():
+    pieces = [b"it", b"\xe2\x80", b"\x99", b"s", b" here", b"\n"]
+    inputs = np.array([[0, 1, 2, 3, 4, 5]])
+    acts = np.array([[0.0], [0], [0], [2.5], [0], [0]])  # top at the "s" after the apostrophe
+    [line] = sae_finding.contexts(inputs, pieces, acts, 0, 1)
+    assert line.split() == ["2.50", "it\u2019[s]", "here\\n"]
 
 
 @pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about a minute of CPU)
