@@ -90,7 +90,7 @@ def test_a_context_shows_a_character_split_over_tokens_whole():
     assert line.split() == ["2.50", "it\u2019[s]", "here\\n"]
 
 
-@pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about a minute of CPU)
+@pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about 100 s of CPU)
 def test_sae_features_are_single_tokens_more_often_than_random_directions(tmp_path):
     env = {**xla_default_env(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sae_finding.py"), "--quick",
