@@ -1,8 +1,9 @@
 """A finding, offline: the features of a sparse autoencoder on a small GPT's residual stream are
 single tokens far more often than the MLP's neurons or random directions.
 
-    python scripts/sae_finding.py --out runs/finding --images docs/images   # the full version
-    python scripts/sae_finding.py --quick --out /tmp/finding                # the test's version
+    python scripts/sae_finding.py --control --out runs/finding --images docs/images \
+        --page docs/sae_features.html                     # docs/research.md's run
+    python scripts/sae_finding.py --quick --out /tmp/finding   # the test's shortened version
 
 It trains a small GPT on the offline demo corpus (Python's help topics, `pydoc_data.topics`,
 as `jaxgpt train` does) with jaxgpt's train step, over the corpus's own vocabulary (the GPT-2
@@ -19,8 +20,10 @@ text it takes, for each unit, the `--top` positions where the unit is largest:
 - a unit is scored only if it is positive at `--top` positions or more (an SAE feature that
   fires less often on the held-out text is left out, and counted).
 
-It prints each share with its Wilson 95% interval and writes `finding.json` to `--out`;
-`--images DIR` draws the shares and a few features' top contexts there.
+It prints each share with its Wilson 95% interval and writes `finding.json` to `--out`.
+`--control` does the same on the GPT before training; `--images DIR` draws the shares and a
+few features' top contexts there; `--page FILE` writes the features page
+(`jaxgpt.sae.features`) of the first scored features.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from jaxgpt.training.evaluation import evaluate, make_eval_step
 from jaxgpt.training.loop import run_steps
 from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
-UNITS = ("SAE features", "MLP neurons", "random directions")
 PAGE_FEATURES = 30  # features on the page: the first scored ones, by index
 MEASURES = ("one token", "one word", "one previous token")
 
@@ -428,8 +430,27 @@ def draw(tables: dict[str, dict[str, Any]], features: np.ndarray, inputs: np.nda
     print(f"wrote {images / 'sae_finding_shares.png'}, {images / 'sae_finding_examples.png'}")
 
 
+def check(r: Recipe) -> str | None:
+    """What is wrong with `r`, in a line naming the flag; None if nothing."""
+    if not 0 <= r.layer < r.layers:
+        return f"--layer must be in [0, {r.layers}) (--layers), got {r.layer}"
+    if r.heads <= 0 or r.emb % r.heads:
+        return f"--heads ({r.heads}) must divide --emb ({r.emb})"
+    if not 0 < r.holdout < 1:
+        return f"--holdout must be in (0, 1), got {r.holdout}"
+    if not 0 < r.purity <= 1:
+        return f"--purity must be in (0, 1], got {r.purity}"
+    if not 0 < r.k <= r.d_sae:
+        return f"--k must be in [1, {r.d_sae}] (--d-sae), got {r.k}"
+    small = [f.name for f in dataclasses.fields(Recipe)
+             if f.name not in ("layer", "holdout", "purity", "k") and getattr(r, f.name) <= 0]
+    if small:
+        return f"--{small[0].replace('_', '-')} must be positive, got {getattr(r, small[0])}"
+    return None
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for finding.json")
     p.add_argument("--images", help="directory for the pictures (none drawn without it)")
     p.add_argument("--page", help=f"write the page of the first {PAGE_FEATURES} scored "
@@ -446,8 +467,8 @@ def main() -> None:
     changes = {f.name: getattr(a, f.name) for f in dataclasses.fields(Recipe)
                if getattr(a, f.name) is not None}
     r = dataclasses.replace(base, **changes)
-    if not 0 <= r.layer < r.layers:
-        p.error(f"--layer must be in [0, {r.layers}), got {r.layer}")
+    if problem := check(r):
+        p.error(problem)
     run(r, Path(a.out), control=a.control, images=Path(a.images) if a.images else None,
         page=Path(a.page) if a.page else None)
 

@@ -3,6 +3,7 @@ made-up units whose answer is known, and the shortened experiment, in which an S
 are single tokens more often than random directions of the same residual stream and than the
 MLP's neurons, by more than both shares' 95% intervals."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -88,6 +89,16 @@ def test_a_context_shows_a_character_split_over_tokens_whole():
     acts = np.array([[0.0], [0], [0], [2.5], [0], [0]])  # top at the "s" after the apostrophe
     [line] = sae_finding.contexts(inputs, pieces, acts, 0, 1)
     assert line.split() == ["2.50", "it\u2019[s]", "here\\n"]
+
+
+def test_the_recipes_are_valid_and_a_bad_flag_is_named():
+    assert sae_finding.check(sae_finding.Recipe()) is None
+    assert sae_finding.check(sae_finding.QUICK) is None
+    bad = {"layer": 4, "heads": 3, "holdout": 1.0, "purity": 0.0, "k": 600, "top": 0,
+           "gpt_steps": 0}
+    for name, value in bad.items():
+        problem = sae_finding.check(dataclasses.replace(sae_finding.Recipe(), **{name: value}))
+        assert problem is not None and problem.startswith(f"--{name.replace('_', '-')}"), name
 
 
 @pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about 100 s of CPU)
