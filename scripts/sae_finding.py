@@ -109,14 +109,14 @@ def windows(ids: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train_gpt(cfg: GPTConfig, r: Recipe, train: np.ndarray, val: np.ndarray) -> Any:
     """The GPT trained on `train` with jaxgpt's train step; prints the losses. Its params."""
-    tc = TrainConfig(steps=max(r.gpt_steps, 1), batch_size=r.gpt_batch, seq_len=r.seq,
+    tc = TrainConfig(steps=r.gpt_steps, batch_size=r.gpt_batch, seq_len=r.seq,
                      lr=r.gpt_lr, warmup_steps=min(50, r.gpt_steps), seed=r.seed)
     state = init_train_state(cfg, tc)
     loader = data.BatchLoader(data.SlidingWindows(train, r.seq, r.seq), r.gpt_batch,
                               seed=r.seed)
     batches = ((jnp.asarray(x), jnp.asarray(y)) for x, y in loader)
-    val_batches = [(x[i:i + 16], y[i:i + 16]) for x, y in [windows(val, r.seq)]
-                   for i in range(0, len(x), 16)]
+    val_x, val_y = windows(val, r.seq)
+    val_batches = [(val_x[i:i + 16], val_y[i:i + 16]) for i in range(0, len(val_x), 16)]
     eval_step, losses, t0 = make_eval_step(cfg), [], time.time()
     every = max(r.gpt_steps // 4, 1)
 
@@ -128,9 +128,8 @@ def train_gpt(cfg: GPTConfig, r: Recipe, train: np.ndarray, val: np.ndarray) -> 
                   f"({time.time() - t0:.0f} s)", flush=True)
         return False
 
-    if r.gpt_steps:
-        state = run_steps(make_train_step(cfg, tc), state, batches, range(1, r.gpt_steps + 1),
-                          dropout_key(tc), report)
+    state = run_steps(make_train_step(cfg, tc), state, batches, range(1, r.gpt_steps + 1),
+                      dropout_key(tc), report)
     return jax.device_get(state.params)
 
 
