@@ -187,7 +187,7 @@ def purity(labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The share of each unit's top positions that carry its commonest label: `[U]`.
 
     Args:
-      labels: int `[N]`, a label (token, word...) per position; -1 is a label like any other.
+      labels: int `[N]`, a label (token, word...) per position.
       positions: `[top, U]` from `top_positions`.
     """
     held = labels[positions]  # [top, U]
@@ -207,9 +207,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def position_labels(inputs: np.ndarray, words: np.ndarray) -> dict[str, np.ndarray]:
     """Per position of the windows `inputs [W, T]` (flattened): the token, its word (the id of
-    the token with whitespace and case dropped) and the token before it (-1 at a window's
-    start)."""
-    prev = np.concatenate([np.full((len(inputs), 1), -1), inputs[:, :-1]], axis=1)
+    the token with whitespace and case dropped) and the token before it. A window's first
+    position has none: its label, `-1 - window`, matches no other position's."""
+    starts = -1 - np.arange(len(inputs))[:, None]
+    prev = np.concatenate([starts, inputs[:, :-1]], axis=1)
     return {"one token": inputs.reshape(-1), "one word": words[inputs].reshape(-1),
             "one previous token": prev.reshape(-1)}
 

@@ -55,7 +55,8 @@ def test_shares_count_units_by_measure():
     inputs = np.array([[1, 3, 1, 3], [1, 2, 1, 3]])  # two windows of 4 tokens
     words = np.array([0, 1, 2, 1])  # tokens 1 and 3 are one word (" The", "the")
     labels = sae_finding.position_labels(inputs, words)
-    assert labels["one previous token"].tolist() == [-1, 1, 3, 1, -1, 1, 2, 1]
+    # A window's first position follows nothing, and matches no other such position.
+    assert labels["one previous token"].tolist() == [-1, 1, 3, 1, -2, 1, 2, 1]
     # Unit 0 is largest where the token is 1; unit 1 at positions 1, 0, 3, 2 (tokens 3, 1, 3, 1:
     # half one token, all one word).
     unit0 = (labels["one token"] == 1) + 0.1
@@ -67,8 +68,9 @@ def test_shares_count_units_by_measure():
     # What the page's features are listed with: the commonest token and each purity.
     pieces = [b"a", b"b", b"c", b"B"]
     found = sae_finding.verdicts(np.stack([unit0, unit1], 1), labels, pieces, r)
+    # Feature 0's top positions follow -1, 3, -2, 2: two window starts, which do not agree.
     assert found == [{"feature": 0, "token": "b", "one token": 1.0, "one word": 1.0,
-                      "one previous token": 0.5},
+                      "one previous token": 0.25},
                      {"feature": 1, "token": "b", "one token": 0.5, "one word": 1.0,
                       "one previous token": 0.5}]  # feature 1's tie of b and B: the lower id
 
