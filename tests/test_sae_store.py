@@ -90,6 +90,7 @@ def test_widths_and_the_layer_the_model_stops_at(tiny):
         "hook_embed": 32, "blocks.1.ln2.hook_normalized": 32}
     assert stop_layer(cfg, ["hook_embed"]) == 0
     assert stop_layer(cfg, ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_pre"]) == 2
+    assert stop_layer(cfg, ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"]) == 1
     assert stop_layer(cfg, ["ln_final.hook_normalized"]) is None
 
 

@@ -8,7 +8,7 @@ The token stream is cut into context windows of `context_size` tokens (`tokens[w
 * T]`, the tail shorter than a window left out). Each epoch visits the windows in the order of
 `np.random.default_rng([seed, epoch]).permutation(W)`, a buffer of them at a time: the model runs
 once over a buffer's windows (`store_batch_size_prompts` at a time, to the last block a hook
-needs: `stop_at_layer`), which leaves every hook's activations on the device, one row per
+needs: `stop_at_layer`; for `blocks.{n}.hook_resid_pre`, blocks 0..n-1), which leaves every hook's activations on the device, one row per
 token, and a permutation of those rows drawn on the device (key `fold_in(fold_in(key(seed),
 epoch), buffer)`) cuts them into batches by one gather each. So every row of an epoch is served
 once (the rows of a buffer that do not fill a last batch are left out: none when
@@ -70,12 +70,14 @@ def check_hook_name(cfg: GPTConfig, name: str) -> None:
 
 def stop_layer(cfg: GPTConfig, names: Sequence[str]) -> int | None:
     """The `stop_at_layer` that reaches every hook of `names`: one past the last block any of
-    them is in (0 for the embeddings; None, the whole model, for `ln_final`)."""
+    them is in, except that `blocks.{n}.hook_resid_pre` needs only the blocks before n (it is
+    their output, `GPTModel.hidden(stop_at_layer=n)`'s); 0 for the embeddings; None (the whole
+    model) for `ln_final`."""
     stop = 0
     for name in names:
-        m = re.match(r"blocks\.(\d+)\.", name)
+        m = re.match(r"blocks\.(\d+)\.(.*)", name)
         if m:
-            stop = max(stop, int(m.group(1)) + 1)
+            stop = max(stop, int(m.group(1)) + (m.group(2) != "hook_resid_pre"))
         elif name.startswith("ln_final."):
             return None
     return stop
@@ -98,11 +100,13 @@ def _chunk_acts(params: Any, tokens: jax.Array, *, model: GPTModel, names: tuple
     """The hooks' activations of windows `tokens [P, T]`, as rows `[P * T, d_in]`."""
     variables = {"params": params}
     if stop is None:
-        _, state = model.apply(variables, tokens, mutable=["intermediates"])
+        out, state = model.apply(variables, tokens, mutable=["intermediates"])
     else:
-        _, state = model.apply(variables, tokens, stop_at_layer=stop, method=GPTModel.hidden,
-                               mutable=["intermediates"])
-    acts = dict(_leaves(state["intermediates"]))
+        out, state = model.apply(variables, tokens, stop_at_layer=stop, method=GPTModel.hidden,
+                                 mutable=["intermediates"])
+    acts = dict(_leaves(state.get("intermediates", {})))
+    if stop is not None:  # the model stopped before this block: its input is the output
+        acts[f"blocks.{stop}.hook_resid_pre"] = out
     rows = tokens.shape[0] * tokens.shape[1]
     return {name: acts[name].reshape(rows, -1) for name in names}
 
