@@ -6,8 +6,9 @@ Trains an SAE on `--hook` of a model (default: `jaxgpt train`'s small demo confi
 weights, or `--checkpoint`) over the demo corpus (Python's help topics), with
 `SAETrainConfig.resample_dead` off and on, everything else equal (sae-lens's defaults but for
 the windows, scaled down to the run: dead after `--dead-window` steps without firing, resampled
-every `--sampling-window`), and prints the mean over the last tenth of the run of MSE, L0,
-explained variance and dead fraction for each. docs/sae.md has the figures.
+every `--sampling-window`; inputs scaled to mean norm sqrt(d_in)), and prints the mean over
+the last tenth of the run of MSE, L0, explained variance and dead fraction for each.
+docs/sae.md has the figures.
 """
 
 from __future__ import annotations
@@ -52,15 +53,19 @@ def main() -> None:
     from jaxgpt.sae.store import hook_widths
 
     d_in = hook_widths(cfg, [args.hook])[args.hook]
-    sae = (SAEConfig("standard", d_in, args.expansion * d_in, hook_name=args.hook,
-                     l1_coefficient=args.l1) if args.arch == "standard" else
-           SAEConfig("topk", d_in, args.expansion * d_in, k=args.k, hook_name=args.hook,
-                     rescale_acts_by_decoder_norm=True))
+    # Inputs scaled to mean norm sqrt(d_in), so the L1 coefficient means what it does in
+    # sae-lens's runs that normalise.
+    common = {"hook_name": args.hook, "normalize_activations": "expected_average_only_in"}
+    sae = (SAEConfig("standard", d_in, args.expansion * d_in, l1_coefficient=args.l1, **common)
+           if args.arch == "standard" else
+           SAEConfig("topk", d_in, args.expansion * d_in, k=args.k,
+                     rescale_acts_by_decoder_norm=True, **common))
     tc = SAETrainConfig(training_tokens=args.steps * args.batch,
                         train_batch_size_tokens=args.batch,
                         context_size=min(128, cfg.context_length),
                         dead_feature_window=args.dead_window,
-                        feature_sampling_window=args.sampling_window, log_every=10)
+                        feature_sampling_window=args.sampling_window, log_every=10,
+                        n_batches_for_norm_estimate=100)
     results = {}
     for resample in (False, True):
         logged: list[dict] = []
