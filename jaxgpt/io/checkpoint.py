@@ -318,18 +318,21 @@ def restore(path: str | os.PathLike, shardings: Any = None) -> tuple[GPTConfig, 
     return cfg, params
 
 
-def restore_extra(path: str | os.PathLike, target: Any) -> Any:
-    """The `extra` pytree of a checkpoint, restored into the structure of `target`.
+def restore_extra(path: str | os.PathLike, target: Any, part: str = "extra") -> Any:
+    """The `extra` pytree of a checkpoint (or, with `part="params"`, its params as any pytree
+    rather than a model's), restored into the structure of `target`.
 
     `target` may hold arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`); leaves
     with a sharding are restored into it, NumPy leaves as NumPy arrays.
     """
     import orbax.checkpoint as ocp
 
+    if part not in ("extra", "params"):
+        raise ValueError(f"part must be 'extra' or 'params', got {part!r}")
     path = Path(path).absolute()
     _check(path)
-    if not (path / "extra").exists():
-        raise ValueError(f"{path} was saved without extra state")
+    if not (path / part).exists():
+        raise ValueError(f"{path} was saved without {part}")
 
     def one(x: Any) -> Any:
         if isinstance(x, (np.ndarray, np.generic)):
@@ -339,4 +342,4 @@ def restore_extra(path: str | os.PathLike, target: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
     with _reported("read the checkpoint", path), ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / "extra", jax.tree_util.tree_map(one, target))
+        return ckptr.restore(path / part, jax.tree_util.tree_map(one, target))

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from jaxgpt.io.formats import ORBAX_ENTRIES, is_checkpoint, is_hf_entry
+from jaxgpt.io.formats import ORBAX_ENTRIES, SAE_ENTRIES, is_checkpoint, is_hf_entry, is_sae_folder
 
 # Temporary siblings: `.NAME.tmp-PID-HEX` while writing, `.NAME.old-PID-HEX` while replacing
 # (`.NAME.tmp-HEX` from versions before the PID was part of the name).
@@ -28,9 +28,10 @@ _ORBAX_TEMP_RE = re.compile(r"^(?:params|extra)\.orbax-checkpoint-tmp(?:-\d+)?$"
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Names in the directory `path` that neither `save` nor a GPT-2 `save_pretrained` writes.
 
-    Empty for an empty directory, a jaxgpt orbax checkpoint, or a Hugging Face GPT-2 directory
-    holding only model files; ["<no checkpoint marker>"] for a directory of known names that is
-    neither (e.g. a lone config.json).
+    Empty for an empty directory, a jaxgpt orbax checkpoint, a Hugging Face GPT-2 directory
+    holding only model files, or an sae-lens SAE folder holding only its files;
+    ["<no checkpoint marker>"] for a directory of known names that is none of them (e.g. a
+    lone config.json).
     """
     path = Path(path)
     entries = sorted(path.iterdir())
@@ -38,6 +39,9 @@ def foreign_entries(path: str | os.PathLike) -> list[str]:
         return []
     if is_checkpoint(path):
         return [e.name for e in entries if e.name not in ORBAX_ENTRIES]
+    if is_sae_folder(path):
+        return [e.name + ("/" if e.is_dir() else "") for e in entries
+                if not (e.is_file() and e.name in SAE_ENTRIES)]
     foreign = [e.name + ("/" if e.is_dir() else "") for e in entries if not is_hf_entry(e)]
     has_weights = any(e.name != "config.json" and is_hf_entry(e) for e in entries)
     if not foreign and not ((path / "config.json").is_file() and has_weights):
@@ -54,9 +58,10 @@ def describe_names(names: list[str], shown: int = 5) -> str:
 def check_replaceable(path: str | os.PathLike) -> None:
     """Raise FileExistsError unless the existing `path` may be replaced by a new checkpoint.
 
-    Only an empty directory, a jaxgpt orbax checkpoint or a Hugging Face GPT-2 directory
-    holding nothing but model files may be: nothing is deleted that jaxgpt could not have
-    written. Symbolic links and files are refused too.
+    Only an empty directory, a jaxgpt orbax checkpoint, a Hugging Face GPT-2 directory
+    holding nothing but model files or an sae-lens SAE folder holding only its files may be:
+    nothing is deleted that jaxgpt could not have written. Symbolic links and files are
+    refused too.
     """
     path = Path(path)
     if path.is_symlink():
@@ -104,7 +109,8 @@ def remove_stale_temporaries(parent: str | os.PathLike, name: str | None = None)
         if m["pid"] is not None and _pid_alive(int(m["pid"])):
             continue  # another save may be writing it right now
         if not all(
-            e.name in ORBAX_ENTRIES or is_hf_entry(e) or _ORBAX_TEMP_RE.match(e.name)
+            e.name in ORBAX_ENTRIES or e.name in SAE_ENTRIES or is_hf_entry(e)
+            or _ORBAX_TEMP_RE.match(e.name)
             for e in entry.iterdir()
         ):
             continue  # not (only) what a save writes: not ours to delete

@@ -2,8 +2,8 @@
 
 A jaxgpt orbax checkpoint (`jaxgpt.io.checkpoint`) holds `ORBAX_ENTRIES`; a Hugging Face
 GPT-2 directory (as `jaxgpt.io.hf.save_pretrained` or transformers' `save_pretrained` write
-it) holds files matching `HF_ENTRY_PATTERNS`. A directory holding anything else is never
-replaced or deleted.
+it) holds files matching `HF_ENTRY_PATTERNS`; an sae-lens SAE folder (`jaxgpt.sae.formats`)
+holds `SAE_ENTRIES`. A directory holding anything else is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ HF_ENTRY_PATTERNS = (
     "pytorch_model.bin.index.json",
     "pytorch_model-*-of-*.bin",
 )
+# An sae-lens SAE folder: its config, its weights, and the feature densities sae-lens's
+# training checkpoints add.
+SAE_ENTRIES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
 # What the command line calls each format.
 FORMAT_NAMES = {"hf": "Hugging Face GPT-2 directory", "orbax": "jaxgpt orbax checkpoint"}
 
@@ -64,6 +67,12 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
 def is_hf_entry(entry: Path) -> bool:
     """Whether `entry` is a file a Hugging Face GPT-2 directory holds (`HF_ENTRY_PATTERNS`)."""
     return entry.is_file() and any(fnmatch.fnmatchcase(entry.name, p) for p in HF_ENTRY_PATTERNS)
+
+
+def is_sae_folder(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory with an SAE's `cfg.json` and `sae_weights.safetensors`."""
+    path = Path(path)
+    return all((path / name).is_file() for name in SAE_ENTRIES[:2])
 
 
 def detect(path: str | os.PathLike) -> str | None:
