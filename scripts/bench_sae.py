@@ -49,9 +49,9 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,17 @@ QUICK = Setup(dict(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_l
               "blocks.1.hook_resid_pre", 256, 8, 32, 256, 8, 1024, 2, 1)
 
 
+def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
+    """Seconds and CPU seconds (all the process's threads) per call of `fn`, over `n` calls
+    after an untimed one (which compiles, or lets torch allocate)."""
+    fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        fn()
+    return {"seconds": (time.perf_counter() - t0) / n,
+            "cpu_seconds": (time.process_time() - c0) / n}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--saelens-python", type=Path,
@@ -96,8 +107,9 @@ def parse_args() -> argparse.Namespace:
                    f"{FULL.tokens:,}; --quick {QUICK.tokens:,}); a multiple of the batch")
     p.add_argument("--repeats", type=int, help="timed rounds of each side (default "
                    f"{FULL.repeats}; --quick {QUICK.repeats})")
-    p.add_argument("--steps", type=int, help="SAE steps per timed round of the step alone "
-                   f"(default {FULL.steps}; --quick {QUICK.steps})")
+    p.add_argument("--steps", type=int, help="SAE steps, and LM batches, per timed round of "
+                   f"the step and the forward pass alone (default {FULL.steps}; --quick "
+                   f"{QUICK.steps})")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -148,6 +160,10 @@ class SaeLens:
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return self._answer()
+
+    def trained(self) -> dict[str, np.ndarray]:
+        """The weights of the SAE the worker trained last."""
+        return dict(np.load(self.log_path.parent / "saelens_trained.npz"))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -236,13 +252,13 @@ class Jaxgpt:
         from jaxgpt.sae.training import train_saes
 
         tc = self.train_config(tokens)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         (sae,) = train_saes(self.params, self.cfg, self.train_ids.reshape(-1), [self.sae_cfg],
                             tc, saes=[self.init], progress=False)
         jax.block_until_ready(sae)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.trained = sae
-        return {"seconds": seconds, "steps": tc.steps, **self.evaluate(sae)}
+        return {"seconds": seconds, "cpu_seconds": cpu, "steps": tc.steps, **self.evaluate(sae)}
 
     def evaluate(self, sae: Any) -> dict[str, float]:
         """Held-out L0 and explained variance (sae-lens's evals definitions, float64 sums)."""
@@ -255,9 +271,20 @@ class Jaxgpt:
         ev = 1 - np.square(x - recon).sum(-1).mean() / total
         return {"l0": float((acts != 0).sum(-1).mean()), "explained_variance": float(ev)}
 
-    def step_timer(self) -> Any:
-        """`run(steps) -> seconds per step` of the jitted SAE step on `step_acts`, compiled
-        here; each call starts from the initial SAE and times `steps` steps after one."""
+    def forward_timer(self) -> Callable[[int], dict[str, float]]:
+        """`run(n)`: the time of `n` batches of the activation store `train_saes` uses (with
+        one batch a buffer, each runs the model over one batch's windows), after one."""
+        import jax
+
+        from jaxgpt.sae.store import ActivationStore
+
+        store = ActivationStore(self.params, self.cfg, self.train_ids.reshape(-1),
+                                [self.setup.hook_name], self.tc)
+        return lambda n: timed(lambda: jax.block_until_ready(store.next_batch()), n)
+
+    def step_timer(self) -> Callable[[int], dict[str, float]]:
+        """`run(n)`: the time of `n` jitted SAE steps on `step_acts` from the initial SAE,
+        after one; the step is compiled here (`step_compile_s`)."""
         import jax
         import jax.numpy as jnp
 
@@ -265,21 +292,20 @@ class Jaxgpt:
 
         step = make_sae_step(self.tc)
         acts = jnp.asarray(self.step_acts)
+        held: dict[str, Any] = {}
+
+        def one() -> None:
+            held["state"], metrics = step(held["state"], acts)  # the state is donated
+            jax.block_until_ready(metrics)
+
+        def run(n: int) -> dict[str, float]:
+            held["state"] = init_sae_state([self.sae_cfg], self.tc, saes=[self.init])
+            return timed(one, n)
+
         t0 = time.perf_counter()
-        state = init_sae_state([self.sae_cfg], self.tc, saes=[self.init])
-        jax.block_until_ready(step(state, acts))
+        held["state"] = init_sae_state([self.sae_cfg], self.tc, saes=[self.init])
+        one()
         self.step_compile_s = time.perf_counter() - t0
-
-        def run(steps: int) -> float:
-            state = init_sae_state([self.sae_cfg], self.tc, saes=[self.init])
-            state, m = step(state, acts)
-            jax.block_until_ready((state, m))
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, m = step(state, acts)
-            jax.block_until_ready((state, m))
-            return (time.perf_counter() - t0) / steps
-
         return run
 
 
@@ -302,22 +328,37 @@ def spread(values: list[float]) -> str:
 
 
 def table(res: dict[str, Any], tokens: int) -> str:
-    """The results as a Markdown table: each side's figures and jaxgpt's ratio."""
+    """The results as a Markdown table: each side's figures and jaxgpt's speed-up."""
     sides = [s for s in ("jaxgpt", "sae-lens") if s in res]
-    rate = {s: [tokens / r["seconds"] for r in res[s]["train"]] for s in sides}
-    ms = {s: [1000 * x for x in res[s]["step"]] for s in sides}
-    rows = [("end to end, tokens/s", {s: spread(rate[s]) for s in sides},
-             lambda: statistics.median(rate["jaxgpt"]) / statistics.median(rate["sae-lens"])),
-            ("SAE step alone, ms", {s: spread(ms[s]) for s in sides},
-             lambda: statistics.median(ms["sae-lens"]) / statistics.median(ms["jaxgpt"])),
-            ("held-out L0", {s: f"{res[s]['train'][-1]['l0']:.2f}" for s in sides}, None),
-            ("held-out explained variance",
-             {s: f"{res[s]['train'][-1]['explained_variance']:.4f}" for s in sides}, None)]
+    figures = {  # label -> side -> values over the rounds; True where higher is faster
+        "end to end, tokens/s": ({s: [tokens / r["seconds"] for r in res[s]["train"]]
+                                  for s in sides}, True),
+        "end to end, tokens per CPU-second": ({s: [tokens / r["cpu_seconds"]
+                                                   for r in res[s]["train"]] for s in sides},
+                                              True),
+        "LM forward of a batch, ms": ({s: [1000 * r["seconds"] for r in res[s]["forward"]]
+                                       for s in sides}, False),
+        "LM forward of a batch, CPU ms": ({s: [1000 * r["cpu_seconds"]
+                                               for r in res[s]["forward"]] for s in sides},
+                                          False),
+        "SAE step alone, ms": ({s: [1000 * r["seconds"] for r in res[s]["step"]]
+                                for s in sides}, False),
+        "SAE step alone, CPU ms": ({s: [1000 * r["cpu_seconds"] for r in res[s]["step"]]
+                                    for s in sides}, False),
+    }
     lines = ["| | " + " | ".join(sides) + " | jaxgpt's speed-up |",
              "|---|" + "---:|" * (len(sides) + 1)]
-    for label, cells, ratio in rows:
-        r = f"{ratio():.2f}x" if ratio is not None and len(sides) == 2 else ""
-        lines.append(f"| {label} | " + " | ".join(cells[s] for s in sides) + f" | {r} |")
+    for label, (values, higher) in figures.items():
+        ratio = ""
+        if len(sides) == 2:
+            a, b = (statistics.median(values[s]) for s in sides)
+            ratio = f"{(a / b if higher else b / a):.2f}x"
+        lines.append(f"| {label} | " + " | ".join(spread(values[s]) for s in sides)
+                     + f" | {ratio} |")
+    for key, label in (("l0", "held-out L0"), ("explained_variance",
+                                                "held-out explained variance")):
+        lines.append(f"| {label} | " + " | ".join(f"{res[s]['train'][-1][key]:.4f}"
+                                                  for s in sides) + " | |")
     return "\n".join(lines)
 
 
@@ -361,34 +402,42 @@ def main() -> None:
     report(args, ours, res)
 
 
+PHASES = {"train": "end to end", "forward": "LM forward of a batch",
+          "step": "SAE step alone"}
+
+
 def run_rounds(args: argparse.Namespace, ours: Jaxgpt, theirs: SaeLens | None
                ) -> dict[str, Any]:
-    """Warm-up runs, then `args.repeats` alternating rounds of each side's run and steps."""
+    """A warm-up run of each side, then for each phase `args.repeats` rounds of each side,
+    alternating, the first side swapping each round."""
     batch = args.setup.batch_tokens
-    run_ours = ours.step_timer()
-    ours.train(batch)  # warm-up (compiles the store's forward pass)
+    mine = {"train": ours.train, "forward": ours.forward_timer(), "step": ours.step_timer()}
+    ours.train(batch)
     if theirs is not None:
-        theirs.ask(op="train", tokens=batch)
-    res: dict[str, Any] = {"jaxgpt": {"train": [], "step": []}}
+        theirs.ask(op="train", n=batch)
+    sides = ["jaxgpt"] + (["sae-lens"] if theirs is not None else [])
+    res: dict[str, Any] = {side: {phase: [] for phase in PHASES} for side in sides}
+    for phase, n in (("train", args.tokens), ("forward", args.steps), ("step", args.steps)):
+        for r in range(args.repeats):
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                got = mine[phase](n) if side == "jaxgpt" else \
+                    theirs.ask(op=phase, n=n)  # type: ignore[union-attr]
+                res[side][phase].append(got)
+                print(f"round {r + 1}, {PHASES[phase]}, {side}: {got['seconds']:,.2f}s "
+                      f"(CPU {got['cpu_seconds']:,.2f}s)" + (
+                          f", L0 {got['l0']:.2f}, explained variance "
+                          f"{got['explained_variance']:.4f}" if phase == "train" else ""),
+                      flush=True)
     if theirs is not None:
-        res["sae-lens"] = {"train": [], "step": []}
-    for r in range(args.repeats):
-        order = ["jaxgpt", "sae-lens"][:len(res)]
-        for side in order if r % 2 == 0 else order[::-1]:
-            got = ours.train(args.tokens) if side == "jaxgpt" else \
-                theirs.ask(op="train", tokens=args.tokens)  # type: ignore[union-attr]
-            res[side]["train"].append(got)
-            print(f"round {r + 1} {side}: {args.tokens / got['seconds']:,.1f} tokens/s "
-                  f"({got['seconds']:.1f}s), L0 {got['l0']:.2f}, explained variance "
-                  f"{got['explained_variance']:.4f}", flush=True)
-    for r in range(args.repeats):
-        order = ["jaxgpt", "sae-lens"][:len(res)]
-        for side in order if r % 2 == 0 else order[::-1]:
-            s = run_ours(args.steps) if side == "jaxgpt" else \
-                theirs.ask(op="step", steps=args.steps)["seconds_per_step"]  # type: ignore
-            res[side]["step"].append(s)
-            print(f"round {r + 1} {side}: SAE step {1000 * s:,.1f} ms", flush=True)
+        res["weights_gap"] = weights_gap(ours.trained, theirs.trained())
     return res
+
+
+def weights_gap(ours: Any, theirs: dict[str, np.ndarray]) -> dict[str, float]:
+    """How far apart the two sides' trained SAEs are: each weight's largest difference
+    relative to its largest entry."""
+    return {k: float(np.abs(np.asarray(v) - theirs[k]).max() / np.abs(theirs[k]).max())
+            for k, v in ours.params.items() if np.abs(theirs[k]).max() > 0}
 
 
 def report(args: argparse.Namespace, ours: Jaxgpt, res: dict[str, Any]) -> None:
@@ -403,6 +452,9 @@ def report(args: argparse.Namespace, ours: Jaxgpt, res: dict[str, Any]) -> None:
                                                b["explained_variance"])
         print(f"held-out |L0 difference| {dl0:.3f} (bound {L0_TOL}), |explained variance "
               f"difference| {dev:.5f} (bound {EV_TOL})")
+        gaps = ", ".join(f"{k} {v:.1e}" for k, v in res["weights_gap"].items())
+        print(f"the two trained SAEs' largest weight differences, relative to the largest "
+              f"weight: {gaps}")
         if dl0 > L0_TOL or dev > EV_TOL:
             problems.append("the two SAEs' held-out L0 or explained variance differ beyond "
                             "the bounds")

@@ -13,12 +13,15 @@ bench_sae.py wrote (so both sides train the same SAE on the same model and token
 - `sae_init.npz`: the initial SAE (W_enc, b_enc, W_dec, b_dec), jaxgpt's `init_sae`;
 - `step_acts.npy` `[batch, d_in]`: the activations the SAE step alone trains on.
 
-Commands: `{"op": "train", "tokens": N}` trains with sae-lens's runner
+Commands: `{"op": "train", "n": N}` trains with sae-lens's runner
 (`LanguageModelSAETrainingRunner`) from the initial SAE on the first `N / context` rows and
-answers the seconds its construction and `run()` took, and the trained SAE's L0 and explained
-variance on the held-out tokens; `{"op": "step", "steps": S}` times `SAETrainer.step` (forward,
-firing statistics, backward, gradient clipping, Adam, schedulers) on `step_acts`, after one
-untimed step; `{"op": "quit"}`. Needs torch and sae-lens 6.54.12 (not jaxgpt, not jax).
+answers the seconds (and CPU seconds) its construction and `run()` took, and the trained SAE's
+L0 and explained variance on the held-out tokens (its weights go to `saelens_trained.npz`);
+`{"op": "step", "n": S}` times `SAETrainer.step` (forward, firing statistics, backward,
+gradient clipping, Adam, schedulers) on `step_acts`, after one untimed step; `{"op": "forward",
+"n": B}` times `next(ActivationsStore)` (the LM's forward pass over one batch's windows, the
+mixing buffer), after an untimed one; `{"op": "quit"}`.
+Needs torch and sae-lens 6.54.12 (not jaxgpt, not jax).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_sae import timed  # this script's folder is on sys.path
 
 
 def hooked_transformer(hf_dir: Path) -> Any:
@@ -61,6 +65,7 @@ class Worker:
     def __init__(self, work: Path):
         from sae_lens import TopKTrainingSAEConfig
 
+        self.work = work
         self.spec = json.loads((work / "spec.json").read_text())
         self.model = hooked_transformer(work / "hf")
         self.train_tokens = np.load(work / "train_tokens.npy")
@@ -116,20 +121,28 @@ class Worker:
             logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
             output_path=None, verbose=False, seed=s["seed"])
 
-    def train(self, tokens: int) -> dict[str, Any]:
+    def _dataset(self, tokens: int) -> Any:
+        """The first `tokens` tokens' windows as a pre-tokenized in-memory dataset."""
         from datasets import Dataset
-        from sae_lens import LanguageModelSAETrainingRunner
 
         rows = -(-tokens // self.spec["context"])
-        data = Dataset.from_dict({"tokens": self.train_tokens[:rows].tolist()})
+        return Dataset.from_dict({"tokens": self.train_tokens[:rows].tolist()})
+
+    def train(self, tokens: int) -> dict[str, Any]:
+        from sae_lens import LanguageModelSAETrainingRunner
+
+        data = self._dataset(tokens)
         cfg = self._runner_cfg(tokens)
         sae = self._sae()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         runner = LanguageModelSAETrainingRunner(cfg, override_dataset=data,
                                                 override_model=self.model, override_sae=sae)
         trained = runner.run()
-        seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "steps": cfg.total_training_steps, **self.evaluate(trained)}
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        np.savez(self.work / "saelens_trained.npz",
+                 **{k: v.detach().numpy() for k, v in trained.state_dict().items()})
+        return {"seconds": seconds, "cpu_seconds": cpu, "steps": cfg.total_training_steps,
+                **self.evaluate(trained)}
 
     @torch.no_grad()
     def evaluate(self, sae: Any) -> dict[str, float]:
@@ -146,17 +159,21 @@ class Worker:
             l0.append((acts != 0).sum(-1).float())
         return {"l0": torch.cat(l0).mean().item(), "explained_variance": ev.compute()}
 
-    def step(self, steps: int) -> dict[str, Any]:
+    def step(self, steps: int) -> dict[str, float]:
         from sae_lens.training.sae_trainer import SAETrainer
 
         cfg = self._runner_cfg(self.spec["batch_tokens"] * (steps + 1))
         trainer = SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=self._sae(),
                              data_provider=iter(()))
-        trainer.step(self.step_acts)  # untimed: torch's first call allocates
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.step(self.step_acts)
-        return {"seconds_per_step": (time.perf_counter() - t0) / steps}
+        return timed(lambda: trainer.step(self.step_acts), steps)
+
+    def forward(self, batches: int) -> dict[str, float]:
+        from sae_lens.training.activations_store import ActivationsStore
+
+        tokens = self.spec["batch_tokens"] * (batches + 1)
+        store = ActivationsStore.from_config(self.model, self._runner_cfg(tokens),
+                                             override_dataset=self._dataset(tokens))
+        return timed(lambda: next(store), batches)
 
 
 def main() -> None:
@@ -176,8 +193,8 @@ def main() -> None:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
             break
-        answer = worker.train(cmd["tokens"]) if cmd["op"] == "train" \
-            else worker.step(cmd["steps"])
+        answer = {"train": worker.train, "step": worker.step,
+                  "forward": worker.forward}[cmd["op"]](cmd["n"])
         print(json.dumps(answer), file=answers, flush=True)
 
 
