@@ -13,16 +13,19 @@ The same tokens in the same order: jaxgpt's store holds one batch at a time
 steps on them), taking the windows in the order `ActivationStore.epoch_order(0)` gives; sae-lens
 reads the windows in that order too, 32 per step (one LM batch, its mixing buffer one batch).
 Each step of either side trains on the same 4,096 tokens (shuffled among themselves, which
-changes the update only by rounding), so the two SAEs follow one path and their held-out L0
-and explained variance agree to rounding, which the run checks (within 0.01 and 0.5).
+changes the update only by rounding), so the two SAEs follow one path: the run checks that
+their held-out L0 is equal and their explained variance within 0.01, and prints how far apart
+their weights end.
 
-What is timed, alternating the two sides (the first side swaps each round) so that other work
-on the machine slows both alike:
+What is timed, in wall-clock and CPU seconds (all threads; the steadier figure on a machine
+shared with other work), alternating the two sides (the first side swaps each round):
 
 - end to end: jaxgpt's `train_saes(...)` call (store, model forward passes, SAE steps, and
   compiling its step, which it does for each run); sae-lens's `LanguageModelSAETrainingRunner`
   construction and `run()`. Not timed: building the model and its HookedTransformer, the
   tokens, the initial SAE, and one warm-up run of each side before the timed ones.
+- the LM forward pass of a batch alone: `--steps` batches of each side's activation store
+  (jaxgpt's `ActivationStore.next_batch`, sae-lens's `next(ActivationsStore)`), after one.
 - the SAE step alone: `--steps` steps on one fixed batch of 4,096 activations after an untimed
   one: jaxgpt's `make_sae_step` (jitted, compiled beforehand), sae-lens's `SAETrainer.step`
   (forward, firing statistics, backward, clip, Adam).
@@ -60,8 +63,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "scripts" / "bench_sae_saelens.py"
-# Each side's held-out L0 and explained variance must agree within these (issue 28).
-L0_TOL, EV_TOL = 0.5, 0.01
+# The two SAEs' held-out L0 must be equal (to a hundredth of a feature a token: a few tokens
+# where a k-th pre-activation of ~0 rounds either way) and explained variance within 0.01
+# (issue 28).
+L0_TOL, EV_TOL = 0.01, 0.01
 
 
 @dataclass(frozen=True)
