@@ -32,8 +32,10 @@ ALLOWED = {
     "jaxgpt.training": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference", "jaxgpt.io"},
     "jaxgpt.interp": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference"},
     "jaxgpt.aot": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference", "jaxgpt.training"},
+    "jaxgpt.sae": FOUNDATIONS | {"jaxgpt.nn", "jaxgpt.inference", "jaxgpt.io", "jaxgpt.training",
+                                 "jaxgpt.interp"},
     "jaxgpt.cli": FOUNDATIONS | {"jaxgpt.native_logs", "jaxgpt.nn", "jaxgpt.inference",
-                                 "jaxgpt.io", "jaxgpt.training", "jaxgpt.interp"},
+                                 "jaxgpt.io", "jaxgpt.training", "jaxgpt.interp", "jaxgpt.sae"},
 }
 # The files that state the flow line (`Data flows one way: ...` in the README).
 FLOW_LINE_FILES = ["README.md", "docs/development.md"]

@@ -19,7 +19,7 @@ from jaxgpt.native_logs import quiet_native_logs, start_backends, use_cpu_withou
 with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds no GPU
     import jax  # noqa: F401
 
-from jaxgpt.cli import attention, convert, generate, info, lens, patch, train
+from jaxgpt.cli import attention, convert, generate, info, lens, patch, sae, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add(sub)
     convert.add(sub)
     train.add(sub)
+    sae.add(sub)
     return parser
 
 

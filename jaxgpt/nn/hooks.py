@@ -22,6 +22,12 @@ arrays (a steering vector, a clean activation) to the model:
   (`params[...][HOOK_ARGS]`). The compiled program takes them as arguments, so a new vector
   of the same shape reuses it. `run_with_hooks`, `generate` and `generate_text_simple` do this.
 
+A hook may also show values it computes on the way (an SAE spliced in, `jaxgpt.sae.splice`,
+shows its feature activations): it lists their names in `value_names`, and its method
+`with_values(x, name) -> (x, {value name: array})` is what runs when the table caches one of
+them, under `<point>.<value name>` (`blocks.6.hook_resid_pre.hook_sae_acts_post`). A table
+that caches none calls the hook as usual.
+
 Shapes: B batch, T tokens (queries), S key slots, D emb_dim, H heads, Dh head_dim.
 """
 
@@ -183,8 +189,9 @@ class HookTable:
 
     `hooks`: `(name, hook)` pairs, run in order at their point (a `ByIdentity` holder of a bound
     function, or a `FreeHook`); `cache`: names whose value (after the hooks) is sown in the
-    `intermediates` collection under the name; `prefix`: where in the model this table was
-    handed down to (`blocks.3.attn`).
+    `intermediates` collection under the name, and `<point>.<value>` names of values the hooks
+    there show (`value_names`); `prefix`: where in the model this table was handed down to
+    (`blocks.3.attn`).
     """
 
     hooks: tuple[tuple[str, Any], ...] = ()
@@ -223,14 +230,26 @@ def hook_point(module: nn.Module, table: HookTable, name: str, x: jax.Array) -> 
             free += 1
         else:
             fn = hook.obj
-        y = fn(x, full)
+        shown = [v for v in getattr(fn, "value_names", ()) if f"{full}.{v}" in table.cache]
+        if shown:
+            showing: Any = fn  # a hook with `value_names` has `with_values` (module docstring)
+            y, values = showing.with_values(x, full)
+            for value in shown:
+                _keep(module, f"{full}.{value}", values[value])
+        else:
+            y = fn(x, full)
         if getattr(y, "shape", None) != x.shape:
             raise ValueError(f"the hook at {full} returned shape {getattr(y, 'shape', type(y))} "
                              f"for an activation of shape {x.shape}")
         x = y.astype(x.dtype)  # a float32 vector added to bf16 activations stays bf16
     if full in table.cache:
-        module.sow("intermediates", full, x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        _keep(module, full, x)
     return x
+
+
+def _keep(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Sow `x` as `name` in the `intermediates` collection (the last value kept)."""
+    module.sow("intermediates", name, x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
 
 
 def check_names(cfg: GPTConfig, names: Iterable[str], what: str = "hook point") -> None:
@@ -261,10 +280,11 @@ def _check_hooks(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]]) -> list[tuple
 def hook_table(cfg: GPTConfig, hooks: Iterable[tuple[str, Any]] = (),
                cache: Iterable[str] = ()) -> HookTable:
     """A table of bound hooks (their arrays are constants of the program) and cached names,
-    checked against `GPTModel(cfg)`'s hook points."""
+    checked against `GPTModel(cfg)`'s hook points and the values its hooks show."""
     pairs = _check_hooks(cfg, hooks)
     cache = frozenset(cache)
-    check_names(cfg, sorted(cache), "cached name")
+    shown = {f"{name}.{value}" for name, fn in pairs for value in getattr(fn, "value_names", ())}
+    check_names(cfg, sorted(cache - shown), "cached name")
     return HookTable(tuple((name, ByIdentity(fn)) for name, fn in pairs), cache)
 
 

@@ -126,9 +126,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> SAEConfig:
         if name not in raw:
             raise ValueError(f"cfg.json has no {name}")
     reshape = raw.get("reshape_activations", "none")
-    if reshape != "none":
-        raise ValueError(f"reshape_activations={reshape!r} (SAEs on attention heads' hook_z "
-                         f"flattened) is not supported; jaxgpt reads 'none'")
+    if reshape not in ("none", "hook_z"):
+        raise ValueError(f"reshape_activations={reshape!r} is not one jaxgpt reads ('none', "
+                         f"'hook_z')")
     fields: dict[str, Any] = {}
     details = metadata.get("training_architecture_details")
     if metadata.get("training_architecture") == architecture and isinstance(details, dict):
@@ -295,7 +295,7 @@ def sae_cfg_dict(cfg: SAEConfig, *, inference: bool = True,
     common = {"d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": cfg.dtype, "device": "cpu",
               "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
               "normalize_activations": cfg.normalize_activations,
-              "reshape_activations": "none", "metadata": out_meta}
+              "reshape_activations": cfg.reshape_activations, "metadata": out_meta}
     if inference:
         return {**common, **{name: values[name] for name in inference_fields},
                 "architecture": inference_arch}

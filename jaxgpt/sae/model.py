@@ -16,8 +16,9 @@ The four architectures sae-lens trains:
 - batchtopk: the `k * N` largest activations over a batch of N rows (k on average per row),
   with a threshold learned along the way (`state["topk_threshold"]`); it is used and saved as
   a jumprelu SAE with that threshold (`to_inference`);
-- jumprelu: `h * (h > threshold)`, trained through straight-through estimates of the step's
-  gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty.
+- jumprelu: `ReLU(h) * (h > threshold)`, trained through straight-through estimates of the
+  step's gradient (a rectangle of width `jumprelu_bandwidth`) with an L0 penalty, the
+  threshold kept `>= 0` (`project_threshold`).
 
 Where `x' = x - b_dec` when `apply_b_dec_to_input`. Shapes: `x [..., d_in]`, activations
 `[..., d_sae]`.
@@ -78,6 +79,9 @@ class SAEConfig:
     target_l0: float | None = None
     # Where it reads (a hook point name); sae-lens keeps it in `metadata.hook_name`.
     hook_name: str | None = None
+    # "hook_z": it reads attention heads' `[..., H, Dh]` flattened to `[..., H * Dh]` (encode
+    # takes the flattened rows; `jaxgpt.sae.splice` flattens a hook_z point whatever this says).
+    reshape_activations: str = "none"
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -87,6 +91,9 @@ class SAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}")
+        if self.reshape_activations not in ("none", "hook_z"):
+            raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got "
+                             f"{self.reshape_activations!r}")
         if self.normalize_activations not in NORMALIZATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALIZATIONS}, got "
                              f"{self.normalize_activations!r}")
@@ -177,10 +184,12 @@ def _rectangle(x: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def jumprelu(x: jax.Array, threshold: jax.Array, bandwidth: float,
              ste_to_input: bool) -> jax.Array:
-    """`x * (x > threshold)`, with sae-lens's straight-through gradient for the threshold
+    """`ReLU(x) * (x > threshold)` (sae-lens's `JumpReLUSAE`; its training SAE computes
+    `x * (x > threshold)`, the same for the non-negative thresholds it trains with), with
+    sae-lens's straight-through gradient for the threshold
     (`-(threshold / bandwidth) * rectangle((x - threshold) / bandwidth)`), and for `x` too
     when `ste_to_input` (Anthropic's variant)."""
-    return x * (x > threshold).astype(x.dtype)
+    return jax.nn.relu(x) * (x > threshold).astype(x.dtype)
 
 
 def _jumprelu_fwd(x: jax.Array, threshold: jax.Array, bandwidth: float,
@@ -257,16 +266,30 @@ def decoder_norms(sae: SAE) -> jax.Array:
     return jnp.linalg.norm(sae.params["W_dec"], axis=-1)
 
 
+def clamped_decoder_norms(sae: SAE) -> jax.Array:
+    """`|W_dec rows|` at least 1e-8, what sae-lens folds with (`get_W_dec_norm`), `[d_sae]`."""
+    return jnp.maximum(decoder_norms(sae), 1e-8)
+
+
 def _norm_in(cfg: SAEConfig, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`x` normalised as `cfg` asks at run time, and `(scale, shift)` that undo it."""
+    """`x` normalised as `cfg` asks at run time, and the statistics `_norm_out` undoes it
+    with (constant_norm_rescale: the coefficient; layer_norm: the std and the mean)."""
     if cfg.normalize_activations == "constant_norm_rescale":
         coeff = cfg.d_in ** 0.5 / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        return x * coeff, (1.0 / coeff, jnp.zeros((), x.dtype))
+        return x * coeff, (coeff, jnp.zeros((), x.dtype))
     if cfg.normalize_activations == "layer_norm":
         mu = x.mean(-1, keepdims=True)
         std = jnp.std(x - mu, axis=-1, keepdims=True, ddof=1)  # torch's std is unbiased
         return (x - mu) / (std + 1e-5), (std, mu)
     return x, (jnp.ones((), x.dtype), jnp.zeros((), x.dtype))
+
+
+def _norm_out(cfg: SAEConfig, x: jax.Array, out: jax.Array) -> jax.Array:
+    """`out` taken back from the normalised space of input `x` (as sae-lens rounds it)."""
+    a, b = _norm_in(cfg, x)[1]
+    if cfg.normalize_activations == "constant_norm_rescale":
+        return out / a
+    return out * a + b  # layer_norm: without the epsilon, as sae-lens undoes it
 
 
 def process_sae_in(sae: SAE, x: jax.Array) -> jax.Array:
@@ -313,22 +336,32 @@ def encode(sae: SAE, x: jax.Array) -> jax.Array:
 
 def _times_W_dec(sae: SAE, acts: jax.Array) -> jax.Array:
     if sae.cfg.architecture in ("topk", "batchtopk") and sae.cfg.rescale_acts_by_decoder_norm:
-        acts = acts / decoder_norms(sae)
+        acts = acts * (1 / decoder_norms(sae))  # sae-lens's rounding: times the reciprocal
     return acts @ sae.params["W_dec"]
+
+
+def decode_linear(sae: SAE, acts: jax.Array) -> jax.Array:
+    """`acts @ W_dec + b_dec` `[..., d_in]`: the reconstruction before a run-time
+    normalisation is undone (sae-lens's `hook_sae_recons`)."""
+    return _times_W_dec(sae, acts) + sae.params["b_dec"]
+
+
+def denormalize(sae: SAE, out: jax.Array, x: jax.Array | None) -> jax.Array:
+    """`out` `[..., d_in]` with the run-time normalisation (`constant_norm_rescale`,
+    `layer_norm`) of the input `x` undone; `out` as it is for the other SAEs."""
+    if sae.cfg.normalize_activations not in ("constant_norm_rescale", "layer_norm"):
+        return out
+    if x is None:
+        raise ValueError(f"decode needs the input x to undo the SAE's "
+                         f"{sae.cfg.normalize_activations} normalisation")
+    return _norm_out(sae.cfg, x.astype(sae.cfg.dtype), out)
 
 
 def decode(sae: SAE, acts: jax.Array, x: jax.Array | None = None) -> jax.Array:
     """The reconstruction `[..., d_in]` of feature activations `acts`. `x`, the input they
     came from, is needed only to undo a run-time normalisation (`constant_norm_rescale`,
     `layer_norm`)."""
-    out = _times_W_dec(sae, acts) + sae.params["b_dec"]
-    if sae.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-        if x is None:
-            raise ValueError(f"decode needs the input x to undo the SAE's "
-                             f"{sae.cfg.normalize_activations} normalisation")
-        scale, shift = _norm_in(sae.cfg, x.astype(sae.cfg.dtype))[1]
-        out = out * scale + shift
-    return out
+    return denormalize(sae, decode_linear(sae, acts), x)
 
 
 def forward(sae: SAE, x: jax.Array) -> jax.Array:
@@ -359,8 +392,23 @@ def training_forward(sae: SAE, x: jax.Array, dead_mask: jax.Array | None = None,
         jumprelu's pre-activation loss); None: none are.
       coefficient: the sparsity coefficient this step (the config's, ramped over its warm-up
         steps by the trainer); unused by topk/batchtopk.
+
+    JumpReLU's threshold is used projected onto `>= 0`, as sae-lens projects the parameter
+    before each pass (its gradient is the projected value's); a trainer that means to follow
+    sae-lens's steps exactly stores the projection too (`project_threshold`) before the step.
     """
     cfg = sae.cfg
+    if cfg.architecture in ("topk", "batchtopk") and dead_mask is not None \
+            and cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"the TopK auxiliary loss (which needs dead_mask) does not support "
+                         f"normalize_activations={cfg.normalize_activations!r}: it would "
+                         f"reconstruct the normalised residual (sae-lens refuses it too)")
+    if cfg.architecture == "jumprelu":
+        t = sae.params["threshold"]
+        # The projected value with the identity's gradient: sae-lens's gradient is taken at
+        # the clamped parameter and flows to it whole.
+        sae = sae.replace(params={**sae.params, "threshold": t + jax.lax.stop_gradient(
+            jnp.maximum(t, 0) - t)})
     acts, h = encode_with_hidden_pre(sae, x)
     sae_out = decode(sae, acts, x)
     sae_in = x.astype(cfg.dtype)
@@ -390,6 +438,15 @@ def training_forward(sae: SAE, x: jax.Array, dead_mask: jax.Array | None = None,
             losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * per_row.mean()
     loss = sum(losses.values(), jnp.zeros((), jnp.float32))
     return TrainOutput(loss, losses, sae_out, acts, h)
+
+
+def project_threshold(sae: SAE) -> SAE:
+    """The SAE with JumpReLU's threshold clamped to `>= 0`, as sae-lens sets the parameter
+    before each training pass (any other SAE unchanged)."""
+    if sae.cfg.architecture != "jumprelu":
+        return sae
+    return sae.replace(params={**sae.params, "threshold": jnp.maximum(sae.params["threshold"],
+                                                                        0)})
 
 
 def topk_aux_loss(sae: SAE, sae_in: jax.Array, sae_out: jax.Array, h: jax.Array,
@@ -432,10 +489,12 @@ def update_topk_threshold(sae: SAE, acts: jax.Array) -> SAE:
 def fold_W_dec_norm(sae: SAE) -> SAE:
     """The same SAE with W_dec's rows scaled to norm 1 and the encoder (and JumpReLU's
     threshold) scaled to match: the same reconstructions (sae-lens's `fold_W_dec_norm`)."""
-    if sae.cfg.architecture == "topk" and not sae.cfg.rescale_acts_by_decoder_norm:
-        raise ValueError("folding the decoder norms changes which features a topk SAE keeps "
-                         "unless it was trained with rescale_acts_by_decoder_norm")
-    n = jnp.maximum(decoder_norms(sae), 1e-8)
+    if sae.cfg.architecture in ("topk", "batchtopk") \
+            and not sae.cfg.rescale_acts_by_decoder_norm:
+        raise ValueError(f"folding the decoder norms changes which features a "
+                         f"{sae.cfg.architecture} SAE keeps unless it was trained with "
+                         f"rescale_acts_by_decoder_norm")
+    n = clamped_decoder_norms(sae)
     p = dict(sae.params)
     p["W_dec"] = p["W_dec"] / n[:, None]
     p["W_enc"] = p["W_enc"] * n[None, :]
@@ -467,7 +526,7 @@ def to_inference(sae: SAE) -> SAE:
         return sae
     p = dict(sae.params)
     if cfg.rescale_acts_by_decoder_norm:
-        n = decoder_norms(sae)
+        n = clamped_decoder_norms(sae)
         p["b_enc"] = p["b_enc"] * n
         p["W_dec"] = p["W_dec"] / n[:, None]
         p["W_enc"] = p["W_enc"] * n[None, :]

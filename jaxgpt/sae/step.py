@@ -18,6 +18,7 @@ Shapes: N rows (tokens), F d_sae features, d d_in.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from jaxgpt.sae.model import (
     training_forward,
     update_topk_threshold,
 )
+from jaxgpt.sae.sparse import SparseTrainOutput, topk_training_forward
 from jaxgpt.sae.train_config import SAETrainConfig, coefficient_at, lr_at
 
 # torch's Adam epsilon, which sae-lens leaves at its default.
@@ -59,14 +61,19 @@ def optimizer(tc: SAETrainConfig) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=tc.adam_beta1, b2=tc.adam_beta2, eps=ADAM_EPS)
 
 
+def init_key(cfg: SAEConfig, tc: SAETrainConfig) -> jax.Array:
+    """The key an SAE of `cfg` is initialised with: `tc.seed` and the config itself, so an SAE
+    starts the same whichever others train beside it."""
+    return jax.random.fold_in(jax.random.key(tc.seed), zlib.crc32(repr(cfg).encode()) >> 1)
+
+
 def init_sae_state(sae_cfgs: Sequence[SAEConfig], tc: SAETrainConfig,
                    saes: Sequence[SAE] | None = None,
                    scaling: Sequence[float] | None = None) -> SAETrainState:
-    """Step 0: SAE i initialised as sae-lens does with key `fold_in(key(tc.seed), i)` (or
-    `saes`, copied: the step donates the state), fresh Adam moments, no feature dead."""
+    """Step 0: each SAE initialised as sae-lens does with `init_key(cfg, tc)` (or `saes`,
+    copied: the step donates the state), fresh Adam moments, no feature dead."""
     if saes is None:
-        base = jax.random.key(tc.seed)
-        saes = [init_sae(cfg, jax.random.fold_in(base, i)) for i, cfg in enumerate(sae_cfgs)]
+        saes = [init_sae(cfg, init_key(cfg, tc)) for cfg in sae_cfgs]
     else:
         saes = [jax.tree_util.tree_map(jnp.array, s) for s in saes]
     if len(saes) != len(sae_cfgs):
@@ -110,20 +117,41 @@ def sparsity_coefficient(cfg: SAEConfig, step: jax.Array) -> jax.Array:
     return jnp.ones((), jnp.float32)
 
 
+def sparse_path(cfg: SAEConfig) -> bool:
+    """Whether SAE `cfg` trains through `jaxgpt.sae.sparse` (topk, without run-time
+    normalisation) rather than `model.training_forward`."""
+    return cfg.architecture == "topk" and cfg.normalize_activations not in (
+        "constant_norm_rescale", "layer_norm")
+
+
 def _loss(params: dict, sae: SAE, x: jax.Array, dead: jax.Array,
           coefficient: jax.Array) -> tuple[jax.Array, Any]:
-    out = training_forward(sae.replace(params=params), x, dead, coefficient)
+    sae = sae.replace(params=params)
+    if sparse_path(sae.cfg):
+        out: Any = topk_training_forward(sae, x, dead)
+    else:
+        out = training_forward(sae, x, dead, coefficient)
     return out.loss, out
 
 
-def _metrics(x: jax.Array, out: Any, dead_after: jax.Array) -> dict[str, jax.Array]:
+def _fired_and_l0(out: Any, d_sae: int) -> tuple[jax.Array, jax.Array]:
+    """`(which features fired [F], mean active features per row)` of a training output."""
+    if isinstance(out, SparseTrainOutput):
+        active = out.acts != 0
+        counts = jnp.zeros(d_sae, jnp.int32).at[out.idx.reshape(-1)].add(
+            active.reshape(-1).astype(jnp.int32))
+        return counts > 0, active.sum(-1).mean(dtype=jnp.float32)
+    active = out.feature_acts != 0
+    return active.any(0), active.sum(-1).mean(dtype=jnp.float32)
+
+
+def _metrics(x: jax.Array, out: Any, l0: jax.Array, dead_after: jax.Array) -> dict[str, jax.Array]:
     """sae-lens's logged metrics of a step: its losses, L0, explained variance, dead count."""
     x = x.astype(jnp.float32)
     per_row = jnp.square(out.sae_out.astype(jnp.float32) - x).sum(-1)
     total_variance = jnp.square(x - x.mean(0)).sum(-1)
     return {
-        "loss": out.loss, **out.losses,
-        "l0": (out.feature_acts != 0).sum(-1).mean(dtype=jnp.float32),
+        "loss": out.loss, **out.losses, "l0": l0,
         "explained_variance": 1 - per_row.mean() / total_variance.mean(),
         "dead_features": dead_after.sum(dtype=jnp.int32),
         "dead_fraction": dead_after.mean(dtype=jnp.float32),
@@ -150,9 +178,9 @@ def sae_update(sae: SAE, opt_state: Any, since_fired: jax.Array, x: jax.Array,
     new = sae.replace(params=params)
     if cfg.architecture == "batchtopk":
         new = update_topk_threshold(new, out.feature_acts)
-    fired = (out.feature_acts != 0).any(0)
+    fired, l0 = _fired_and_l0(out, cfg.d_sae)
     since_fired = jnp.where(fired, 0, since_fired + 1)
-    metrics = _metrics(x, out, since_fired > tc.dead_feature_window)
+    metrics = _metrics(x, out, l0, since_fired > tc.dead_feature_window)
     metrics.update(lr=lr, grad_norm=grad_norm, coefficient=coefficient)
     return new, opt_state, since_fired, metrics
 

@@ -344,8 +344,7 @@ def _open(params: Any, cfg: GPTConfig, tokens: np.ndarray, sae_cfgs: list[SAECon
     if tc.train_batch_size_tokens % n_dev:
         raise ConfigError("SAETrainConfig", "train_batch_size_tokens", f"must be divisible by "
                           f"the {n_dev} devices", tc.train_batch_size_tokens)
-    check_tokens(np.asarray(tokens[: 1 << 24]) if len(tokens) > 1 << 24 else tokens, cfg,
-                 "the tokens")
+    check_tokens(np.asarray(tokens) if isinstance(tokens, list) else tokens, cfg, "the tokens")
     out_dir = Path(out) if out is not None else None
     candidates = _prepare(out_dir, cfg, sae_cfgs, tc, resume)
     if out_dir is not None:
