@@ -1,8 +1,9 @@
 """A finding, offline: the features of a sparse autoencoder on a small GPT's residual stream are
 single tokens far more often than the MLP's neurons or random directions.
 
-    python scripts/sae_finding.py --out runs/finding --images docs/images   # the full version
-    python scripts/sae_finding.py --quick --out /tmp/finding                # the test's version
+    python scripts/sae_finding.py --control --out runs/finding --images docs/images \
+        --page docs/sae_features.html                     # docs/research.md's run
+    python scripts/sae_finding.py --quick --out /tmp/finding   # the test's shortened version
 
 It trains a small GPT on the offline demo corpus (Python's help topics, `pydoc_data.topics`,
 as `jaxgpt train` does) with jaxgpt's train step, over the corpus's own vocabulary (the GPT-2
@@ -19,8 +20,10 @@ text it takes, for each unit, the `--top` positions where the unit is largest:
 - a unit is scored only if it is positive at `--top` positions or more (an SAE feature that
   fires less often on the held-out text is left out, and counted).
 
-It prints each share with its Wilson 95% interval and writes `finding.json` to `--out`;
-`--images DIR` draws the shares and a few features' top contexts there.
+It prints each share with its Wilson 95% interval and writes `finding.json` to `--out`.
+`--control` does the same on the GPT before training; `--images DIR` draws the shares and a
+few features' top contexts there; `--page FILE` writes the features page
+(`jaxgpt.sae.features`) of the first scored features.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from jaxgpt.training.evaluation import evaluate, make_eval_step
 from jaxgpt.training.loop import run_steps
 from jaxgpt.training.step import dropout_key, init_train_state, make_train_step
 
-UNITS = ("SAE features", "MLP neurons", "random directions")
 PAGE_FEATURES = 30  # features on the page: the first scored ones, by index
 MEASURES = ("one token", "one word", "one previous token")
 
@@ -107,14 +109,14 @@ def windows(ids: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train_gpt(cfg: GPTConfig, r: Recipe, train: np.ndarray, val: np.ndarray) -> Any:
     """The GPT trained on `train` with jaxgpt's train step; prints the losses. Its params."""
-    tc = TrainConfig(steps=max(r.gpt_steps, 1), batch_size=r.gpt_batch, seq_len=r.seq,
+    tc = TrainConfig(steps=r.gpt_steps, batch_size=r.gpt_batch, seq_len=r.seq,
                      lr=r.gpt_lr, warmup_steps=min(50, r.gpt_steps), seed=r.seed)
     state = init_train_state(cfg, tc)
     loader = data.BatchLoader(data.SlidingWindows(train, r.seq, r.seq), r.gpt_batch,
                               seed=r.seed)
     batches = ((jnp.asarray(x), jnp.asarray(y)) for x, y in loader)
-    val_batches = [(x[i:i + 16], y[i:i + 16]) for x, y in [windows(val, r.seq)]
-                   for i in range(0, len(x), 16)]
+    val_x, val_y = windows(val, r.seq)
+    val_batches = [(val_x[i:i + 16], val_y[i:i + 16]) for i in range(0, len(val_x), 16)]
     eval_step, losses, t0 = make_eval_step(cfg), [], time.time()
     every = max(r.gpt_steps // 4, 1)
 
@@ -126,9 +128,8 @@ def train_gpt(cfg: GPTConfig, r: Recipe, train: np.ndarray, val: np.ndarray) -> 
                   f"({time.time() - t0:.0f} s)", flush=True)
         return False
 
-    if r.gpt_steps:
-        state = run_steps(make_train_step(cfg, tc), state, batches, range(1, r.gpt_steps + 1),
-                          dropout_key(tc), report)
+    state = run_steps(make_train_step(cfg, tc), state, batches, range(1, r.gpt_steps + 1),
+                      dropout_key(tc), report)
     return jax.device_get(state.params)
 
 
@@ -186,7 +187,7 @@ def purity(labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The share of each unit's top positions that carry its commonest label: `[U]`.
 
     Args:
-      labels: int `[N]`, a label (token, word...) per position; -1 is a label like any other.
+      labels: int `[N]`, a label (token, word...) per position.
       positions: `[top, U]` from `top_positions`.
     """
     held = labels[positions]  # [top, U]
@@ -206,9 +207,10 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def position_labels(inputs: np.ndarray, words: np.ndarray) -> dict[str, np.ndarray]:
     """Per position of the windows `inputs [W, T]` (flattened): the token, its word (the id of
-    the token with whitespace and case dropped) and the token before it (-1 at a window's
-    start)."""
-    prev = np.concatenate([np.full((len(inputs), 1), -1), inputs[:, :-1]], axis=1)
+    the token with whitespace and case dropped) and the token before it. A window's first
+    position has none: its label, `-1 - window`, matches no other position's."""
+    starts = -1 - np.arange(len(inputs))[:, None]
+    prev = np.concatenate([starts, inputs[:, :-1]], axis=1)
     return {"one token": inputs.reshape(-1), "one word": words[inputs].reshape(-1),
             "one previous token": prev.reshape(-1)}
 
@@ -428,8 +430,27 @@ def draw(tables: dict[str, dict[str, Any]], features: np.ndarray, inputs: np.nda
     print(f"wrote {images / 'sae_finding_shares.png'}, {images / 'sae_finding_examples.png'}")
 
 
+def check(r: Recipe) -> str | None:
+    """What is wrong with `r`, in a line naming the flag; None if nothing."""
+    if not 0 <= r.layer < r.layers:
+        return f"--layer must be in [0, {r.layers}) (--layers), got {r.layer}"
+    if r.heads <= 0 or r.emb % r.heads:
+        return f"--heads ({r.heads}) must divide --emb ({r.emb})"
+    if not 0 < r.holdout < 1:
+        return f"--holdout must be in (0, 1), got {r.holdout}"
+    if not 0 < r.purity <= 1:
+        return f"--purity must be in (0, 1], got {r.purity}"
+    if not 0 < r.k <= r.d_sae:
+        return f"--k must be in [1, {r.d_sae}] (--d-sae), got {r.k}"
+    small = [f.name for f in dataclasses.fields(Recipe)
+             if f.name not in ("layer", "holdout", "purity", "k") and getattr(r, f.name) <= 0]
+    if small:
+        return f"--{small[0].replace('_', '-')} must be positive, got {getattr(r, small[0])}"
+    return None
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for finding.json")
     p.add_argument("--images", help="directory for the pictures (none drawn without it)")
     p.add_argument("--page", help=f"write the page of the first {PAGE_FEATURES} scored "
@@ -446,8 +467,8 @@ def main() -> None:
     changes = {f.name: getattr(a, f.name) for f in dataclasses.fields(Recipe)
                if getattr(a, f.name) is not None}
     r = dataclasses.replace(base, **changes)
-    if not 0 <= r.layer < r.layers:
-        p.error(f"--layer must be in [0, {r.layers}), got {r.layer}")
+    if problem := check(r):
+        p.error(problem)
     run(r, Path(a.out), control=a.control, images=Path(a.images) if a.images else None,
         page=Path(a.page) if a.page else None)
 

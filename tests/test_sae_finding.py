@@ -3,6 +3,7 @@ made-up units whose answer is known, and the shortened experiment, in which an S
 are single tokens more often than random directions of the same residual stream and than the
 MLP's neurons, by more than both shares' 95% intervals."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def test_shares_count_units_by_measure():
     inputs = np.array([[1, 3, 1, 3], [1, 2, 1, 3]])  # two windows of 4 tokens
     words = np.array([0, 1, 2, 1])  # tokens 1 and 3 are one word (" The", "the")
     labels = sae_finding.position_labels(inputs, words)
-    assert labels["one previous token"].tolist() == [-1, 1, 3, 1, -1, 1, 2, 1]
+    # A window's first position follows nothing, and matches no other such position.
+    assert labels["one previous token"].tolist() == [-1, 1, 3, 1, -2, 1, 2, 1]
     # Unit 0 is largest where the token is 1; unit 1 at positions 1, 0, 3, 2 (tokens 3, 1, 3, 1:
     # half one token, all one word).
     unit0 = (labels["one token"] == 1) + 0.1
@@ -66,8 +68,9 @@ def test_shares_count_units_by_measure():
     # What the page's features are listed with: the commonest token and each purity.
     pieces = [b"a", b"b", b"c", b"B"]
     found = sae_finding.verdicts(np.stack([unit0, unit1], 1), labels, pieces, r)
+    # Feature 0's top positions follow -1, 3, -2, 2: two window starts, which do not agree.
     assert found == [{"feature": 0, "token": "b", "one token": 1.0, "one word": 1.0,
-                      "one previous token": 0.5},
+                      "one previous token": 0.25},
                      {"feature": 1, "token": "b", "one token": 0.5, "one word": 1.0,
                       "one previous token": 0.5}]  # feature 1's tie of b and B: the lower id
 
@@ -90,7 +93,17 @@ def test_a_context_shows_a_character_split_over_tokens_whole():
     assert line.split() == ["2.50", "it\u2019[s]", "here\\n"]
 
 
-@pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about a minute of CPU)
+def test_the_recipes_are_valid_and_a_bad_flag_is_named():
+    assert sae_finding.check(sae_finding.Recipe()) is None
+    assert sae_finding.check(sae_finding.QUICK) is None
+    bad = {"layer": 4, "heads": 3, "holdout": 1.0, "purity": 0.0, "k": 600, "top": 0,
+           "gpt_steps": 0}
+    for name, value in bad.items():
+        problem = sae_finding.check(dataclasses.replace(sae_finding.Recipe(), **{name: value}))
+        assert problem is not None and problem.startswith(f"--{name.replace('_', '-')}"), name
+
+
+@pytest.mark.slow  # trains a GPT and an SAE in a subprocess (about 100 s of CPU)
 def test_sae_features_are_single_tokens_more_often_than_random_directions(tmp_path):
     env = {**xla_default_env(), "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sae_finding.py"), "--quick",
