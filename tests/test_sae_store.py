@@ -11,7 +11,6 @@ from jaxgpt.interp.cache import run_with_cache
 from jaxgpt.sae.store import (
     ActivationStore,
     StorePosition,
-    check_hook_name,
     hook_widths,
     stop_layer,
     store_memory,
@@ -88,15 +87,16 @@ def test_widths_and_the_layer_the_model_stops_at(tiny):
     cfg, _ = tiny
     assert hook_widths(cfg, ["hook_embed", "blocks.1.ln2.hook_normalized"]) == {
         "hook_embed": 32, "blocks.1.ln2.hook_normalized": 32}
-    assert stop_layer(cfg, ["hook_embed"]) == 0
-    assert stop_layer(cfg, ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_pre"]) == 2
-    assert stop_layer(cfg, ["ln_final.hook_normalized"]) is None
+    assert stop_layer(["hook_embed"]) == 0
+    assert stop_layer(["blocks.0.hook_resid_post", "blocks.1.mlp.hook_pre"]) == 2
+    assert stop_layer(["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"]) == 1
+    assert stop_layer(["ln_final.hook_normalized"]) is None
 
 
 def test_the_store_refuses_what_cannot_work(tiny, tokens):
     cfg, params = tiny
     with pytest.raises(ValueError, match="closest is 'blocks.1.hook_resid_pre'"):
-        check_hook_name(cfg, "blocks.1.hook_resid_pr")
+        hook_widths(cfg, ["blocks.1.hook_resid_pr"])
     with pytest.raises(ValueError, match="not one vector per token"):
         ActivationStore(params, cfg, tokens, ["blocks.0.attn.hook_pattern"], TC)
     with pytest.raises(ValueError, match="fewer rows than one batch"):

@@ -145,9 +145,11 @@ def test_sparse_topk_gives_the_dense_pass_loss_and_gradients(rescale, apply_b_de
 # --- train_saes on the tiny model -----------------------------------------------------------
 
 # 2,000 tokens: 125 windows of 16; buffers of 4 batches of 64 rows (16 windows).
+# The standard SAE resamples its dead features after steps 8 and 16.
 TC = SAETrainConfig(training_tokens=64 * 24, train_batch_size_tokens=64, context_size=16,
                     n_batches_in_buffer=4, store_batch_size_prompts=4, log_every=4,
-                    save_every=8, n_batches_for_norm_estimate=3, lr=3e-3)
+                    save_every=8, n_batches_for_norm_estimate=3, lr=3e-3,
+                    feature_sampling_window=8, dead_feature_window=4)
 TOPK = SAEConfig("topk", 32, 64, k=4, hook_name=RESID, rescale_acts_by_decoder_norm=True)
 STANDARD = SAEConfig("standard", 32, 48, hook_name=Z, l1_coefficient=0.05,
                      normalize_activations="expected_average_only_in")
@@ -216,14 +218,14 @@ def test_resume_after_an_interrupt_is_the_uninterrupted_run_bit_for_bit(tiny, to
     cfg, params = tiny
     out = tmp_path / "run"
 
-    def interrupt(records):
-        if records[0]["step"] == 12:
+    def interrupt(records):  # before the standard SAE's first resampling (after step 8)
+        if records[0]["step"] == 4:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted) as e:
         train_saes(params, cfg, tokens, [TOPK, STANDARD], TC, out, progress=False,
                    on_log=interrupt)
-    assert e.value.step == 13 and e.value.checkpoint.name == "step_00000013"
+    assert e.value.step == 5 and e.value.checkpoint.name == "step_00000005"
     saes = train_saes(params, cfg, tokens, [TOPK, STANDARD], TC, out, resume=True,
                       progress=False)
     for got, want in zip(_params(saes), _params(full_run[1]), strict=True):
@@ -234,7 +236,8 @@ def test_resume_after_an_interrupt_is_the_uninterrupted_run_bit_for_bit(tiny, to
     for r in full_run[2]:  # every record of the uninterrupted run, the same
         mine = records[r["step"], r["sae"]]
         assert {**mine, "tokens_per_s": 0} == {**r, "tokens_per_s": 0}
-    assert (13, RESID) in records  # and the step the interrupt saved
+    assert (5, RESID) in records  # and the step the interrupt saved
+    assert "resampled" in records[16, Z]  # the resumed run resampled, as the first did
 
 
 def test_several_saes_from_one_forward_pass_train_as_each_alone(tiny, tokens, full_run):
@@ -358,15 +361,21 @@ def test_resume_refuses_other_data_and_warns_of_other_optimisation(tiny, tokens,
         train_saes(params, cfg, tokens, [TOPK, STANDARD], TC.replace(lr=1e-3), out,
                    resume=True)
     assert not caught  # refused before any warning: the steps are what cannot work
+    # The newest checkpoint damaged: the one before it is resumed from, with a warning.
+    (out / "checkpoints" / "step_00000024" / "extra" / "manifest.ocdbt").unlink()
+    logged = []
     with warnings.catch_warnings(record=True) as caught, pytest.raises(_Stop):
         warnings.simplefilter("always")
-        train_saes(params, cfg, tokens, [TOPK, STANDARD],  # stopped once past the checks
+        train_saes(params, cfg, tokens, [TOPK, STANDARD],  # stopped at its first record
                    TC.replace(lr=1e-3, training_tokens=64 * 28), out, resume=True,
-                   progress=False, on_log=_stop)
+                   progress=False, on_log=lambda r: (logged.extend(r), _stop(r)))
+    assert logged[0]["step"] == 20  # from step 16 on
     said = sorted(str(w.message) for w in caught if w.category is ResumeWarning)
     assert [m.split(":")[0] for m in said] == [
         "SAETrainConfig.lr changed from 0.003 to 0.001",
-        "SAETrainConfig.training_tokens changed from 1536 to 1792"]
+        "SAETrainConfig.training_tokens changed from 1536 to 1792",
+        f"cannot read the checkpoint {out.absolute()}/checkpoints/step_00000024"]
+    assert said[-1].endswith("trying the checkpoint before it")
 
 
 class _Stop(Exception):

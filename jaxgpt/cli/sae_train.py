@@ -91,6 +91,7 @@ def add(sub: Any) -> None:
             kwargs["choices"] = ("none", "expected_average_only_in")
         else:
             kwargs["type"] = float if name in ("k", "decoder_init_norm") else type(default)
+            kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
         p.add_argument(_sae_flag(name), **kwargs)
     p.add_argument("--no-rescale", action="store_true",
                    help="topk/batchtopk: select and decode with the decoder rows as they are "
@@ -129,9 +130,11 @@ def _add_setting(p: argparse.ArgumentParser, field: Any) -> None:
         kwargs.update(choices=("auto", "on", "off"), default="auto",
                       help=f"{meta['help']}; auto: {meta['none']} (default auto)")
     elif field.name == "grad_clip":
-        kwargs.update(type=float, help=f"{meta['help']}; 0 turns it off (default {default})")
+        kwargs.update(type=float, metavar="X",
+                      help=f"{meta['help']}; 0 turns it off (default {default})")
     else:
         kwargs["type"] = _TYPES.get(field.name) or type(default)
+        kwargs["metavar"] = {int: "N", float: "X"}.get(kwargs["type"])
         if field.name == "lr_scheduler_name":
             from jaxgpt.sae.train_config import LR_SCHEDULERS
 

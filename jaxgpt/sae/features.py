@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.sae.model import SAE, SAEConfig, decoder_norms, encode
-from jaxgpt.sae.splice import check_hook
+from jaxgpt.sae.splice import check_hook, stop_layer
 
 
 def setting(default: Any, help: str, none: str | None = None) -> Any:
@@ -137,14 +137,6 @@ def _at_least(fc: FeaturesConfig, name: str, low: int) -> None:
     v = getattr(fc, name)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
         raise _fail(name, f"must be an int >= {low}", v)
-
-
-def stop_layer(name: str) -> int | None:
-    """The `stop_at_layer` that reaches the hook point `name`: one past its block (0 for the
-    embeddings' points; None, the whole model, for `ln_final`'s)."""
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return 0 if name.startswith("hook_") else None
 
 
 # --- statistics ----------------------------------------------------------------------------
@@ -331,7 +323,7 @@ def feature_activations(params: Any, cfg: GPTConfig, sae: SAE, windows: np.ndarr
     for start in range(0, len(windows), fc.batch_size):
         batch = windows[start:start + fc.batch_size]
         _, cache = run_with_cache(params, cfg, batch, names=[hook],
-                                  stop_at_layer=stop_layer(hook))
+                                  stop_at_layer=stop_layer([hook]))
         yield (start, *_encode(sae, cache[hook], jnp.asarray(batch), columns,
                                width=sae.cfg.d_in, skip_first=fc.prepend_bos))
 

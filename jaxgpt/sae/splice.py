@@ -31,6 +31,7 @@ activation's shape.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -191,9 +192,9 @@ def point_width(cfg: GPTConfig, name: str) -> int | None:
     return widths.get(last)
 
 
-def check_hook(cfg: GPTConfig, name: Any, d_in: int) -> str:
-    """`name`, a hook point of `GPTModel(cfg)` whose activation an SAE of `d_in` reads; a
-    ValueError in one line otherwise (naming the closest hook point, or the width there)."""
+def check_point(cfg: GPTConfig, name: Any) -> int:
+    """The width an SAE reads at `name`, a hook point of `GPTModel(cfg)` with one vector per
+    token; a ValueError in one line otherwise (naming the closest hook point)."""
     names = hook_names(cfg)
     if not isinstance(name, str) or not name:
         raise ValueError(f"the SAE says no hook point to read (cfg.hook_name is {name!r}): "
@@ -204,11 +205,34 @@ def check_hook(cfg: GPTConfig, name: Any, d_in: int) -> str:
                          f"the closest is {close[0]!r}")
     width = point_width(cfg, name)
     if width is None:
-        raise ValueError(f"{name} holds attention weights over the keys; an SAE reads a "
-                         f"point whose last axis is features (hook_resid_pre, hook_z...)")
+        raise ValueError(f"{name} holds attention weights over the keys, not one vector per "
+                         f"token: an SAE reads a point whose last axis is features "
+                         f"(hook_resid_pre, hook_z...)")
+    return width
+
+
+def check_hook(cfg: GPTConfig, name: Any, d_in: int) -> str:
+    """`name`, a hook point of `GPTModel(cfg)` whose activation an SAE of `d_in` reads; a
+    ValueError in one line otherwise (naming the closest hook point, or the width there)."""
+    width = check_point(cfg, name)
     if width != d_in:
         raise ValueError(f"the SAE's d_in is {d_in}, but {name} has {width} values per token")
     return name
+
+
+def stop_layer(names: Sequence[str]) -> int | None:
+    """The `stop_at_layer` that reaches every hook point of `names`: one past the last block
+    any of them is in, except that `blocks.{n}.hook_resid_pre` needs only the blocks before n
+    (it is their output, `GPTModel.hidden(stop_at_layer=n)`'s); 0 for the embeddings; None
+    (the whole model) for `ln_final`."""
+    stop = 0
+    for name in names:
+        m = re.match(r"blocks\.(\d+)\.(.*)", name)
+        if m:
+            stop = max(stop, int(m.group(1)) + (m.group(2) != "hook_resid_pre"))
+        elif name.startswith("ln_final."):
+            return None
+    return stop
 
 
 def _saes(saes: SAE | Sequence[SAE], cfg: GPTConfig) -> dict[str, SAE]:

@@ -6,14 +6,15 @@
 
 The token stream is cut into context windows of `context_size` tokens (`tokens[w * T : (w + 1)
 * T]`, the tail shorter than a window left out). Each epoch visits the windows in the order of
-`np.random.default_rng([seed, epoch]).permutation(W)`, a buffer of them at a time: the model runs
-once over a buffer's windows (`store_batch_size_prompts` at a time, to the last block a hook
-needs: `stop_at_layer`), which leaves every hook's activations on the device, one row per
-token, and a permutation of those rows drawn on the device (key `fold_in(fold_in(key(seed),
-epoch), buffer)`) cuts them into batches by one gather each. So every row of an epoch is served
-once (the rows of a buffer that do not fill a last batch are left out: none when
-`n_batches_in_buffer * train_batch_size_tokens` is a multiple of `context_size`), rows of
-different windows and places in the corpus are mixed, and no copy of the buffer is made.
+`np.random.default_rng([seed, epoch]).permutation(W)`, a buffer of them at a time: the model
+runs once over a buffer's windows (`store_batch_size_prompts` at a time, to the last block a
+hook needs: `stop_at_layer`; for `blocks.{n}.hook_resid_pre`, blocks 0..n-1), which leaves
+every hook's activations on the device, one row per token, and a permutation of those rows
+drawn on the device (key `fold_in(fold_in(key(seed), epoch), buffer)`) cuts them into batches
+by one gather each. So every row of an epoch is served once (the rows of a buffer that do not
+fill a last batch are left out: none when `n_batches_in_buffer * train_batch_size_tokens` is a
+multiple of `context_size`), rows of different windows and places in the corpus are mixed, and
+no copy of the buffer is made.
 
 sae-lens fills a buffer on the host and mixes it with the last one (`mixing_buffer`: a
 concatenation, a random permutation and a copy of half the buffer for every half served),
@@ -30,9 +31,7 @@ Shapes: W windows, T context_size, P store_batch_size_prompts, B train_batch_siz
 
 from __future__ import annotations
 
-import difflib
 import functools
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,50 +46,17 @@ from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.cache import hooked_model
 from jaxgpt.nn.hooks import hook_points
-from jaxgpt.nn.model import GPTModel, init_params
+from jaxgpt.nn.model import GPTModel
+from jaxgpt.sae.splice import check_point, stop_layer
 from jaxgpt.sae.train_config import SAETrainConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def check_hook_name(cfg: GPTConfig, name: str) -> None:
-    """ValueError unless `name` is a hook point of `GPTModel(cfg)` that gives one vector per
-    token; the message names the closest hook point."""
-    points = dict(hook_points(cfg))
-    if name not in points:
-        close = difflib.get_close_matches(name, list(points), n=1, cutoff=0.0)
-        hint = f"; the closest is {close[0]!r}" if close else ""
-        raise ValueError(f"{name!r} is not a hook point of this model ({cfg.n_layers} layers)"
-                         f"{hint}")
-    shape = points[name].shape.split()
-    if shape[:2] != ["B", "T"]:
-        raise ValueError(f"{name!r} is [{', '.join(shape)}], not one vector per token: an SAE "
-                         f"reads activations [B, T, ...]")
-
-
-def stop_layer(cfg: GPTConfig, names: Sequence[str]) -> int | None:
-    """The `stop_at_layer` that reaches every hook of `names`: one past the last block any of
-    them is in (0 for the embeddings; None, the whole model, for `ln_final`)."""
-    stop = 0
-    for name in names:
-        m = re.match(r"blocks\.(\d+)\.", name)
-        if m:
-            stop = max(stop, int(m.group(1)) + 1)
-        elif name.startswith("ln_final."):
-            return None
-    return stop
-
-
 def hook_widths(cfg: GPTConfig, names: Sequence[str]) -> dict[str, int]:
-    """Each hook's row width (d_in): its activation's size per token (H * Dh for `hook_z`)."""
-    for name in names:
-        check_hook_name(cfg, name)
-    model, _ = hooked_model(cfg, None, (), names)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    params = jax.eval_shape(lambda: init_params(cfg, 0))
-    out = jax.eval_shape(functools.partial(_chunk_acts, model=model, names=tuple(names),
-                                           stop=stop_layer(cfg, names)), params, tokens)
-    return {name: int(out[name].shape[-1]) for name in names}
+    """Each hook's row width (d_in): its activation's size per token (H * Dh for `hook_z`);
+    a ValueError in one line for a name that is not a point with one vector per token."""
+    return {name: check_point(cfg, name) for name in names}
 
 
 def _chunk_acts(params: Any, tokens: jax.Array, *, model: GPTModel, names: tuple[str, ...],
@@ -98,11 +64,13 @@ def _chunk_acts(params: Any, tokens: jax.Array, *, model: GPTModel, names: tuple
     """The hooks' activations of windows `tokens [P, T]`, as rows `[P * T, d_in]`."""
     variables = {"params": params}
     if stop is None:
-        _, state = model.apply(variables, tokens, mutable=["intermediates"])
+        out, state = model.apply(variables, tokens, mutable=["intermediates"])
     else:
-        _, state = model.apply(variables, tokens, stop_at_layer=stop, method=GPTModel.hidden,
-                               mutable=["intermediates"])
-    acts = dict(_leaves(state["intermediates"]))
+        out, state = model.apply(variables, tokens, stop_at_layer=stop, method=GPTModel.hidden,
+                                 mutable=["intermediates"])
+    acts = dict(_leaves(state.get("intermediates", {})))
+    if stop is not None:  # the model stopped before this block: its input is the output
+        acts[f"blocks.{stop}.hook_resid_pre"] = out
     rows = tokens.shape[0] * tokens.shape[1]
     return {name: acts[name].reshape(rows, -1) for name in names}
 
@@ -204,7 +172,7 @@ class ActivationStore:
         self.chunks = -(-self.buffer_windows // prompts)
         model, _ = hooked_model(cfg, None, (), names)
         self.model = model.clone(dtype=_DTYPES[tc.dtype])
-        self.stop = stop_layer(cfg, names)
+        self.stop = stop_layer(names)
         self.position = position or StorePosition()
         self._loaded: tuple[int, int] | None = None  # (epoch, buffer) held on the device
         self._buffers: dict[str, jax.Array] = {}
@@ -316,7 +284,7 @@ def store_memory(params: Any, cfg: GPTConfig, hook_names: Sequence[str],
     model = model.clone(dtype=_DTYPES[tc.dtype])
     windows = jax.ShapeDtypeStruct((chunks, prompts, t), jnp.int32)
     compiled = buffer_forward.lower(params, windows, model=model, names=names,
-                                    stop=stop_layer(cfg, names)).compile()
+                                    stop=stop_layer(names)).compile()
     analysis = compiled.memory_analysis()
     item = jnp.dtype(_DTYPES[tc.dtype]).itemsize
     buffer = chunks * prompts * t * sum(widths.values()) * item

@@ -344,25 +344,25 @@ def _open(params: Any, cfg: GPTConfig, tokens: np.ndarray, sae_cfgs: list[SAECon
     if tc.train_batch_size_tokens % n_dev:
         raise ConfigError("SAETrainConfig", "train_batch_size_tokens", f"must be divisible by "
                           f"the {n_dev} devices", tc.train_batch_size_tokens)
-    check_tokens(np.asarray(tokens[: 1 << 24]) if len(tokens) > 1 << 24 else tokens, cfg,
-                 "the tokens")
+    check_tokens(np.asarray(tokens) if isinstance(tokens, list) else tokens, cfg, "the tokens")
     out_dir = Path(out) if out is not None else None
     candidates = _prepare(out_dir, cfg, sae_cfgs, tc, resume)
-    if out_dir is not None:
+    params = jax.device_put(params, sharding.replicated(mesh))
+    hooks = list(dict.fromkeys(str(c.hook_name) for c in sae_cfgs))
+    store = ActivationStore(params, cfg, tokens, hooks, tc, mesh=mesh)  # checks, computes nothing
+    if out_dir is not None:  # nothing is written before this
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock.enter_context(files.exclusive_lock(out_dir / RUN_LOCK))
         except files.LockHeld as e:
             raise FileExistsError(f"{out_dir} is in use by another jaxgpt sae train (process "
                                   f"{e.pid})") from None
-    params = jax.device_put(params, sharding.replicated(mesh))
-    hooks = list(dict.fromkeys(str(c.hook_name) for c in sae_cfgs))
-    store = ActivationStore(params, cfg, tokens, hooks, tc, mesh=mesh)
     rep = sharding.replicated(mesh)
     if candidates:
         like = jax.device_put(init_sae_state(sae_cfgs, tc, saes), rep)
-        state, store.position = restore_checkpoint(candidates[0], like)
-        log(f"jaxgpt sae train: resumed from {candidates[0]} (step {int(state.step)})")
+        path, state, store.position = _restore_newest(candidates, like)
+        candidates = [path]
+        log(f"jaxgpt sae train: resumed from {path} (step {int(state.step)})")
     else:
         scaling = _scaling(params, cfg, tokens, hooks, sae_cfgs, tc, mesh)
         state = jax.device_put(init_sae_state(sae_cfgs, tc, saes, scaling), rep)
@@ -377,6 +377,21 @@ def _open(params: Any, cfg: GPTConfig, tokens: np.ndarray, sae_cfgs: list[SAECon
         f"{tc.context_size} tokens, {tc.steps:,} steps of {tc.train_batch_size_tokens:,} "
         f"tokens")
     return run
+
+
+def _restore_newest(candidates: list[Path], like: SAETrainState
+                    ) -> tuple[Path, SAETrainState, StorePosition]:
+    """The newest of `candidates` that restores; a damaged one is passed over with a
+    ResumeWarning naming it, CheckpointError if none restores."""
+    failures = []
+    for path in candidates:
+        try:
+            return (path, *restore_checkpoint(path, like))
+        except checkpoint.CheckpointError as e:
+            failures.append(str(e))
+            warnings.warn(f"{e}; trying the checkpoint before it", ResumeWarning, stacklevel=5)
+    raise checkpoint.CheckpointError(f"no checkpoint in {candidates[0].parent} restores "
+                                     f"({len(candidates)} tried); the newest: {failures[0]}")
 
 
 def _prepare(out: Path | None, cfg: GPTConfig, sae_cfgs: list[SAEConfig], tc: SAETrainConfig,

@@ -31,8 +31,9 @@ class Progress:
     """A one-line progress bar on stderr (a plain line every ~5% when stderr is not a terminal):
     step, loss, tokens/s, elapsed time and the estimated time left.
 
-    The estimate is the wall time per step since the first step (which includes compiling),
-    evaluations and saves included, times the steps left.
+    The estimate is the wall time per step since the first update (which includes compiling),
+    evaluations and saves included, times the steps left; `update` may be called every step
+    or every few (`jaxgpt sae train` calls it where it logs).
     """
 
     def __init__(self, total: int, start: int) -> None:
@@ -42,7 +43,8 @@ class Progress:
         self.rate: float | None = None
         self.calls = 0
         self.t_start = time.perf_counter()
-        self.t_first = self.t_start  # when the first (compiling) step ended
+        self.t_first = self.t_start  # when the first (compiling) update came
+        self.step_first = start
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         self.calls += 1
@@ -50,10 +52,10 @@ class Progress:
         if self.calls > 1:  # the first step includes compilation
             self.rate = tokens_per_s if self.rate is None else 0.9 * self.rate + 0.1 * tokens_per_s
         else:
-            self.t_first = now
+            self.t_first, self.step_first = now, step
         eta = ""
-        if self.calls > 1:
-            per_step = (now - self.t_first) / (self.calls - 1)
+        if self.calls > 1 and step > self.step_first:
+            per_step = (now - self.t_first) / (step - self.step_first)
             eta = f" ETA {clock(per_step * (self.total - step))}"
         width = 24
         filled = int(width * step / self.total)
