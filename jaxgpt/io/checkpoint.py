@@ -332,7 +332,7 @@ def restore_extra(path: str | os.PathLike, target: Any, part: str = "extra") -> 
     path = Path(path).absolute()
     _check(path)
     if not (path / part).exists():
-        raise ValueError(f"{path} was saved without {part}")
+        raise ValueError(f"{path} was saved without {part} state")
 
     def one(x: Any) -> Any:
         if isinstance(x, (np.ndarray, np.generic)):
