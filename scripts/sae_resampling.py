@@ -34,6 +34,10 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--l1", type=float, default=5.0, help="standard: l1_coefficient")
     p.add_argument("--k", type=int, default=16, help="topk: k")
+    p.add_argument("--kaiming", action="store_true",
+                   help="decoder rows as torch initialises them (decoder_init_norm None), not "
+                        "sae-lens's 0.1: the setting Anthropic resampled in")
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--dead-window", type=int, default=100)
@@ -55,7 +59,8 @@ def main() -> None:
     d_in = hook_widths(cfg, [args.hook])[args.hook]
     # Inputs scaled to mean norm sqrt(d_in), so the L1 coefficient means what it does in
     # sae-lens's runs that normalise.
-    common = {"hook_name": args.hook, "normalize_activations": "expected_average_only_in"}
+    common = {"hook_name": args.hook, "normalize_activations": "expected_average_only_in",
+              "decoder_init_norm": None if args.kaiming else 0.1}
     sae = (SAEConfig("standard", d_in, args.expansion * d_in, l1_coefficient=args.l1, **common)
            if args.arch == "standard" else
            SAEConfig("topk", d_in, args.expansion * d_in, k=args.k,
@@ -64,7 +69,7 @@ def main() -> None:
                         train_batch_size_tokens=args.batch,
                         context_size=min(128, cfg.context_length),
                         dead_feature_window=args.dead_window,
-                        feature_sampling_window=args.sampling_window, log_every=10,
+                        feature_sampling_window=args.sampling_window, log_every=10, lr=args.lr,
                         n_batches_for_norm_estimate=100)
     results = {}
     for resample in (False, True):
@@ -78,6 +83,7 @@ def main() -> None:
         results["on" if resample else "off"]["resampled"] = sum(
             r.get("resampled", 0) for r in logged)
     print(json.dumps({"hook": args.hook, "arch": args.arch, "d_sae": sae.d_sae,
+                      "decoder_init_norm": sae.decoder_init_norm, "lr": args.lr,
                       "steps": args.steps, "batch": args.batch, "results": results}))
     print(f"{'resampling':>10} {'MSE':>9} {'L0':>7} {'expl. var.':>10} {'dead':>7} "
           f"{'resampled':>9}")

@@ -110,6 +110,12 @@ def test_each_step_is_saelens_trainer_step(name):
         assert max(s["dead_features"] for s in case["steps"]) > 0
 
 
+def test_runs_differing_only_in_loop_settings_share_one_compiled_step():
+    tc = SAETrainConfig()
+    assert make_sae_step(tc) is make_sae_step(tc.replace(log_every=1, save_every=7, keep=1))
+    assert make_sae_step(tc) is not make_sae_step(tc.replace(lr=1e-3))
+
+
 # --- the sparse TopK pass -------------------------------------------------------------------
 
 @pytest.mark.parametrize("rescale", [False, True])

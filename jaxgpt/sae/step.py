@@ -38,7 +38,13 @@ from jaxgpt.sae.model import (
     update_topk_threshold,
 )
 from jaxgpt.sae.sparse import SparseTrainOutput, topk_training_forward
-from jaxgpt.sae.train_config import SAETrainConfig, coefficient_at, lr_at
+from jaxgpt.sae.train_config import (
+    SAETrainConfig,
+    coefficient_at,
+    default,
+    lr_at,
+    resume_fields,
+)
 
 # torch's Adam epsilon, which sae-lens leaves at its default.
 ADAM_EPS = 1e-8
@@ -185,8 +191,10 @@ def sae_update(sae: SAE, opt_state: Any, since_fired: jax.Array, x: jax.Array,
     return new, opt_state, since_fired, metrics
 
 
-def make_sae_step(tc: SAETrainConfig, mesh: jax.sharding.Mesh | None = None
-                  ) -> Callable[[SAETrainState, Acts], tuple[SAETrainState, tuple[dict, ...]]]:
+StepFn = Callable[[SAETrainState, Acts], tuple[SAETrainState, tuple[dict, ...]]]
+
+
+def make_sae_step(tc: SAETrainConfig, mesh: jax.sharding.Mesh | None = None) -> StepFn:
     """The jitted `step(state, acts) -> (state, metrics)` of every SAE of `state`.
 
     `acts` is `{hook_name: [N, d_in]}` (each SAE reads its `cfg.hook_name`), or one array
@@ -195,8 +203,15 @@ def make_sae_step(tc: SAETrainConfig, mesh: jax.sharding.Mesh | None = None
     `l0_loss`, `pre_act_loss`), `l0`, `explained_variance`, `dead_features`, `dead_fraction`,
     `lr`, `grad_norm` (before clipping) and `coefficient`, all of this step's batch, before the
     update. With a `mesh`, the rows are split over its `data` axis and the state replicated.
+    Cached: runs whose settings differ only in what the loop reads (`log_every`, ...) share
+    one function, and so its compiled programs.
     """
+    loop_only = {name: default(name) for name in resume_fields("loop")}
+    return _make_sae_step(tc.replace(**loop_only), mesh)
 
+
+@functools.lru_cache(maxsize=8)
+def _make_sae_step(tc: SAETrainConfig, mesh: jax.sharding.Mesh | None) -> StepFn:
     def step_fn(state: SAETrainState, acts: Acts) -> tuple[SAETrainState, tuple[dict, ...]]:
         saes, opts, since, metrics = [], [], [], []
         for i, sae in enumerate(state.saes):
