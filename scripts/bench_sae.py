@@ -448,8 +448,9 @@ def weights_gap(ours: Any, theirs: dict[str, np.ndarray]) -> dict[str, float]:
 def report(args: argparse.Namespace, ours: Jaxgpt, res: dict[str, Any]) -> None:
     print()
     print(table(res, args.tokens))
-    print(f"\njaxgpt's step compiled in {ours.step_compile_s:.1f}s (each train_saes call "
-          f"compiles it; included above). Load average after: {os.getloadavg()[0]:.2f}.")
+    print(f"\njaxgpt's SAE step compiles in {ours.step_compile_s:.1f}s, once a process "
+          f"(train_saes caches it: the timed runs after the warm-up do not pay it). Load "
+          f"average after: {os.getloadavg()[0]:.2f}.")
     problems = []
     if "sae-lens" in res:
         a, b = res["jaxgpt"]["train"][-1], res["sae-lens"]["train"][-1]

@@ -30,7 +30,7 @@ COMMAND = "sae train"
 # SAETrainConfig fields whose flag is not `--field-name` (the model's --seed is its weights').
 _RENAMED = {"seed": "--sae-seed"}
 # Where the field's default is None, the flag's type (resample_dead is auto/on/off).
-_TYPES = {"lr_end": float, "grad_clip": float}
+_TYPES = {"lr_end": float, "grad_clip": float, "run_name": str}
 # The SAEConfig fields the command sets besides the architecture, width and hook.
 _SAE_FIELDS = ("k", "l1_coefficient", "l1_warm_up_steps", "lp_norm", "l0_coefficient",
                "l0_warm_up_steps", "aux_loss_coefficient", "normalize_activations",
@@ -129,6 +129,9 @@ def _add_setting(p: argparse.ArgumentParser, field: Any) -> None:
     if field.name == "resample_dead":
         kwargs.update(choices=("auto", "on", "off"), default="auto",
                       help=f"{meta['help']}; auto: {meta['none']} (default auto)")
+    elif field.name == "log":
+        kwargs.update(type=str, metavar="TRACKERS",
+                      help=f"{meta['help']} (default none: metrics.jsonl and metrics.png only)")
     elif field.name == "grad_clip":
         kwargs.update(type=float, metavar="X",
                       help=f"{meta['help']}; 0 turns it off (default {default})")

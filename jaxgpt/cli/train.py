@@ -49,6 +49,9 @@ _SETTINGS: tuple[tuple[str, str | None, dict], ...] = (
     ("loss_chunk", None, {"type": int, "metavar": "N"}),
     ("sample_prompt", "--prompt", {}),
     ("sample_tokens", None, {}),
+    ("log", None, {"metavar": "TRACKERS", "shown": "none: metrics.jsonl and loss.png only"}),
+    ("wandb_project", None, {}),
+    ("run_name", None, {"type": str}),
 )
 
 

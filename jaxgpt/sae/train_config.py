@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxgpt.config import ConfigError
 from jaxgpt.training.config import RESUME_KINDS, setting
+from jaxgpt.training.tracking import checked_tracking
 
 LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
 DTYPES = ("float32", "bfloat16")
@@ -84,6 +85,13 @@ class SAETrainConfig:
     log_every: int = setting(10, "loop", "a metrics record every N steps")
     save_every: int = setting(1000, "loop", "a checkpoint every N steps, and at the end")
     keep: int = setting(3, "loop", "checkpoints kept")
+    # Experiment trackers, as `TrainConfig`'s (`jaxgpt.training.tracking`).
+    log: str = setting("", "loop", "also log to these experiment trackers: tensorboard, wandb "
+                       "(comma-separated)")
+    wandb_project: str = setting("jaxgpt", "loop", "the W&B project (WANDB_PROJECT overrides "
+                                 "it)")
+    run_name: str | None = setting(None, "loop", "the run's name in W&B and TensorBoard's "
+                                   "hyper-parameters", none="the output directory's name")
 
     def __post_init__(self) -> None:
         for name in ("training_tokens", "train_batch_size_tokens", "context_size",
@@ -99,6 +107,9 @@ class SAETrainConfig:
                         self.training_tokens)
         if self.dtype not in DTYPES:
             raise _fail("dtype", f"must be one of {', '.join(DTYPES)}", self.dtype)
+        # frozen: the trackers as one canonical string
+        object.__setattr__(self, "log", checked_tracking("SAETrainConfig", self.log,
+                                                          self.wandb_project, self.run_name))
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:

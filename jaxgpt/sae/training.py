@@ -57,9 +57,18 @@ from jaxgpt.training.loop import ResumeWarning, TrainingDiverged, TrainingInterr
 from jaxgpt.training.progress import Progress, foreign_metrics_line, log, read_metrics
 from jaxgpt.training.run_dir import CKPT_PREFIX, list_checkpoints
 from jaxgpt.training.step import tree_all_finite
+from jaxgpt.training.tracking import (
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+    Tracker,
+    check_trackers,
+    parse_trackers,
+)
 
 RUN_LOCK = "jaxgpt-sae-train.lock"
-_RUN_ENTRIES = ("metrics.jsonl", "metrics.png", "checkpoints", "saes", RUN_LOCK)
+COMMAND = "jaxgpt sae train"
+_RUN_ENTRIES = ("metrics.jsonl", "metrics.png", "checkpoints", "saes", RUN_LOCK,
+                TENSORBOARD_DIR, WANDB_DIR)
 # The metrics a record holds for every architecture (the loss terms come on top).
 RECORD_METRICS = ("loss", "mse_loss", "l0", "explained_variance", "dead_features",
                   "dead_fraction", "lr", "grad_norm", "coefficient")
@@ -398,6 +407,7 @@ def _prepare(out: Path | None, cfg: GPTConfig, sae_cfgs: list[SAEConfig], tc: SA
              resume: bool) -> list[Path]:
     """The checkpoints to resume from, newest first (none for a new run); the directory and
     the resume request checked, nothing written. Warnings for the changed settings."""
+    check_trackers(parse_trackers(tc.log), out, COMMAND)
     if out is None:
         if resume:
             raise ValueError("resume needs the run directory (out)")
@@ -442,7 +452,7 @@ def _loop(run: _Run, progress: bool, on_log: Callable[[list[dict]], None] | None
     metrics_file = (open(run.out / "metrics.jsonl", "a") if run.out is not None
                     else contextlib.nullcontext())
     t_last, step_last = time.perf_counter(), start
-    with _StopOnSignal() as stop, metrics_file as log_file:
+    with _StopOnSignal() as stop, metrics_file as log_file, _open_tracker(run, start) as tracker:
         for done in range(start + 1, tc.steps + 1):
             run.state, m = run.step(run.state, run.store.next_batch())
             counts = _resample(run, done) if done in when else None
@@ -456,16 +466,31 @@ def _loop(run: _Run, progress: bool, on_log: Callable[[list[dict]], None] | None
                 if log_file is not None:
                     log_file.write("".join(json.dumps(r) + "\n" for r in records))
                     log_file.flush()
+                tracker.log(done, {f"{r['sae']}/{k}": v for r in records for k, v in r.items()
+                                   if k not in ("step", "sae")})
                 if bar:
                     bar.update(done, float(np.mean([r["loss"] for r in records])), speed)
                 if on_log is not None:
                     on_log(records)
             if saving:
                 run.save()
+                tracker.flush()
             if signum is not None:
                 raise TrainingInterrupted(signum, done, run.last_good)
     if bar and bar.tty:
         print(file=sys.stderr)
+
+
+def _open_tracker(run: _Run, start: int) -> Tracker:
+    """The run's experiment trackers (`tc.log`), continuing from step `start`."""
+    if run.out is None:
+        return Tracker([], COMMAND)
+    configs = {name: dict(c.__dict__) for name, c in zip(run.names, run.sae_cfgs, strict=True)}
+    return Tracker.open(parse_trackers(run.tc.log), run.out, start=start,
+                        config={"model": run.cfg.to_dict(), "sae_train": run.tc.to_dict(),
+                                "saes": configs},
+                        project=run.tc.wandb_project, run_name=run.tc.run_name,
+                        command=COMMAND)
 
 
 def _resample(run: _Run, done: int) -> list[int]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxgpt.config import ConfigError, GPTConfig
 from jaxgpt.nn.model import REMAT_MODES, remat_mode
+from jaxgpt.training.tracking import checked_tracking
 
 # `jaxgpt train` with neither --preset nor --config: a small GPT-2-vocabulary model that
 # learns visibly on a CPU in minutes (~14M parameters, most of them the embedding and head).
@@ -114,6 +115,14 @@ class TrainConfig:
     # PRNGKey(seed) at every evaluation: the samples differ only as the model does.
     sample_top_k: int = setting(25, "loop", "top-k of the samples")
     sample_temperature: float = setting(1.0, "loop", "temperature of the samples (0: greedy)")
+    # Experiment trackers (`jaxgpt.training.tracking`): metrics.jsonl and loss.png are always
+    # written; these log the same records beside them.
+    log: str = setting("", "loop", "also log to these experiment trackers: tensorboard, wandb "
+                       "(comma-separated)")
+    wandb_project: str = setting("jaxgpt", "loop", "the W&B project (WANDB_PROJECT overrides "
+                                 "it)")
+    run_name: str | None = setting(None, "loop", "the run's name in W&B and TensorBoard's "
+                                   "hyper-parameters", none="the output directory's name")
 
     def __post_init__(self) -> None:
         self._check_counts()
@@ -130,6 +139,9 @@ class TrainConfig:
             raise _fail("train_ratio", "must be in (0, 1)", self.train_ratio)
         if self.dtype not in DTYPES:
             raise _fail("dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
+        # frozen: the trackers as one canonical string
+        object.__setattr__(self, "log", checked_tracking("TrainConfig", self.log,
+                                                          self.wandb_project, self.run_name))
         if not (_number(self.sample_temperature) and self.sample_temperature >= 0
                 and math.isfinite(self.sample_temperature)):
             raise _fail("sample_temperature", "must be a finite number >= 0 (0 = greedy)",

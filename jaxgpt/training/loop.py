@@ -39,6 +39,7 @@ from jaxgpt.training.run_dir import (
     save_train_checkpoint,
 )
 from jaxgpt.training.step import dropout_key, init_train_state, sharded_train_step, tree_all_finite
+from jaxgpt.training.tracking import Tracker, check_trackers, parse_trackers
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,6 +203,7 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
     with (
         _StopOnSignal() as stop,
         open(run.metrics_path, "a") if main else contextlib.nullcontext() as log_file,
+        _open_tracker(run, start) as tracker,
     ):
         def after_step(step: int, state: Any, m: dict, seconds: float) -> bool:
             nonlocal saved_step, signum
@@ -215,9 +217,11 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
             if log_file is not None:  # process 0
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+            tracker.log(step, record)
             if saving or signum is not None:
                 run.save(step, saving)
                 saved_step = step
+                tracker.flush()
             records.append(record)
             if bar:
                 bar.update(step, record["loss"], record["tokens_per_s"])
@@ -235,6 +239,16 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
         if signum is not None and saved_step < tc.steps:
             raise TrainingInterrupted(signum, saved_step, run.last_good)
     return records
+
+
+def _open_tracker(run: _Run, start: int) -> Tracker:
+    """The run's trackers (`tc.log`; process 0 only), continuing from step `start`."""
+    from jaxgpt.nn.model import count_params
+
+    return Tracker.open(parse_trackers(run.tc.log), run.out, start=start,
+                        config={"model": run.cfg.to_dict(), "train": run.tc.to_dict()},
+                        parameters=count_params(run.state.params),
+                        project=run.tc.wandb_project, run_name=run.tc.run_name)
 
 
 @dataclasses.dataclass
@@ -309,6 +323,8 @@ def _open_run(cfg: GPTConfig, tc: TrainConfig, train_tokens: np.ndarray,
     `metrics.jsonl` cut back to the checkpoint resumed from, and the run's first messages
     logged."""
     tc.check_model(cfg)
+    if jax.process_index() == 0:
+        check_trackers(parse_trackers(tc.log), out)
     locked = out.is_dir()
     if locked:  # a run directory another run may be using: that is said before anything else
         check_run_dir(out)

@@ -19,6 +19,7 @@ from jaxgpt.training.config import TrainConfig, resolve_remat, resume_fields
 from jaxgpt.training.data import BatchLoader, LoaderState
 from jaxgpt.training.progress import foreign_metrics_line
 from jaxgpt.training.step import TrainState
+from jaxgpt.training.tracking import TENSORBOARD_DIR, WANDB_DIR
 
 CKPT_PREFIX = "step_"
 
@@ -127,7 +128,7 @@ def resume_changes(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
 
 # Held by the process running in the directory (see `lock_run`); it names that process.
 RUN_LOCK = "jaxgpt-train.lock"
-_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints", RUN_LOCK)
+_RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints", RUN_LOCK, TENSORBOARD_DIR, WANDB_DIR)
 
 
 def check_run_dir(out: Path) -> None:
