@@ -358,3 +358,46 @@ def jax_weights_of(hf_model):
 
     cfg = hf_config_to_gpt(hf_model.config.to_dict())
     return cfg, from_hf_state_dict(hf_model.state_dict(), cfg)
+
+
+# --- what the experiment trackers wrote, read with their own readers (jaxgpt.training.tracking)
+
+def tb_scalars(logdir):
+    """{tag: [(step, value)]} of the run's event files, by TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+                 for tag in acc.Tags()["scalars"]}
+
+
+def as_f32(records, key):
+    return [(r["step"], float(np.float32(r[key]))) for r in records if key in r]
+
+
+def wandb_runs(wandb_dir):
+    """The history rows and config of each offline run under `wandb_dir`, oldest first, read
+    with wandb's own reader of its run files (`DataStore`)."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    runs = []
+    for run_dir in sorted(wandb_dir.glob("offline-run-*")):
+        (path,) = run_dir.glob("*.wandb")
+        ds = DataStore()
+        ds.open_for_scan(str(path))
+        history, config, run_id = [], {}, None
+        while (data := ds.scan_data()) is not None:
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                for i in rec.history.item})
+            elif kind in ("config", "run"):
+                update = rec.config.update if kind == "config" else rec.run.config.update
+                config.update({i.key: json.loads(i.value_json) for i in update})
+                run_id = rec.run.run_id if kind == "run" else run_id
+        runs.append({"id": run_id, "history": history, "config": config})
+    return runs

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import EIGHT_DEVICE_SCRIPTS, TINY, assert_close
+from conftest import EIGHT_DEVICE_SCRIPTS, TINY, as_f32, assert_close, tb_scalars, wandb_runs
 
 from jaxgpt.config import ConfigError
 from jaxgpt.sae.formats import load_sae
@@ -30,6 +30,7 @@ from jaxgpt.sae.training import (
     train_saes,
 )
 from jaxgpt.training.loop import ResumeWarning, TrainingInterrupted
+from jaxgpt.training.progress import read_metrics
 
 DATA = Path(__file__).parent / "data" / "sae_train"
 RESID = "blocks.1.hook_resid_pre"
@@ -440,3 +441,35 @@ def test_eight_devices_train_the_saes_of_one(eight_devices):
     for a, b in zip(many["params"], one["params"], strict=True):
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, rtol=0, atol=3e-5)
+
+
+def test_the_trackers_get_every_record_once_across_an_interrupt(tiny, tokens, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, params = tiny
+    out = tmp_path / "run"
+    tc = TC.replace(log="tensorboard,wandb", training_tokens=64 * 12)
+
+    def interrupt(records):
+        if records[0]["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train_saes(params, cfg, tokens, [TOPK, STANDARD], tc, out, progress=False,
+                   on_log=interrupt)
+    train_saes(params, cfg, tokens, [TOPK, STANDARD], tc, out, resume=True, progress=False)
+    metrics = read_metrics(out / "metrics.jsonl")
+    _, got = tb_scalars(out / "tensorboard")
+    runs = wandb_runs(out / "wandb")
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]
+    rows = {row["_step"]: row for run in runs for row in run["history"]}
+    assert sorted(rows) == [4, 5, 8, 12]
+    for name in (RESID, Z):
+        mine = [r for r in metrics if r["sae"] == name]
+        assert [r["step"] for r in mine] == [4, 5, 8, 12]
+        for key in ("loss", "mse_loss", "l0", "explained_variance", "dead_fraction", "lr"):
+            assert got[f"{name}/{key}"] == as_f32(mine, key), (name, key)
+            assert [rows[r["step"]][f"{name}/{key}"] for r in mine] == [r[key] for r in mine]
+    assert runs[0]["config"]["sae_train"]["log"] == "tensorboard,wandb"
+    assert runs[0]["config"]["saes"][Z]["architecture"] == "standard"

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, as_f32, tb_scalars, wandb_runs
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from jaxgpt.config import ConfigError
@@ -37,47 +37,6 @@ def _train(cfg, tc, out, **kw):
     return train_loop(cfg, tc, TOKENS[:113], TOKENS[113:], out, progress=False, **kw)
 
 
-def _scalars(logdir):
-    """{tag: [(step, value)]} of the run's event files, by TensorBoard's EventAccumulator."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-                 for tag in acc.Tags()["scalars"]}
-
-
-def _as_f32(records, key):
-    return [(r["step"], float(np.float32(r[key]))) for r in records if key in r]
-
-
-def _wandb_runs(wandb_dir):
-    """The history rows and config of each offline run under `wandb_dir`, oldest first, read
-    with wandb's own reader of its run files (`DataStore`)."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore
-
-    runs = []
-    for run_dir in sorted(wandb_dir.glob("offline-run-*")):
-        (path,) = run_dir.glob("*.wandb")
-        ds = DataStore()
-        ds.open_for_scan(str(path))
-        history, config, run_id = [], {}, None
-        while (data := ds.scan_data()) is not None:
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(data)
-            kind = rec.WhichOneof("record_type")
-            if kind == "history":
-                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                for i in rec.history.item})
-            elif kind in ("config", "run"):
-                update = rec.config.update if kind == "config" else rec.run.config.update
-                config.update({i.key: json.loads(i.value_json) for i in update})
-                run_id = rec.run.run_id if kind == "run" else run_id
-        runs.append({"id": run_id, "history": history, "config": config})
-    return runs
-
-
 def test_the_setting_names_trackers_once_in_one_order():
     assert parse_trackers(" WandB,tensorboard ,wandb") == ("tensorboard", "wandb")
     assert parse_trackers("") == parse_trackers(None) == ()
@@ -94,7 +53,7 @@ def test_a_tracker_not_installed_is_refused_before_anything_is_written(
     real = tracking.importlib.util.find_spec
     monkeypatch.setattr(tracking.importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match=r'^jaxgpt train: logging to wandb needs the wandb '
+    with pytest.raises(ValueError, match=r'^logging to wandb needs the wandb '
                                          r'package: pip install "jaxgpt\[wandb\]"$'):
         _train(tiny_cfg, _tc(log="tensorboard,wandb"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -130,7 +89,7 @@ def test_tensorboard_holds_the_metrics_of_every_step_once_across_a_killed_run(
 
     with pytest.raises(Kill):
         _train(cfg, _tc(log="tensorboard"), out, on_step=kill)
-    _, before = _scalars(out / "tensorboard")
+    _, before = tb_scalars(out / "tensorboard")
     assert [s for s, _ in before["loss"]] == [1, 2, 3, 4, 5]
     # Resumed with another learning rate: the steps after the checkpoint change, and only the
     # new values may be left.
@@ -139,10 +98,10 @@ def test_tensorboard_holds_the_metrics_of_every_step_once_across_a_killed_run(
         records = _train(cfg, _tc(log="tensorboard", lr=1e-3), out, resume=True)
     assert [r["step"] for r in records] == [5, 6, 7]
     metrics = read_metrics(out / "metrics.jsonl")
-    acc, got = _scalars(out / "tensorboard")
+    acc, got = tb_scalars(out / "tensorboard")
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "val_loss",
                 "val_perplexity"):
-        assert got[key] == _as_f32(metrics, key), key
+        assert got[key] == as_f32(metrics, key), key
     assert [s for s, _ in got["loss"]] == list(range(1, 8))
     assert got["lr"][4][1] != before["lr"][4][1]  # step 5 is the resumed run's
     assert got["parameters"] == [(0, float(np.float32(count_params(init_params(cfg)))))]
@@ -175,7 +134,7 @@ def test_wandb_offline_run_holds_every_step_once_and_the_config_across_ctrl_c(
     metrics = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in metrics] == list(range(1, 8))
 
-    runs = _wandb_runs(out / "wandb")
+    runs = wandb_runs(out / "wandb")
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # the same W&B run, continued
     saved = json.loads((out / "wandb" / "jaxgpt-run.json").read_text())
     assert saved == {"id": runs[0]["id"], "step": 7}
@@ -191,7 +150,7 @@ def test_wandb_offline_run_holds_every_step_once_and_the_config_across_ctrl_c(
     assert config["model"]["emb_dim"] == cfg.emb_dim
     assert config["parameters"] == count_params(init_params(cfg))
     assert any("sample" in row for row in rows)
-    _, got = _scalars(out / "tensorboard")
+    _, got = tb_scalars(out / "tensorboard")
     assert [s for s, _ in got["loss"]] == list(range(1, 8))
 
 

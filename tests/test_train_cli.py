@@ -395,3 +395,25 @@ def test_matplotlib_is_a_dependency_of_the_default_install():
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     assert any(d.split(">")[0].split("=")[0].strip() == "matplotlib" for d in deps), deps
+
+
+def test_log_flag_names_the_trackers_and_refuses_a_missing_one_in_one_line(
+        tmp_path, tiny_files, capsys, monkeypatch):
+    from jaxgpt.training import tracking
+
+    cfg, tokens = tiny_files
+    with pytest.raises(SystemExit, match=r"^jaxgpt train: --log must name trackers from "
+                                         r"tensorboard, wandb, comma-separated .*'tensorbord'"):
+        _train(tmp_path, cfg, tokens, "--steps", "2", "--log", "tensorbord")
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(SystemExit, match=r'^jaxgpt train: logging to tensorboard needs the '
+                                         r'tensorboard package: pip install '
+                                         r'"jaxgpt\[tensorboard\]"$'):
+        _train(tmp_path, cfg, tokens, "--steps", "2", "--log", "tensorboard")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    assert _train(tmp_path, cfg, tokens, "--steps", "2", "--log", "tensorboard",
+                  "--run-name", "tiny") == 0
+    assert any((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

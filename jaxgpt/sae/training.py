@@ -407,7 +407,7 @@ def _prepare(out: Path | None, cfg: GPTConfig, sae_cfgs: list[SAEConfig], tc: SA
              resume: bool) -> list[Path]:
     """The checkpoints to resume from, newest first (none for a new run); the directory and
     the resume request checked, nothing written. Warnings for the changed settings."""
-    check_trackers(parse_trackers(tc.log), out, COMMAND)
+    check_trackers(parse_trackers(tc.log), out)
     if out is None:
         if resume:
             raise ValueError("resume needs the run directory (out)")

@@ -88,8 +88,7 @@ def checked_tracking(owner: str, log: Any, wandb_project: Any, run_name: Any) ->
     return ",".join(names)
 
 
-def check_trackers(names: Iterable[str], out: str | os.PathLike | None,
-                   command: str = "jaxgpt train") -> None:
+def check_trackers(names: Iterable[str], out: str | os.PathLike | None) -> None:
     """Raise ValueError in one line unless every tracker of `names` is installed and its
     directory under the run directory `out` can be written (None: the run writes nothing, so
     there is nowhere to log)."""
@@ -97,24 +96,24 @@ def check_trackers(names: Iterable[str], out: str | os.PathLike | None,
     if not names:
         return
     if out is None:
-        raise ValueError(f"{command}: logging to {' and '.join(names)} needs a run directory "
+        raise ValueError(f"logging to {' and '.join(names)} needs a run directory "
                          f"to write in")
     for name in names:
         if importlib.util.find_spec(_MODULES[name]) is None:
-            raise ValueError(f"{command}: logging to {name} needs the {name} package: "
+            raise ValueError(f"logging to {name} needs the {name} package: "
                              f'pip install "jaxgpt[{name}]"')
     for name in names:
         where = Path(out) / (TENSORBOARD_DIR if name == "tensorboard" else WANDB_DIR)
         if name == "wandb" and os.environ.get("WANDB_DIR"):
             where = Path(os.environ["WANDB_DIR"])
         if where.exists() and not where.is_dir():
-            raise ValueError(f"{command}: cannot log to {name}: {where} is a file, not a "
+            raise ValueError(f"cannot log to {name}: {where} is a file, not a "
                              f"directory")
         base = where.absolute()
         while not base.exists():
             base = base.parent
         if not os.access(base, os.W_OK | os.X_OK):
-            raise ValueError(f"{command}: cannot log to {name}: {base} is not writable")
+            raise ValueError(f"cannot log to {name}: {base} is not writable")
 
 
 def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -219,7 +218,7 @@ class _WandB:
     name = "wandb"
 
     def __init__(self, out: Path, project: str, name: str, config: Mapping[str, Any],
-                 start: int, command: str) -> None:
+                 start: int) -> None:
         import wandb
 
         # wandb writes its files in `dir`/wandb: the run directory's wandb/, or WANDB_DIR's.
@@ -240,7 +239,7 @@ class _WandB:
                 reinit="create_new")
         except Exception as e:  # not logged in, no network in online mode, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{command}: W&B could not start a run ({first}); log in "
+            raise ValueError(f"W&B could not start a run ({first}); log in "
                              f"(wandb login), or set WANDB_MODE=offline and sync later") from e
         if saved:
             self._run.config.update(dict(config), allow_val_change=True)
@@ -307,7 +306,7 @@ class Tracker:
         names = parse_trackers(names)
         if not names or jax.process_index() != 0:
             return cls([], command)
-        check_trackers(names, out, command)
+        check_trackers(names, out)
         out = Path(out)  # type: ignore[arg-type]
         name = run_name or out.absolute().name or socket.gethostname()
         config = {**config, **({"parameters": parameters} if parameters is not None else {})}
@@ -316,7 +315,7 @@ class Tracker:
             if n == "tensorboard":
                 backends.append(_TensorBoard(out / TENSORBOARD_DIR, start))
             else:
-                backends.append(_WandB(out, project, name, config, start, command))
+                backends.append(_WandB(out, project, name, config, start))
         tracker = cls(backends, command)
         tracker._each("config", config, name, start == 0)
         if parameters is not None:
