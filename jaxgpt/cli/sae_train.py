@@ -30,7 +30,7 @@ COMMAND = "sae train"
 # SAETrainConfig fields whose flag is not `--field-name` (the model's --seed is its weights').
 _RENAMED = {"seed": "--sae-seed"}
 # Where the field's default is None, the flag's type (resample_dead is auto/on/off).
-_TYPES = {"lr_end": float, "grad_clip": float, "run_name": str}
+_TYPES = {"lr_end": float, "grad_clip": float, "run_name": str, "wandb_project": str}
 # The SAEConfig fields the command sets besides the architecture, width and hook.
 _SAE_FIELDS = ("k", "l1_coefficient", "l1_warm_up_steps", "lp_norm", "l0_coefficient",
                "l0_warm_up_steps", "aux_loss_coefficient", "normalize_activations",

@@ -50,7 +50,7 @@ _SETTINGS: tuple[tuple[str, str | None, dict], ...] = (
     ("sample_prompt", "--prompt", {}),
     ("sample_tokens", None, {}),
     ("log", None, {"metavar": "TRACKERS", "shown": "none: metrics.jsonl and loss.png only"}),
-    ("wandb_project", None, {}),
+    ("wandb_project", None, {"type": str}),
     ("run_name", None, {"type": str}),
 )
 

@@ -88,8 +88,8 @@ class SAETrainConfig:
     # Experiment trackers, as `TrainConfig`'s (`jaxgpt.training.tracking`).
     log: str = setting("", "loop", "also log to these experiment trackers: tensorboard, wandb "
                        "(comma-separated)")
-    wandb_project: str = setting("jaxgpt", "loop", "the W&B project (WANDB_PROJECT overrides "
-                                 "it)")
+    wandb_project: str | None = setting(None, "loop", "the W&B project",
+                                        none="$WANDB_PROJECT, else jaxgpt")
     run_name: str | None = setting(None, "loop", "the run's name in W&B and TensorBoard's "
                                    "hyper-parameters", none="the output directory's name")
 

@@ -81,8 +81,10 @@ def checked_tracking(owner: str, log: Any, wandb_project: Any, run_name: Any) ->
     except ValueError as e:
         raise ConfigError(owner, "log", f"must name trackers from {', '.join(TRACKERS)}, "
                           f"comma-separated ({e})", log) from None
-    if not isinstance(wandb_project, str) or not wandb_project.strip():
-        raise ConfigError(owner, "wandb_project", "must be a non-empty string", wandb_project)
+    if wandb_project is not None and (not isinstance(wandb_project, str)
+                                      or not wandb_project.strip()):
+        raise ConfigError(owner, "wandb_project", "must be a non-empty string or None",
+                          wandb_project)
     if run_name is not None and not isinstance(run_name, str):
         raise ConfigError(owner, "run_name", "must be a string or None", run_name)
     return ",".join(names)
@@ -217,7 +219,7 @@ class _WandB:
 
     name = "wandb"
 
-    def __init__(self, out: Path, project: str, name: str, config: Mapping[str, Any],
+    def __init__(self, out: Path, project: str | None, name: str, config: Mapping[str, Any],
                  start: int) -> None:
         import wandb
 
@@ -233,7 +235,8 @@ class _WandB:
         self._logged = int(saved.get("step", 0)) if saved else 0
         try:
             self._run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT") or project, name=name, id=run_id,
+                project=project or os.environ.get("WANDB_PROJECT") or "jaxgpt", name=name,
+                id=run_id,
                 resume="allow", dir=str(wdir), config=dict(config),
                 settings=wandb.Settings(console="off", silent=True),
                 reinit="create_new")
@@ -296,7 +299,7 @@ class Tracker:
     @classmethod
     def open(cls, names: Iterable[str], out: str | os.PathLike | None, *, start: int,
              config: Mapping[str, Any], parameters: int | None = None,
-             project: str = "jaxgpt", run_name: str | None = None,
+             project: str | None = None, run_name: str | None = None,
              command: str = "jaxgpt train") -> Tracker:
         """The trackers `names` of the run directory `out`, continuing from step `start` (0: a
         new run). `config` is the run's configuration (nested mappings allowed), logged as
