@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import as_f32, tb_scalars
 
 from jaxgpt.io import checkpoint, formats
 from jaxgpt.training.run_dir import list_checkpoints
@@ -206,8 +207,9 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     (single / "checkpoints").mkdir(parents=True)
     shutil.copytree(ckpts / "step_00000003", single / "checkpoints" / "step_00000003")
     # (This run starts the distributed runtime the README's Python way, the others by flags.)
-    resumed = runs.start("resumed", [*flags, "--resume", "--out", str(multi)], processes=2,
-                         devices=2, python_route=True)
+    # It also logs to TensorBoard: only process 0 may write (tests/test_tracking.py has the rest).
+    resumed = runs.start("resumed", [*flags, "--resume", "--out", str(multi), "--log",
+                                     "tensorboard"], processes=2, devices=2, python_route=True)
     one = runs.start("single", [*flags, "--resume", "--out", str(single)], devices=1)
     assert runs.wait(resumed) == [0, 0], _log_text(tmp, "resumed")
     assert runs.wait(one) == [0], _log_text(tmp, "single")
@@ -234,6 +236,9 @@ def test_two_processes_match_one_and_resume_exactly(files, runs, fsdp):
     assert (multi / "loss.png").is_file()
     # Process 1 wrote no messages: only process 0's log speaks of the run.
     assert "jaxgpt train:" not in (tmp / "resumed.1.log").read_text()
+    assert len(list((multi / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    _, scalars = tb_scalars(multi / "tensorboard")
+    assert scalars["loss"] == as_f32(rows[SAVE_EVERY:], "loss")  # steps 4-6, once each
 
     # The 2-process checkpoint restores in this single process, equal to the 1-process run's.
     final = ckpts / "step_00000006"
