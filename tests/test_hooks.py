@@ -324,7 +324,7 @@ def test_hooks_see_per_head_qkv_in_the_fused_decoding_layout(tiny, ids):
     _, state = model.apply(variables, jnp.asarray(ids[:, 4:5]), out.cache, 4,
                            positions=jnp.full((2, 1), 4), method=GPTModel.decode,
                            mutable=["intermediates"])
-    got = dict(cache_module._flatten(state["intermediates"]))
+    got = dict(cache_module.flatten_sown(state["intermediates"]))
     for name in names:  # the cached step sees only its new token, [B, 1, H, Dh]
         np.testing.assert_allclose(got[name], want[name][:, 4:5], atol=1e-5)
 

@@ -158,10 +158,12 @@ def hooked_model(cfg: GPTConfig, model: GPTModel | None, hooks: Hooks = (),
     return model.clone(hooks=model.hooks.plus(table), remat=False), args
 
 
-def _flatten(tree: Mapping) -> Iterator[tuple[str, Any]]:
+def flatten_sown(tree: Mapping) -> Iterator[tuple[str, Any]]:
+    """`(hook name, array)` of the activations the model sowed (its `intermediates`, nested
+    by module), the names being the innermost keys."""
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            yield from _flatten(value)
+            yield from flatten_sown(value)
         else:
             yield key, value
 
@@ -178,7 +180,7 @@ def _forward(params: Any, tokens: jax.Array, *, model: GPTModel, stop_at_layer: 
     else:
         out, state = model.apply(variables, tokens, stop_at_layer=stop_at_layer,
                                  method=GPTModel.hidden, mutable=mutable)
-    return out, dict(_flatten(state.get("intermediates", {})))
+    return out, dict(flatten_sown(state.get("intermediates", {})))
 
 
 def _check_layer(cfg: GPTConfig, stop_at_layer: Any) -> int | None:

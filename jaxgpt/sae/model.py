@@ -458,12 +458,11 @@ def topk_aux_loss(sae: SAE, sae_in: jax.Array, sae_out: jax.Array, h: jax.Array,
         return jnp.zeros((), jnp.float32)
     k_aux = sae.cfg.d_in // 2
     num_dead = dead_mask.sum()
-    # top_k needs a static k: take d_in // 2 (or d_sae) always, and drop the entries beyond
-    # the number of dead features (their pre-activations are -inf, their values 0 then).
+    # top_k needs a static k: take d_in // 2 (or d_sae) always; the entries beyond the number
+    # of dead features are live ones, masked to -inf, and count as 0.
     k_static = min(k_aux, sae.cfg.d_sae)
     masked = jnp.where(dead_mask, h, -jnp.inf)
     values, idx = jax.lax.top_k(masked, k_static)
-    values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)
     values = jnp.where(jnp.isfinite(values), values, 0.0)
     aux_acts = _scatter_last(jnp.zeros_like(h), idx, values)
     residual = jax.lax.stop_gradient(sae_in - sae_out)

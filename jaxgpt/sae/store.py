@@ -32,7 +32,7 @@ Shapes: W windows, T context_size, P store_batch_size_prompts, B train_batch_siz
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ from jax import lax
 
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
-from jaxgpt.interp.cache import hooked_model
+from jaxgpt.interp.cache import flatten_sown, hooked_model
 from jaxgpt.nn.hooks import hook_points
 from jaxgpt.nn.model import GPTModel
 from jaxgpt.sae.splice import check_point, stop_layer
@@ -68,19 +68,11 @@ def _chunk_acts(params: Any, tokens: jax.Array, *, model: GPTModel, names: tuple
     else:
         out, state = model.apply(variables, tokens, stop_at_layer=stop, method=GPTModel.hidden,
                                  mutable=["intermediates"])
-    acts = dict(_leaves(state.get("intermediates", {})))
+    acts = dict(flatten_sown(state.get("intermediates", {})))
     if stop is not None:  # the model stopped before this block: its input is the output
         acts[f"blocks.{stop}.hook_resid_pre"] = out
     rows = tokens.shape[0] * tokens.shape[1]
     return {name: acts[name].reshape(rows, -1) for name in names}
-
-
-def _leaves(tree: Mapping) -> Any:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value)
-        else:
-            yield key, value
 
 
 @functools.partial(jax.jit, static_argnames=("model", "names", "stop"))

@@ -26,9 +26,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,8 +51,15 @@ from jaxgpt.sae.step import (
 )
 from jaxgpt.sae.store import ActivationStore, StorePosition, hook_widths
 from jaxgpt.sae.train_config import SAETrainConfig, resume_fields
-from jaxgpt.training.loop import ResumeWarning, TrainingDiverged, TrainingInterrupted, check_tokens
-from jaxgpt.training.progress import Progress, foreign_metrics_line, log, read_metrics
+from jaxgpt.training import run_dir
+from jaxgpt.training.loop import (
+    ResumeWarning,
+    StopOnSignal,
+    TrainingDiverged,
+    TrainingInterrupted,
+    check_tokens,
+)
+from jaxgpt.training.progress import Progress, log, read_metrics
 from jaxgpt.training.run_dir import CKPT_PREFIX, list_checkpoints
 from jaxgpt.training.step import tree_all_finite
 from jaxgpt.training.tracking import (
@@ -134,51 +139,11 @@ def estimate_scaling_factors(store: ActivationStore, n_batches: int) -> dict[str
     return {k: math.sqrt(store.widths[k]) / (float(v) / rows) for k, v in totals.items()}
 
 
-class _StopOnSignal:
-    """While active, the first SIGINT/SIGTERM only sets `signum` (the loop saves and stops
-    after the step in flight); a second one exits at once, as `jaxgpt train` does."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            os.write(2, b"\njaxgpt sae train: second interrupt: exiting now, without saving\n")
-            os._exit(128 + signum)
-        self.signum = signum
-        os.write(2, f"\njaxgpt sae train: {signal.Signals(signum).name} received: stopping "
-                    f"after this step and saving a checkpoint (Ctrl-C again to quit at once)\n"
-                 .encode())
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 # --- the run directory ---------------------------------------------------------------------
 
 def check_run_dir(out: Path) -> None:
     """FileExistsError unless `out` is new, empty, or holds only what an SAE run writes."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
-    if foreign:
-        raise FileExistsError(f"{out} holds files that jaxgpt sae train did not write "
-                              f"({files.describe_names(foreign)}): choose a new or empty "
-                              f"output directory")
-    metrics = out / "metrics.jsonl"
-    if metrics.exists() and (not metrics.is_file() or foreign_metrics_line(metrics)):
-        raise FileExistsError(f"{metrics} was not written by jaxgpt sae train: move it or "
-                              f"choose another output directory")
+    run_dir.check_run_dir(out, _RUN_ENTRIES, COMMAND)
 
 
 def _metadata(cfg: GPTConfig, sae_cfgs: Sequence[SAEConfig], tc: SAETrainConfig,
@@ -452,7 +417,11 @@ def _loop(run: _Run, progress: bool, on_log: Callable[[list[dict]], None] | None
     metrics_file = (open(run.out / "metrics.jsonl", "a") if run.out is not None
                     else contextlib.nullcontext())
     t_last, step_last = time.perf_counter(), start
-    with _StopOnSignal() as stop, metrics_file as log_file, _open_tracker(run, start) as tracker:
+    with (
+        StopOnSignal(COMMAND) as stop,
+        metrics_file as log_file,
+        _open_tracker(run, start) as tracker,
+    ):
         for done in range(start + 1, tc.steps + 1):
             run.state, m = run.step(run.state, run.store.next_batch())
             counts = _resample(run, done) if done in when else None

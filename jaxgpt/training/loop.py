@@ -64,9 +64,10 @@ class TrainingInterrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """While active, the first SIGINT/SIGTERM only sets `signum` (the loop stops after the
     step in flight and saves); a second one exits the process at once, without saving.
+    `command` names the program in the two messages (`jaxgpt train`, `jaxgpt sae train`).
 
     Handlers are installed only in the main thread (Python allows no other); elsewhere the
     signals keep their default behaviour.
@@ -74,22 +75,24 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, command: str = "jaxgpt train") -> None:
+        self.command = command
         self.signum: int | None = None
         self._previous: dict = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            os.write(2, b"\njaxgpt train: second interrupt: exiting now, without saving\n")
+            os.write(2, f"\n{self.command}: second interrupt: exiting now, without saving\n"
+                     .encode())
             os._exit(128 + signum)
         self.signum = signum
         os.write(
             2,
-            f"\njaxgpt train: {signal.Signals(signum).name} received: stopping after this step "
-            f"and saving a checkpoint (Ctrl-C again to quit at once)\n".encode(),
+            f"\n{self.command}: {signal.Signals(signum).name} received: stopping after this "
+            f"step and saving a checkpoint (Ctrl-C again to quit at once)\n".encode(),
         )
 
-    def __enter__(self) -> _StopOnSignal:
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -201,7 +204,7 @@ def _train(run: _Run, on_step: Callable[[int, dict], None] | None,
     records: list[dict] = []
     saved_step, signum = start, None
     with (
-        _StopOnSignal() as stop,
+        StopOnSignal() as stop,
         open(run.metrics_path, "a") if main else contextlib.nullcontext() as log_file,
         _open_tracker(run, start) as tracker,
     ):

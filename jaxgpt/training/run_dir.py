@@ -131,8 +131,10 @@ RUN_LOCK = "jaxgpt-train.lock"
 _RUN_ENTRIES = ("metrics.jsonl", "loss.png", "checkpoints", RUN_LOCK, TENSORBOARD_DIR, WANDB_DIR)
 
 
-def check_run_dir(out: Path) -> None:
-    """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes.
+def check_run_dir(out: Path, entries: tuple[str, ...] = _RUN_ENTRIES,
+                  command: str = "jaxgpt train") -> None:
+    """Raise FileExistsError unless `out` is new, empty, or holds only what a run writes
+    (`entries`: `jaxgpt train`'s by default; `jaxgpt sae train` passes its own).
 
     A run rewrites `metrics.jsonl` and `loss.png` and rotates `checkpoints/`, so a directory
     holding anything else (a project, someone's notes), or a `metrics.jsonl` whose lines are not
@@ -144,27 +146,27 @@ def check_run_dir(out: Path) -> None:
         return
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    foreign = sorted(e.name for e in out.iterdir() if e.name not in _RUN_ENTRIES)
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in entries)
     if foreign:
         raise FileExistsError(
-            f"{out} holds files that jaxgpt train did not write "
+            f"{out} holds files that {command} did not write "
             f"({files.describe_names(foreign)}); a run directory holds "
-            f"only {', '.join(_RUN_ENTRIES[:3])}: choose a new or empty output directory"
+            f"only {', '.join(entries[:3])}: choose a new or empty output directory"
         )
     metrics = out / "metrics.jsonl"
     if metrics.is_symlink() or metrics.exists() and not metrics.is_file():
-        raise FileExistsError(f"{metrics} is not a regular file; jaxgpt train does not replace it")
+        raise FileExistsError(f"{metrics} is not a regular file; {command} does not replace it")
     line = foreign_metrics_line(metrics) if metrics.exists() else None
     if line is not None:
         raise FileExistsError(
-            f"{metrics} was not written by jaxgpt train (line {line} is not a record of a "
+            f"{metrics} was not written by {command} (line {line} is not a record of a "
             f"training step) and would be overwritten: move it or choose another output "
             f"directory"
         )
     for name in ("checkpoints", RUN_LOCK):
         entry = out / name
         if entry.is_symlink() or entry.exists() and entry.is_dir() != (name == "checkpoints"):
-            raise FileExistsError(f"{entry} is not what jaxgpt train writes there")
+            raise FileExistsError(f"{entry} is not what {command} writes there")
 
 
 def check_writable(out: Path) -> None:
