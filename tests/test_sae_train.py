@@ -473,3 +473,6 @@ def test_the_trackers_get_every_record_once_across_an_interrupt(tiny, tokens, tm
             assert [rows[r["step"]][f"{name}/{key}"] for r in mine] == [r[key] for r in mine]
     assert runs[0]["config"]["sae_train"]["log"] == "tensorboard,wandb"
     assert runs[0]["config"]["saes"][Z]["architecture"] == "standard"
+    sizes = [2 * c.d_in * c.d_sae + c.d_in + c.d_sae for c in (TOPK, STANDARD)]
+    assert runs[0]["config"]["parameters"] == sum(sizes)
+    assert got["parameters"] == [(0, float(sum(sizes)))]

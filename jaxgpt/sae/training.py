@@ -458,6 +458,8 @@ def _open_tracker(run: _Run, start: int) -> Tracker:
     return Tracker.open(parse_trackers(run.tc.log), run.out, start=start,
                         config={"model": run.cfg.to_dict(), "sae_train": run.tc.to_dict(),
                                 "saes": configs},
+                        parameters=sum(int(np.size(v)) for sae in run.state.saes
+                                       for v in sae.params.values()),
                         project=run.tc.wandb_project, run_name=run.tc.run_name,
                         command=COMMAND)
 
