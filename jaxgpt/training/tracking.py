@@ -203,7 +203,8 @@ def cut_back_events(logdir: Path, step: int) -> None:
         if not any(event_pb2.Event.FromString(r).HasField("summary") for r in kept):
             path.unlink()
             continue
-        tmp = path.with_name(path.name + ".partial")
+        # Not named like an event file: TensorBoard reads every "*tfevents*" file it sees.
+        tmp = logdir / ".cut-back.partial"
         with open(tmp, "wb") as f:
             writer = RecordWriter(f)
             for r in kept:
