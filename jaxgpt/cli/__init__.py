@@ -41,13 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 INTERRUPTED = 130
+# The exit code of a command whose reader of stdout has gone (`| head`): 128 + SIGPIPE, what a
+# shell reports of `yes | head` (Python ignores SIGPIPE, so it is said, not died of); not 0, as
+# the output was not all written, which `set -o pipefail` should see, as it does for Unix tools.
+BROKEN_PIPE = 141
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that the flush at exit of what it still
+    buffers does not fail on a closed pipe again ("Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (stdout replaced in-process)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `jaxgpt` command `argv` (default: the process's arguments); its exit code.
 
     Ctrl-C outside what a command handles itself, and the OS's errors about files (a full
-    disk, a read-only directory), end the command with one line on stderr, not a traceback.
+    disk, a read-only directory), end the command with one line on stderr, not a traceback;
+    a closed stdout (`jaxgpt generate | head -c 5`) ends it quietly with BROKEN_PIPE.
     On a machine with no GPU or TPU, JAX runs on the CPU unless JAX_PLATFORMS says otherwise
     (`jaxgpt.native_logs`).
     """
@@ -61,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jaxgpt {args.command}: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
+    except BrokenPipeError:  # quiet, as Unix tools are
+        _stdout_to_devnull()
+        return BROKEN_PIPE
     except OSError as e:
         raise SystemExit(f"jaxgpt {args.command}: {e}") from e
 

@@ -195,12 +195,10 @@ def prompt_tokens(text: str, cfg: GPTConfig, flag: str, command: str) -> Any:
     functions check their tokens (`jaxgpt.interp.cache.check_tokens`: not empty, in the
     vocabulary, at most `context_length`), said of `flag`: SystemExit before the weights load.
     """
-    import numpy as np
-
     from jaxgpt.interp.cache import check_tokens
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import text_to_token_ids
 
-    ids = np.asarray(get_tokenizer().encode(text), np.int32)
+    ids = text_to_token_ids(text)  # `<|endoftext|>` allowed, as `generate` takes it
     try:
         return check_tokens(ids, cfg, flag)[0]
     except ValueError as e:
@@ -212,6 +210,20 @@ def _default_cache_dir() -> str:
 
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jaxgpt", "xla")
+
+
+def _unwritable_dir(path: str) -> str | None:
+    """Why the directory `path` cannot be made or written into (None if it can); a URL (JAX
+    takes `gs://...`) is left to JAX."""
+    if "://" in path:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +244,14 @@ def enable_compile_cache(args: argparse.Namespace) -> str | None:
         return None
     configured = jax.config.values.get("jax_compilation_cache_dir")
     path = args.compile_cache or configured or _default_cache_dir()
+    why = _unwritable_dir(path)
+    if why is not None:  # JAX would warn on every program, with its source path, and go on
+        where = ("--compile-cache" if args.compile_cache else
+                 "$JAX_COMPILATION_CACHE_DIR" if configured else "the compile cache")
+        log(f"jaxgpt: warning: {where} {path} cannot be used ({why}); compiling without a "
+            f"cache (--no-compile-cache: no warning)")
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     # Cache every program: the default keeps only those compiling for >= 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -6,15 +6,14 @@ import argparse
 from typing import Any
 
 from jaxgpt.cli.common import add_model_args, load_model, log, peek_config, prompt_tokens
-from jaxgpt.cli.patch import check_png, layer_range
+from jaxgpt.cli.patch import add_layers_arg, check_png, layer_range
 
 
 def add(sub: Any) -> None:
     p = sub.add_parser("lens", help="the logit lens: what each layer would predict")
     p.add_argument("--prompt", required=True, help="text whose positions to read")
-    p.add_argument("--layers", metavar="FIRST:STOP", default=None,
-                   help="draw only these rows (0-based over the layers' inputs and the final "
-                        "output, STOP excluded; default all)")
+    add_layers_arg(p, "draw only these rows (0-based over the layers' inputs and the final "
+                      "output, STOP excluded, negative from the end as in Python; default all)")
     p.add_argument("--out", default="lens.png", help="PNG to write (default lens.png)")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -31,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_png(args.out, "lens")
     tokenizer = get_tokenizer()
-    ids = prompt_tokens(args.prompt, peek_config(args), "--prompt", "lens")
-    cfg, params, desc = load_model(args)
+    cfg = peek_config(args)
+    ids = prompt_tokens(args.prompt, cfg, "--prompt", "lens")
     rows = layer_range(args.layers, cfg.n_layers + 1, "lens")
+    cfg, params, desc = load_model(args)
     log(f"jaxgpt: {desc}")
     names = [f"blocks.{i}.hook_resid_pre" for i in range(cfg.n_layers)]
     names.append(f"blocks.{cfg.n_layers - 1}.hook_resid_post")

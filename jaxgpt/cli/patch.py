@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.cli.common import add_model_args, load_model, log, peek_config, prompt_tokens
+from jaxgpt.cli.common import (
+    add_model_args,
+    check_output_file,
+    load_model,
+    log,
+    peek_config,
+    prompt_tokens,
+)
 
 # --kind -> (the sweep's kind in `interp.patching.KINDS`, what the columns are)
 KINDS = {"resid_pre": ("resid_pre", "position"), "attn_out": ("attn_out", "position"),
@@ -25,8 +33,8 @@ def add(sub: Any) -> None:
     p.add_argument("--kind", choices=KINDS, default="resid_pre",
                    help="what to patch: the residual stream, attention or MLP output at each "
                         "layer and position, or each head's output (default resid_pre)")
-    p.add_argument("--layers", metavar="FIRST:STOP", default=None,
-                   help="draw only these layers (0-based, STOP excluded; default all)")
+    add_layers_arg(p, "draw only these layers (0-based, STOP excluded, negative from the end "
+                      "as in Python: -2: is the last two; default all)")
     p.add_argument("--normalize", action="store_true",
                    help="draw (patched - corrupted) / (clean - corrupted), 0 to 1, instead of "
                         "the logit difference")
@@ -36,7 +44,7 @@ def add(sub: Any) -> None:
 
 
 def check_png(path: str, command: str) -> Path:
-    """The PNG to write: its folder must exist and it must not be a folder."""
+    """The PNG to write: its folder must exist and be writable, and it must not be a folder."""
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise SystemExit(f"jaxgpt {command}: --out {path} must end in .png")
@@ -44,11 +52,24 @@ def check_png(path: str, command: str) -> Path:
         raise SystemExit(f"jaxgpt {command}: --out {path} is a directory; give a file name")
     if not out.parent.is_dir():
         raise SystemExit(f"jaxgpt {command}: --out {path}: no directory {out.parent}")
-    return out
+    return check_output_file(path, "--out", command)  # and writable, before the sweep
+
+
+# argparse takes only `-2` and `-2.5` for negative values; anything else that starts with `-`
+# is a flag to it, so `--layers -2:` would be "expected one argument" (Python 3.13 takes any
+# `-<digit>...`, as this does).
+_NEGATIVE_VALUE = re.compile(r"^-\d[\d:-]*$|^-\d*\.\d+$")
+
+
+def add_layers_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """`--layers FIRST:STOP`, whose FIRST may be negative (`--layers -2:`)."""
+    p.add_argument("--layers", metavar="FIRST:STOP", default=None, help=help)
+    p._negative_number_matcher = _NEGATIVE_VALUE
 
 
 def layer_range(spec: str | None, count: int, command: str) -> range:
-    """`FIRST:STOP` (either may be left out) as a range within `count` rows."""
+    """`FIRST:STOP` (either may be left out, negative counts from the end as in a Python
+    slice) as a non-empty range within `count` rows."""
     if spec is None:
         return range(count)
     try:
@@ -56,16 +77,22 @@ def layer_range(spec: str | None, count: int, command: str) -> range:
     except ValueError:
         raise SystemExit(f"jaxgpt {command}: --layers must be FIRST:STOP, e.g. 0:6, got "
                          f"{spec!r}") from None
-    first = 0 if first is None else first
-    stop = count if stop is None else stop
-    if not 0 <= first < stop <= count:
+    ends = [v + count if v is not None and v < 0 else v for v in (first, stop)]
+    first, stop = 0 if ends[0] is None else ends[0], count if ends[1] is None else ends[1]
+    if not (0 <= first <= count and 0 <= stop <= count):
         raise SystemExit(f"jaxgpt {command}: --layers {spec} is out of range: the model has "
-                         f"{count} rows to draw, 0:{count}")
+                         f"{count} rows to draw, 0:{count} (or -{count}:)")
+    if first >= stop:
+        how = f"is reversed, e.g. {stop}:{first}" if first > stop else "selects no row"
+        raise SystemExit(f"jaxgpt {command}: --layers {spec} {how}: FIRST must be below STOP "
+                         f"(STOP excluded)")
     return range(first, stop)
 
 
 def one_token(text: str, flag: str, tokenizer: Any) -> int:
-    ids = tokenizer.encode(text)
+    from jaxgpt.tokenizer import ENDOFTEXT
+
+    ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
     if len(ids) != 1:
         raise SystemExit(f"jaxgpt patch: {flag} {text!r} is {len(ids)} tokens {ids}; give one "
                          f"token (e.g. ' Mary', with its leading space)")
@@ -84,10 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if len(clean) != len(corrupt):  # before the weights load; `patch_sweep` checks it after
         raise SystemExit(f"jaxgpt patch: --clean has {len(clean)} tokens and --corrupt "
                          f"{len(corrupt)}: patching needs two prompts of the same length")
+    if args.normalize and list(clean) == list(corrupt):
+        raise SystemExit("jaxgpt patch: --normalize: --clean and --corrupt are the same tokens, "
+                         "so they give the same logit difference; nothing to restore")
     answer = one_token(args.answer, "--answer", tokenizer)
     wrong = one_token(args.wrong, "--wrong", tokenizer)
-    cfg, params, desc = load_model(args)
     layers = layer_range(args.layers, cfg.n_layers, "patch")
+    cfg, params, desc = load_model(args)
     log(f"jaxgpt: {desc}")
     values, base = sweep(args, cfg, params, clean, corrupt, answer, wrong)
     kind, columns_are = KINDS[args.kind]
@@ -119,6 +149,9 @@ def sweep(args: argparse.Namespace, cfg: Any, params: Any, clean: Any, corrupt: 
     clean_logits, clean_cache = run_with_cache(params, cfg, clean)
     corrupt_logits, _ = run_with_cache(params, cfg, corrupt, names=[])
     base = float(metric(clean_logits[0])), float(metric(corrupt_logits[0]))
+    if args.normalize and abs(base[0] - base[1]) < 1e-6:  # before the sweep, not after it
+        raise SystemExit(f"jaxgpt patch: --normalize: the clean and corrupted prompts give "
+                         f"the same logit difference ({base[0]:.4f}); nothing to restore")
     kind = KINDS[args.kind][0]
     t0 = time.perf_counter()
     log(f"jaxgpt: patching {args.kind} ({cfg.n_layers} layers x "
@@ -128,8 +161,5 @@ def sweep(args: argparse.Namespace, cfg: Any, params: Any, clean: Any, corrupt: 
         progress=lambda done, total: log(f"jaxgpt: {done}/{total} patches "
                                          f"({time.perf_counter() - t0:.1f} s)")))
     if args.normalize:
-        if abs(base[0] - base[1]) < 1e-6:
-            raise SystemExit(f"jaxgpt patch: --normalize: the clean and corrupted prompts give "
-                             f"the same logit difference ({base[0]:.4f}); nothing to restore")
         values = (values - base[1]) / (base[0] - base[1])
     return values, base

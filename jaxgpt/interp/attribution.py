@@ -29,6 +29,7 @@ import numpy as np
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.cache import check_tokens, run_with_cache
 from jaxgpt.interp.patching import KINDS
+from jaxgpt.interp.reads import check_metric
 from jaxgpt.nn.model import GPTModel
 
 
@@ -46,6 +47,8 @@ def metric_and_gradients(params: Any, cfg: GPTConfig, tokens: Any, metric: Calla
     """
     lead = np.ndim(tokens) == 2
     tokens = check_tokens(tokens, cfg)
+    check_metric(metric, tokens.shape + (cfg.vocab_size,) if lead else
+                 (tokens.shape[1], cfg.vocab_size))
     _, shapes = run_with_cache(params, cfg, tokens, names=names, model=model)
     zeros = {n: jnp.zeros_like(shapes[n]) for n in names}
 

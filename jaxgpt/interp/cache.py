@@ -142,6 +142,8 @@ def resolve_names(cfg: GPTConfig, names: Names) -> list[str]:
 def check_tokens(tokens: Any, cfg: GPTConfig, name: str = "tokens") -> np.ndarray:
     """Token ids `[B, T]` (or `[T]`, one row) as int32 `[B, T]`, T <= context_length."""
     arr = np.asarray(tokens) if not isinstance(tokens, jax.core.Tracer) else tokens
+    if arr.size == 0:  # `[]` is float64 to NumPy: say it is empty, not that it is not ints
+        raise ValueError(f"{name} is empty (shape {arr.shape}): give at least one token")
     arr = check_token_ids(arr[None] if arr.ndim == 1 else arr, cfg, name)
     if arr.shape[1] > cfg.context_length:
         raise ValueError(f"{name} has {arr.shape[1]} tokens, more than the model's "

@@ -45,7 +45,7 @@ import numpy as np
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.interp.cache import act_name, check_tokens, run_with_cache, run_with_hooks
-from jaxgpt.interp.reads import metric_reads
+from jaxgpt.interp.reads import check_metric, metric_reads
 from jaxgpt.nn.attention import AttentionMask
 from jaxgpt.nn.hooks import BLOCK, ByIdentity, block_points, hook_table
 from jaxgpt.nn.model import GPTModel, apply_method, model_for
@@ -400,7 +400,9 @@ def plan_sweep(params: Any, cfg: GPTConfig, corrupted_tokens: Any, clean_cache: 
     model = model_for(cfg, model).clone(remat=False)
     b, t = tokens.shape
     clean = clean_activations(clean_cache, what, cfg, tokens)
-    reads = _reads(metric, (b, t, cfg.vocab_size) if lead else (t, cfg.vocab_size))
+    logits = (b, t, cfg.vocab_size) if lead else (t, cfg.vocab_size)
+    check_metric(metric, logits)
+    reads = _reads(metric, logits)
     run = corrupted_run(params, cfg, tokens, model)
     every = patches(what, t, cfg.n_heads)
     width, chunks = layout(every, t, chunk_size, lambda n: chunk_bytes(
@@ -469,6 +471,8 @@ def reference_sweep(params: Any, cfg: GPTConfig, corrupted_tokens: Any, clean_ca
     lead = np.ndim(corrupted_tokens) == 2
     tokens = check_tokens(corrupted_tokens, cfg, "corrupted_tokens")
     clean = clean_activations(clean_cache, what, cfg, tokens)  # [L, B, ...]
+    check_metric(metric, tokens.shape + (cfg.vocab_size,) if lead else
+                 (tokens.shape[1], cfg.vocab_size))
     dims = what.shape.split()
     shape = sizes(what, tokens.shape[1], cfg.n_heads)
     out = np.zeros((cfg.n_layers, *shape), np.float32)

@@ -277,6 +277,19 @@ def _check(metric: Callable[[jax.Array], jax.Array], reads: MetricReads,
     return None
 
 
+def check_metric(metric: Callable[[jax.Array], jax.Array], shape: tuple[int, ...]) -> None:
+    """A ValueError, before a sweep, unless `metric` gives one number for float32 logits of
+    `shape` (`[T, V]` for `[T]` tokens, `[B, T, V]` for `[B, T]`): each entry of a sweep is one
+    run's metric."""
+    out = jax.eval_shape(metric, jax.ShapeDtypeStruct(shape, jnp.float32))
+    got = getattr(out, "shape", None)
+    if got != ():
+        axes = "[T, V], of [T] tokens" if len(shape) == 2 else "[B, T, V], of [B, T] tokens"
+        what = f"shape {got}" if got is not None else type(out).__name__
+        raise ValueError(f"the metric must return one number (a scalar), got {what} from "
+                         f"logits of shape {shape} ({axes})")
+
+
 def metric_reads(metric: Callable[[jax.Array], jax.Array],
                  shape: tuple[int, ...]) -> MetricReads:
     """Trace `metric` on float32 logits of `shape` (`[..., T, V]`): the rows and columns it

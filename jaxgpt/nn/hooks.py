@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import GPTConfig
@@ -231,20 +232,36 @@ def hook_point(module: nn.Module, table: HookTable, name: str, x: jax.Array) -> 
         else:
             fn = hook.obj
         shown = [v for v in getattr(fn, "value_names", ()) if f"{full}.{v}" in table.cache]
-        if shown:
-            showing: Any = fn  # a hook with `value_names` has `with_values` (module docstring)
-            y, values = showing.with_values(x, full)
-            for value in shown:
-                _keep(module, f"{full}.{value}", values[value])
-        else:
-            y = fn(x, full)
-        if getattr(y, "shape", None) != x.shape:
-            raise ValueError(f"the hook at {full} returned shape {getattr(y, 'shape', type(y))} "
-                             f"for an activation of shape {x.shape}")
-        x = y.astype(x.dtype)  # a float32 vector added to bf16 activations stays bf16
+        try:
+            if shown:
+                showing: Any = fn  # a hook with `value_names` has `with_values` (module doc)
+                y, values = showing.with_values(x, full)
+                for value in shown:
+                    _keep(module, f"{full}.{value}", values[value])
+            else:
+                y = fn(x, full)
+        except (TypeError, ValueError) as e:  # at trace time: say where, and what it was given
+            if type(e) not in (TypeError, ValueError):
+                raise  # JAX's own (a tracer used as a bool...) explain themselves, and are typed
+            raise type(e)(f"the hook at {full} failed on an activation of shape {x.shape} "
+                          f"{x.dtype}: {e}") from e
+        x = _checked(y, x, full)
     if full in table.cache:
         _keep(module, full, x)
     return x
+
+
+def _checked(y: Any, x: jax.Array, full: str) -> jax.Array:
+    """A hook's result `y` for the activation `x` at `full`, cast back to `x`'s dtype; a
+    ValueError (at trace time) if its shape differs or its dtype is not at least as wide (an
+    int truncates, a bf16 rounds what the model keeps in float32)."""
+    if getattr(y, "shape", None) != x.shape:
+        raise ValueError(f"the hook at {full} returned shape {getattr(y, 'shape', type(y))} "
+                         f"for an activation of shape {x.shape}: return the activation's shape")
+    if jnp.promote_types(x.dtype, y.dtype) != y.dtype:
+        raise ValueError(f"the hook at {full} returned dtype {y.dtype} for an activation of "
+                         f"dtype {x.dtype}: return {x.dtype} (a wider float is cast back)")
+    return y.astype(x.dtype)  # a float32 vector added to bf16 activations stays bf16
 
 
 def _keep(module: nn.Module, name: str, x: jax.Array) -> None:
