@@ -101,8 +101,13 @@ def run_snippets(items: list[Snippet], cwd: pathlib.Path) -> subprocess.Complete
                XDG_CACHE_HOME=str(cwd / ".cache"))
     # The names tell where a failure is: the doc and the line of the block's opening fence.
     payload = json.dumps([[f"{s.doc}:{s.line}", s.code] for s in items])
-    return subprocess.run([sys.executable, "-c", _CHILD], input=payload, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=DOC_TIMEOUT_S)
+    try:
+        return subprocess.run([sys.executable, "-c", _CHILD], input=payload, cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=DOC_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        ran = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        last = [line for line in ran.splitlines() if line.startswith("--- ")][-1:]
+        pytest.fail(f"the snippets ran past {DOC_TIMEOUT_S} s, in {last}", pytrace=False)
 
 
 @pytest.fixture(scope="module")
