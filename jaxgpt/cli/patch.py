@@ -36,8 +36,9 @@ def add(sub: Any) -> None:
     add_layers_arg(p, "draw only these layers (0-based, STOP excluded, negative from the end "
                       "as in Python: -2: is the last two; default all)")
     p.add_argument("--normalize", action="store_true",
-                   help="draw (patched - corrupted) / (clean - corrupted), 0 to 1, instead of "
-                        "the logit difference")
+                   help="draw (patched - corrupted) / (clean - corrupted) instead of the logit "
+                        "difference: 0 is the corrupted run, 1 the clean one (a patch can go "
+                        "beyond either)")
     p.add_argument("--out", default="patch.png", help="PNG to write (default patch.png)")
     add_model_args(p)
     p.set_defaults(func=run)
