@@ -6,8 +6,9 @@ the check that a test passes however the suite is launched (issue 31).
 Each run is `python -m pytest -q -p no:xdist ARGS` started as `cmd &` by a non-interactive
 bash, as a script or a CI runner starts a background job: it inherits SIGINT ignored (the script
 checks that it does, once, before the first run). `--load L` keeps L busy loops
-(`python -c "while 1: pass"`) running through all the runs and always stops them. The runs stop
-at the first failure, whose output is printed; one summary line per run, then the total.
+(`python -c "while 1: pass"`, which also end with this script) running through all the runs
+and always stops them. The runs stop at the first failure, whose output is printed; one
+summary line per run, then the total.
 Exit code 0 when every run passed, 1 at a failure, 2 when the launch is not a background one.
 """
 
@@ -44,9 +45,15 @@ def sigint_of_a_background_job() -> str:
     return out.strip()
 
 
+# A busy loop that also ends when its parent does: were this script killed (SIGKILL skips its
+# `finally`), the loops would otherwise spin on forever.
+BUSY_LOOP = "import os, sys\nwhile os.getppid() == int(sys.argv[1]): pass"
+
+
 def start_load(n: int) -> list[subprocess.Popen]:
     """`n` busy-loop processes (one core each)."""
-    return [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(n)]
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(os.getpid())])
+            for _ in range(n)]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
