@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import sys
 from types import ModuleType
 
 import jax
@@ -34,6 +35,26 @@ def xla_default_env(env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(TEST_XLA_FLAG, "").strip()
     return env
+
+
+# A suite launched in the background (`pytest &` in a script, CI runners that start jobs so)
+# starts with SIGINT ignored, and every child inherits that: exec keeps an ignored signal
+# ignored, and Python then installs no KeyboardInterrupt handler, so a test's SIGINT never
+# reaches the child. That is Unix's convention (bash's manual: a background command ignores
+# SIGINT, so that a Ctrl-C of the script leaves it running), and the commands keep it; so the
+# tests give the children they interrupt SIGINT's default disposition. By a trampoline that
+# execs rather than `preexec_fn`: Python code between fork and exec may deadlock in a process
+# with threads (JAX's), and exec keeps the pid the test signals.
+_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def default_sigint(argv: list[str]) -> list[str]:
+    """`argv` as a command line that runs it with SIGINT's default disposition (Ctrl-C as
+    from a terminal), however this process was launched: for every test that sends a child
+    SIGINT."""
+    return [sys.executable, "-c", _DEFAULT_SIGINT, *argv]
+
 
 _TORCH = "pip install torch==2.13.0"
 _TEST_EXTRA = 'pip install -e ".[test]"'

@@ -381,3 +381,39 @@ def test_the_decoding_step_runs_in_a_loop_of_known_trip_count_on_h100(tiny_cfg, 
         return lax.while_loop(lambda y: y.sum() < 100.0, lambda y: y * 2.0 + 1.0, x)
 
     assert (trip(known), trip(unknown)) == (5, None)
+
+
+# Loads libtpu (for a TPU v5e target) and holds it until its stdin closes.
+_LOAD_LIBTPU = ("import sys; from jaxgpt import aot; aot.target_devices('tpu-v5e'); "
+                "print('loaded', flush=True); sys.stdin.read()")
+
+
+@pytest.mark.slow
+def test_the_suite_loads_libtpu_while_another_process_holds_its_lock():
+    """Two suites side by side (or a suite beside a TPU program): libtpu lets one process at a
+    time load it (/tmp/libtpu_lockfile) unless ALLOW_MULTIPLE_LIBTPU_LOAD is set, as conftest
+    sets it for the run and the processes it starts."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(aot.__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    alone = {**env, "ALLOW_MULTIPLE_LIBTPU_LOAD": "0"}
+    holder = subprocess.Popen([sys.executable, "-c", _LOAD_LIBTPU], env=alone, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        assert holder.stdout.readline() == "loaded\n"
+
+        def load(env):
+            return subprocess.run([sys.executable, "-c", _LOAD_LIBTPU], env=env, input="",
+                                  capture_output=True, text=True, timeout=300)
+
+        blocked = load(alone)  # the control: without the setting, the lock stops it
+        assert blocked.returncode != 0 and "libtpu_lockfile" in blocked.stderr, blocked.stderr
+        ours = load(env)
+        assert ours.returncode == 0 and ours.stdout == "loaded\n", ours.stderr[-3000:]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

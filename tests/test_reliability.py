@@ -6,6 +6,7 @@ Subprocesses where only a real process shows the behaviour (its whole stderr, a 
 lock held by another process); the rest in-process through `main`.
 """
 
+import ast
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, default_sigint
 
 from jaxgpt.cli import main
 from jaxgpt.config import GPTConfig
@@ -251,8 +252,9 @@ def test_ctrl_c_prints_the_text_so_far_and_exits_130_at_once(tmp_path, small_ckp
     # Past the 16-token context every token recomputes its window: 10^6 of them take minutes.
     args = ["generate", "--checkpoint", str(small_ckpt), "--max-new-tokens", "1000000",
             "--no-compile-cache", *(["--stream"] if stream else [])]
-    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt", *args], env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(default_sigint([sys.executable, "-m", "jaxgpt", *args]),
+                            env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         err = ""
         while "jaxgpt: generated" not in err:  # a chunk is done (the progress line)
@@ -273,6 +275,33 @@ def test_ctrl_c_prints_the_text_so_far_and_exits_130_at_once(tmp_path, small_ckp
     n = int(last.split("interrupted: ")[1].split()[0])
     assert n > 0 and last.endswith(" of 1000000 new tokens were generated (printed above)")
     assert out.startswith("Hello, I am") and len(out) > len("Hello, I am") + n // 2
+
+
+@pytest.mark.slow
+def test_a_child_started_by_default_sigint_takes_ctrl_c_however_the_suite_was_launched():
+    # A parent with SIGINT ignored, as `pytest &` in a script starts: a plain child inherits
+    # the ignored SIGINT (the control), one started through `default_sigint` gets Python's own.
+    parent = ("import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "subprocess.run(sys.argv[1:], check=True)")
+    show = [sys.executable, "-c", "import signal; print(repr(signal.getsignal(signal.SIGINT)))"]
+    seen = [subprocess.run([sys.executable, "-c", parent, *argv], capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+            for argv in (show, default_sigint(show))]
+    assert seen == ["<Handlers.SIG_IGN: 1>", "<built-in function default_int_handler>"]
+
+
+def test_every_test_that_interrupts_a_child_starts_it_by_default_sigint():
+    """A test module that sends a child a signal starts its children through
+    `conftest.default_sigint`, else its test fails when the suite runs in the background."""
+    def calls(path):
+        return {node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                and isinstance(node.func, (ast.Attribute, ast.Name))}
+
+    modules = {p.name: calls(p) for p in sorted(Path(__file__).parent.glob("test_*.py"))}
+    senders = [name for name, called in modules.items() if "send_signal" in called]
+    assert set(senders) >= {"test_reliability.py", "test_train_cli.py"}
+    assert [name for name in senders if "default_sigint" not in modules[name]] == []
 
 
 def test_the_past_context_warning_counts_only_the_new_tokens(small_ckpt, capsys):

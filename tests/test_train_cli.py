@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, default_sigint
 
 from jaxgpt.cli import main
 from jaxgpt.training.run_dir import RUN_LOCK
@@ -289,8 +289,9 @@ class _Training:
         root = str(Path(jaxgpt.__file__).resolve().parents[1])
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "jaxgpt", *self.argv], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(default_sigint([sys.executable, "-m", "jaxgpt", *self.argv]),
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
         self.lines = queue.Queue()
         self.err = []
         threading.Thread(target=self._read, daemon=True).start()
