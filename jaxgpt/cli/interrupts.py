@@ -27,7 +27,6 @@ meant for the foreground leaves it running; such a job is stopped with `kill` (S
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import signal
@@ -139,7 +138,9 @@ class Interrupts:
                 while time.monotonic() < deadline:
                     if self._redeliver.wait(0.05):
                         self._redeliver.clear()
-                        _thread.interrupt_main(signal.SIGINT)
+                        time.sleep(0.01)  # for the main thread to leave the hook
+                        # A real signal, so that it also cuts a sleep of the main thread short.
+                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             self.exit(flush=False)  # the main thread may hold stdout's lock
 
 
