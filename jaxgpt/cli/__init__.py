@@ -4,8 +4,10 @@ Each command is a module of this package with an `add(sub)` that declares its fl
 `run(args)` that runs it. Results go to stdout, diagnostics to stderr.
 
 The command owns its process, so it keeps native start-up noise off stderr: jax is imported
-here, under `quiet_native_logs`, before any command module (`import jaxgpt` alone loads no
-jax and touches no file descriptor; `jaxgpt.native_logs` says what the noise is).
+by `build_parser`, under `quiet_native_logs`, before any command module (`import jaxgpt`
+alone loads no jax and touches no file descriptor; `jaxgpt.native_logs` says what the noise
+is). Importing this package loads no jax either, so that the `jaxgpt` executable handles
+Ctrl-C (`jaxgpt.cli.interrupts`) from its first second, while jax loads.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import argparse
 import os
 import sys
 
+from jaxgpt.cli.interrupts import INTERRUPTED, Interrupts
 from jaxgpt.native_logs import quiet_native_logs, start_backends, use_cpu_without_accelerators
 
-with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds no GPU
-    import jax  # noqa: F401
-
-from jaxgpt.cli import attention, convert, generate, info, lens, patch, sae, train
+__all__ = ["INTERRUPTED", "build_parser", "entry", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `jaxgpt` parser with every command."""
+    with quiet_native_logs():  # jax loads its CUDA plugin, which logs when it finds no GPU
+        import jax  # noqa: F401
+
+    from jaxgpt.cli import attention, convert, generate, info, lens, patch, sae, train
+
     parser = argparse.ArgumentParser(
         prog="jaxgpt", description="The GPT of 'Build a Large Language Model From Scratch' in "
         "JAX: generate, train, convert, look inside, patch.")
@@ -39,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The exit code of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
-INTERRUPTED = 130
 # The exit code of a command whose reader of stdout has gone (`| head`): 128 + SIGPIPE, what a
 # shell reports of `yes | head` (Python ignores SIGPIPE, so it is said, not died of); not 0, as
 # the output was not all written, which `set -o pipefail` should see, as it does for Unix tools.
@@ -86,15 +89,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `jaxgpt` executable: `main`, then exit with its code; a generation stopped by Ctrl-C
-    at once, without waiting for the chunk in flight (it has printed what it had)."""
+    """The `jaxgpt` executable: `main`, then exit with its code. Ctrl-C at any moment, from
+    start-up to the teardown, ends it at once with exit code 130 and one line, without an
+    interpreter teardown (`jaxgpt.cli.interrupts`); `generate` prints the text it made first.
+    """
     argv = sys.argv[1:]
-    code = main(argv)
-    if code == INTERRUPTED and argv[:1] == ["generate"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    name = " ".join(["jaxgpt", *argv[:1]]) if argv and not argv[0].startswith("-") else "jaxgpt"
+    interrupts = Interrupts(name).start()
+    try:
+        code: int | str | None = main(argv)
+    except SystemExit as e:  # a message, or argparse's exit
+        code = e.code
+    except BaseException:
+        # A KeyboardInterrupt that `main` did not handle, or what one turned into (an
+        # ImportError while jax loads): the interrupt, not a traceback.
+        if interrupts.seen.is_set():
+            interrupts.exit()
+        raise
+    interrupts.finish(code, said=code == INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
     log(f"jaxgpt: {desc}")
     weights = attention_weights(params, cfg, idx)[args.layer][0]  # [H, T, T]
     tokens = [tokenizer.decode([int(t)]) for t in idx[0]]
-    path = plot_attention(weights, tokens, out, layer=args.layer, head=args.head)
+    from jaxgpt.cli.common import written_whole  # the picture whole or not at all
+
+    with written_whole(out) as tmp:
+        plot_attention(weights, tokens, tmp, layer=args.layer, head=args.head)
+    path = out
     log(f"jaxgpt: wrote {path} (layer {args.layer}, "
          f"{'head ' + str(args.head) if args.head is not None else f'{cfg.n_heads} heads'}, "
          f"{len(tokens)} tokens)")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,17 @@ def check_output_file(path: str, what: str, command: str,
     if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise SystemExit(f"{prefix}: cannot write there (permission denied)")
     return out
+
+
+@contextlib.contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """The temporary file to write `out` to (`jaxgpt.io.files.atomic_file`): renamed to `out`
+    once the body returns, removed if it raises or Ctrl-C ends the command meanwhile."""
+    from jaxgpt.cli.interrupts import removed_if_interrupted
+    from jaxgpt.io.files import atomic_file
+
+    with atomic_file(out) as tmp, removed_if_interrupted(tmp):
+        yield tmp
 
 
 def resolve_run_dir(path: str) -> str:

@@ -21,6 +21,7 @@ from jaxgpt.cli.common import (
     peek_config,
     resolve_run_dir,
 )
+from jaxgpt.cli.interrupts import raising
 from jaxgpt.config import GPTConfig
 
 
@@ -121,16 +122,18 @@ def run(args: argparse.Namespace) -> int:
     progress = (_TokenProgress(args.max_new_tokens)
                 if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
     t0 = time.perf_counter()
-    try:
-        with clock:
-            n_new, interrupted = _print_generation(args, params, cfg, prompt, config, key,
-                                                   progress)
-    except ValueError as e:
-        raise _fail(str(e)) from e
-    if interrupted:
-        log(f"jaxgpt generate: interrupted: {n_new} of {args.max_new_tokens * args.num_samples} "
-            f"new tokens were generated (printed above)")
-        return 130
+    with raising():  # Ctrl-C as a KeyboardInterrupt: the text so far is printed
+        try:
+            with clock:
+                n_new, interrupted = _print_generation(args, params, cfg, prompt, config, key,
+                                                       progress)
+        except ValueError as e:
+            raise _fail(str(e)) from e
+        if interrupted:
+            log(f"jaxgpt generate: interrupted: {n_new} of "
+                f"{args.max_new_tokens * args.num_samples} new tokens were generated (printed "
+                f"above)")
+            return 130
     # Compiling happens inside the call: its time is taken out.
     gen = max(time.perf_counter() - t0 - (clock.seconds - compile_load), 1e-9)
     log(f"jaxgpt: load {t_load - compile_load:.2f}s, compile {clock.seconds:.2f}s "

@@ -43,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
     top = np.asarray(probs.argmax(-1))  # [L + 1, T]
     best = np.take_along_axis(np.asarray(probs), top[..., None], axis=-1)[..., 0]
     words = [[tokenizer.decode([int(t)]) for t in row] for row in top]
-    path = plot_logit_lens([words[r] for r in rows], best[rows.start:rows.stop],
-                           [labels[r] for r in rows], [tokenizer.decode([int(t)]) for t in ids],
-                           out, title=f"logit lens: {args.prompt!r}")
+    from jaxgpt.cli.common import written_whole  # the picture whole or not at all
+
+    with written_whole(out) as tmp:
+        plot_logit_lens([words[r] for r in rows], best[rows.start:rows.stop],
+                        [labels[r] for r in rows], [tokenizer.decode([int(t)]) for t in ids],
+                        tmp, title=f"logit lens: {args.prompt!r}")
+    path = out
     log(f"jaxgpt: wrote {path} ({len(rows)} rows x {len(ids)} positions)")
     return 0

@@ -128,10 +128,13 @@ def run(args: argparse.Namespace) -> int:
         f"logit({args.answer!r}) - logit({args.wrong!r})"
     title = (f"patching {args.kind}, clean into corrupted: {what}\n"
              f"clean {base[0]:.2f}, corrupted {base[1]:.2f}")
+    from jaxgpt.cli.common import written_whole  # the picture whole or not at all
     from jaxgpt.interp.plots import plot_patching
 
-    path = plot_patching(values[layers.start:layers.stop], [str(i) for i in layers], columns,
-                         out, title=title, label=what, column_title=columns_are)
+    with written_whole(out) as tmp:
+        plot_patching(values[layers.start:layers.stop], [str(i) for i in layers], columns,
+                      tmp, title=title, label=what, column_title=columns_are)
+    path = out
     log(f"jaxgpt: wrote {path} ({len(layers)} layers x {len(columns)} {columns_are}s)")
     return 0
 

@@ -1,4 +1,4 @@
-"""Atomic directory writes, and what jaxgpt may replace or delete.
+"""Atomic directory and file writes, and what jaxgpt may replace or delete.
 
 Every save writes a hidden temporary sibling (`.NAME.tmp-PID-HEX`) and renames it into place,
 so an interrupted save never leaves a half-written directory under the final name; the next
@@ -182,6 +182,28 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of the file `path` to write, with `path`'s suffix (what picks
+    a picture's format); when the body returns, rename it to `path`.
+
+    If the body raises, nothing appears at `path` (a file there is left as it was) and the
+    temporary is removed, so no 0-byte or half-written `path` is ever seen; an OSError (a full
+    disk) is raised again naming `path`, not the temporary. A killed process leaves at most a
+    hidden `.STEM.tmp-PID-HEX.SUFFIX` sibling.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 class LockHeld(Exception):
