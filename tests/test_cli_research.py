@@ -1,5 +1,7 @@
 """`jaxgpt patch` and `jaxgpt lens`: the pictures, the progress, and one-line errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import TINY
@@ -35,7 +37,9 @@ def test_patch_draws_layers_by_positions_and_by_heads(tiny_model, tmp_path, monk
     real = plots.plot_patching
 
     def spy(values, rows, columns, path, **kwargs):
-        drawn[str(path)] = (np.asarray(values), list(rows), list(columns), kwargs)
+        # By the picture it becomes: it is drawn into a temporary `.pos.tmp-PID-HEX.png`.
+        final = Path(path).with_name(Path(path).name[1:].split(".tmp-")[0] + Path(path).suffix)
+        drawn[str(final)] = (np.asarray(values), list(rows), list(columns), kwargs)
         return real(values, rows, columns, path, **kwargs)
 
     monkeypatch.setattr(plots, "plot_patching", spy)

@@ -133,14 +133,15 @@ class Interrupts:
             got = os.read(wakeup, 64)
             if signal.SIGINT not in got or signal.getsignal(signal.SIGINT) != self._on_sigint:
                 continue
-            if self._raising:
-                deadline = time.monotonic() + GRACE_S
-                while time.monotonic() < deadline:
-                    if self._redeliver.wait(0.05):
-                        self._redeliver.clear()
-                        time.sleep(0.01)  # for the main thread to leave the hook
-                        # A real signal, so that it also cuts a sleep of the main thread short.
-                        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            # Inside `raising()`, the main thread's to end; outside, the main thread ends it at
+            # its next bytecode (flushing stdout first): it is waited for a moment.
+            deadline = time.monotonic() + (GRACE_S if self._raising else 0.1)
+            while time.monotonic() < deadline:
+                if self._redeliver.wait(0.05):
+                    self._redeliver.clear()
+                    time.sleep(0.01)  # for the main thread to leave the hook
+                    # A real signal, so that it also cuts a sleep of the main thread short.
+                    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             self.exit(flush=False)  # the main thread may hold stdout's lock
 
 
