@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 from jaxgpt.cli import interrupts
 from jaxgpt.config import GPTConfig
@@ -33,7 +34,6 @@ SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_
 # The start of every child: SIGINT as Python sets it up in a process started from a terminal,
 # whatever this suite inherited (a background job has it ignored). (Not a `preexec_fn`: that
 # would fork this process, which runs JAX's threads.)
-_AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 # `jaxgpt ARGS` (`entry`, as the executable runs it), announcing on stderr the moments the
 # command does not show: `started` once Ctrl-C is jaxgpt's (jax not loaded yet); with
@@ -82,7 +82,7 @@ def _interrupt(tmp_path, code, args, marker, **env):
     """Run `python -c code args` with SIGINT's default disposition, send SIGINT once a line
     of its stderr holds `marker`: `(exit code, stdout, stderr's lines from then on)`."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _AS_FROM_A_TERMINAL + code, *args], env=_env(tmp_path, **env),
+        default_sigint([sys.executable, "-c", code, *args]), env=_env(tmp_path, **env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # A hang is the failure, not a slow exit: the child is killed after 5 minutes.
     guard = threading.Timer(300, proc.kill)
@@ -180,7 +180,7 @@ cli.entry()
 @pytest.mark.parametrize("raising", [False, True])
 def test_an_interrupt_python_drops_is_not_lost(tmp_path, raising):
     proc = subprocess.run(
-        [sys.executable, "-c", _AS_FROM_A_TERMINAL + _DROPPED, *(["raising"] if raising else [])],
+        default_sigint([sys.executable, "-c", _DROPPED, *(["raising"] if raising else [])]),
         env=_env(tmp_path), capture_output=True, text=True, timeout=60)
     said = "jaxgpt demo: caught it" if raising else "jaxgpt demo: interrupted"
     assert (proc.returncode, _lines(proc.stderr)) == (

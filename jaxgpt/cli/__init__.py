@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from jaxgpt.cli.interrupts import INTERRUPTED, Interrupts
+from jaxgpt.cli.interrupts import INTERRUPTED, Interrupts, claim_the_line
 from jaxgpt.native_logs import quiet_native_logs, start_backends, use_cpu_without_accelerators
 
 __all__ = ["INTERRUPTED", "build_parser", "entry", "main"]
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             start_backends()
         return args.func(args)
     except KeyboardInterrupt:
+        claim_the_line()
         print(f"jaxgpt {args.command}: interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
     except BrokenPipeError:  # quiet, as Unix tools are

@@ -21,7 +21,7 @@ from jaxgpt.cli.common import (
     peek_config,
     resolve_run_dir,
 )
-from jaxgpt.cli.interrupts import raising
+from jaxgpt.cli.interrupts import claim_the_line, raising
 from jaxgpt.config import GPTConfig
 
 
@@ -242,6 +242,7 @@ def _print_generation(args: argparse.Namespace, params: Any, cfg: GPTConfig,
                 print(text.rstrip("\ufffd")[len(shown):], end="", flush=True)
                 shown = text.rstrip("\ufffd")
     except KeyboardInterrupt:
+        claim_the_line()  # the text so far and the one line are this thread's to print
         interrupted = True
     if progress:
         progress.close()

@@ -56,6 +56,7 @@ class Interrupts:
     def __init__(self, command: str = "jaxgpt") -> None:
         self.command = command
         self.seen = threading.Event()  # a SIGINT reached the handler
+        self.said = threading.Event()  # the command printed its own line about it
         self.temporaries: set[Path] = set()  # files to remove if the process ends here
         self._raising = 0  # depth of `raising()` blocks
         self._exiting = threading.RLock()  # held by the thread ending the process
@@ -105,10 +106,19 @@ class Interrupts:
         for path in list(self.temporaries):
             with contextlib.suppress(OSError):
                 path.unlink()
-        if say:
+        if say and not self.said.is_set():
             with contextlib.suppress(OSError):
                 os.write(self._stderr, f"{self.command}: interrupted\n".encode())
         os._exit(INTERRUPTED)
+
+    def claim(self) -> None:
+        """Called by the thread about to print the command's own line about a Ctrl-C: the end
+        of the process is that thread's from here (the watchdog, if it is already ending it,
+        is left to finish, and this thread waits; else the watchdog waits and adds no line)."""
+        if not self._exiting.acquire(blocking=False):
+            while True:
+                time.sleep(60)
+        self.said.set()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.seen.set()
@@ -143,6 +153,13 @@ class Interrupts:
                     # A real signal, so that it also cuts a sleep of the main thread short.
                     signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             self.exit(flush=False)  # the main thread may hold stdout's lock
+
+
+def claim_the_line() -> None:
+    """Before a command prints its own line about a Ctrl-C (`Interrupts.claim`): no second
+    line, and no race with the watchdog over who ends the process."""
+    if _active is not None:
+        _active.claim()
 
 
 @contextlib.contextmanager
