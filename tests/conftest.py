@@ -397,18 +397,32 @@ def as_f32(records, key):
     return [(r["step"], float(np.float32(r[key]))) for r in records if key in r]
 
 
-def wandb_runs(wandb_dir):
+def wandb_runs(wandb_dir, timeout_s=60.0):
     """The history rows and config of each offline run under `wandb_dir`, oldest first, read
-    with wandb's own reader of its run files (`DataStore`)."""
+    with wandb's own reader of its run files (`DataStore`).
+
+    `wandb.finish` can return before `wandb-core` has written the end of an offline run's file
+    (seen on a loaded machine): each file is read again until it holds its run's exit record,
+    for at most `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [_wandb_run(path) for run_dir in sorted(wandb_dir.glob("offline-run-*"))
+                for path in run_dir.glob("*.wandb")]
+        if all(run["exited"] for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def _wandb_run(path):
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
-    runs = []
-    for run_dir in sorted(wandb_dir.glob("offline-run-*")):
-        (path,) = run_dir.glob("*.wandb")
-        ds = DataStore()
-        ds.open_for_scan(str(path))
-        history, config, run_id = [], {}, None
+    ds = DataStore()
+    ds.open_for_scan(str(path))
+    history, config, run_id, exited = [], {}, None, False
+    try:
         while (data := ds.scan_data()) is not None:
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(data)
@@ -420,5 +434,8 @@ def wandb_runs(wandb_dir):
                 update = rec.config.update if kind == "config" else rec.run.config.update
                 config.update({i.key: json.loads(i.value_json) for i in update})
                 run_id = rec.run.run_id if kind == "run" else run_id
-        runs.append({"id": run_id, "history": history, "config": config})
-    return runs
+            elif kind == "exit":
+                exited = True
+    finally:
+        ds.close()
+    return {"id": run_id, "history": history, "config": config, "exited": exited}
