@@ -58,6 +58,7 @@ def test_endoftext_in_lens_and_patch_prompts_is_the_token(small_ckpt, tmp_path):
 
 # 6: a reader of stdout that goes away (`| head -c 5`) ends the command quietly.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--stream", "--max-new-tokens", "100000"],
                                    ["--num-samples", "3000", "--max-new-tokens", "8"]],
                          ids=["stream", "at-the-end"])
@@ -77,6 +78,7 @@ def test_a_closed_stdout_ends_generate_quietly_with_141(tmp_path, small_ckpt, fl
 
 # 8: an unusable compile cache directory is one jaxgpt warning, and no cache.
 
+@pytest.mark.slow
 def test_an_unwritable_compile_cache_is_one_warning_naming_the_flag(tmp_path, small_ckpt,
                                                                      capsys):
     a_file = tmp_path / "file"
