@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ConfigError
-from jaxgpt.training.config import RESUME_KINDS, setting
+from jaxgpt.training.config import RESUME_KINDS, setting, tracking_setting
 from jaxgpt.training.tracking import checked_tracking
 
 LR_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")
@@ -86,12 +86,9 @@ class SAETrainConfig:
     save_every: int = setting(1000, "loop", "a checkpoint every N steps, and at the end")
     keep: int = setting(3, "loop", "checkpoints kept")
     # Experiment trackers, as `TrainConfig`'s (`jaxgpt.training.tracking`).
-    log: str = setting("", "loop", "also log to these experiment trackers: tensorboard, wandb "
-                       "(comma-separated)")
-    wandb_project: str | None = setting(None, "loop", "the W&B project",
-                                        none="$WANDB_PROJECT, else jaxgpt")
-    run_name: str | None = setting(None, "loop", "the run's name in W&B and TensorBoard's "
-                                   "hyper-parameters", none="the output directory's name")
+    log: str = tracking_setting("log")
+    wandb_project: str | None = tracking_setting("wandb_project")
+    run_name: str | None = tracking_setting("run_name")
 
     def __post_init__(self) -> None:
         for name in ("training_tokens", "train_batch_size_tokens", "context_size",

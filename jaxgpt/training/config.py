@@ -54,6 +54,23 @@ def setting(default: Any, resume: str, help: str, none: str | None = None) -> An
                              metadata={"resume": resume, "help": help, "none": none})
 
 
+# The experiment trackers' settings, which `TrainConfig` and `SAETrainConfig` share:
+# name -> `setting`'s arguments (see `jaxgpt.training.tracking.checked_tracking`).
+_TRACKING: dict[str, tuple[Any, str, str, str | None]] = {
+    "log": ("", "loop", "also log to these experiment trackers: tensorboard, wandb "
+            "(comma-separated)", None),
+    "wandb_project": (None, "loop", "the W&B project", "$WANDB_PROJECT, else jaxgpt"),
+    "run_name": (None, "loop", "the run's name in W&B and TensorBoard's hyper-parameters",
+                 "the output directory's name"),
+}
+
+
+def tracking_setting(name: str) -> Any:
+    """A new field for the tracking setting `name` (`_TRACKING`), for each config that has it."""
+    default, resume, help, none = _TRACKING[name]
+    return setting(default, resume, help, none)
+
+
 def _fail(name: str, rule: str, *value: Any) -> ConfigError:
     return ConfigError("TrainConfig", name, rule, *value)
 
@@ -117,12 +134,9 @@ class TrainConfig:
     sample_temperature: float = setting(1.0, "loop", "temperature of the samples (0: greedy)")
     # Experiment trackers (`jaxgpt.training.tracking`): metrics.jsonl and loss.png are always
     # written; these log the same records beside them.
-    log: str = setting("", "loop", "also log to these experiment trackers: tensorboard, wandb "
-                       "(comma-separated)")
-    wandb_project: str | None = setting(None, "loop", "the W&B project",
-                                        none="$WANDB_PROJECT, else jaxgpt")
-    run_name: str | None = setting(None, "loop", "the run's name in W&B and TensorBoard's "
-                                   "hyper-parameters", none="the output directory's name")
+    log: str = tracking_setting("log")
+    wandb_project: str | None = tracking_setting("wandb_project")
+    run_name: str | None = tracking_setting("run_name")
 
     def __post_init__(self) -> None:
         self._check_counts()

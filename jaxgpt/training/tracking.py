@@ -262,7 +262,7 @@ class _WandB:
         os.replace(tmp, self._id_file)
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
-        if step <= self._logged and step > 0:
+        if step <= self._logged:  # already in W&B
             return
         self._run.log(dict(values), step=step)
         self._logged = max(self._logged, step)
