@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     config = _generation_config(args, cfg)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(args.prompt, tokenizer)
-    _check_buffer(args, cfg, idx.shape[1])
+    _check_buffer(args, cfg, idx.shape[1], config)
     cache_dir = enable_compile_cache(args)
     clock = CompileClock()  # random weights are made by a compiled init: count it apart
     with clock:
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             with clock:
                 n_new, interrupted = _print_generation(args, params, cfg, prompt, config, key,
                                                        progress)
-        except ValueError as e:
+        except (ValueError, FloatingPointError) as e:  # a bad value, or NaN logits
             raise _fail(str(e)) from e
         if interrupted:
             log(f"jaxgpt generate: interrupted: {n_new} of "
@@ -183,16 +183,20 @@ def _generation_config(args: argparse.Namespace, cfg: GPTConfig) -> Any:
     return config
 
 
-def _check_buffer(args: argparse.Namespace, cfg: GPTConfig, prompt_len: int) -> None:
+def _check_buffer(args: argparse.Namespace, cfg: GPTConfig, prompt_len: int,
+                  config: Any) -> None:
     """SystemExit saying the limit if --max-new-tokens is more than the token buffer can hold,
-    before the weights load or anything compiles."""
-    from jaxgpt.inference.checks import check_new_tokens
+    or the --num-samples rows more than the memory can, before the weights load or anything
+    compiles (the rows are split over the devices as `generate_stream` splits them)."""
+    from jaxgpt.inference.checks import check_generation_memory, check_new_tokens
     from jaxgpt.inference.decode import program_shape
 
     shape = program_shape(cfg, prompt_len, args.max_new_tokens)
     try:
         check_new_tokens(args.max_new_tokens, args.num_samples, shape.prompt_slots,
                          shape.new_slots, name="--max-new-tokens")
+        check_generation_memory(cfg, args.num_samples, shape, sampling=config.sampling,
+                                what=f"--num-samples {args.num_samples:,}", unit="samples")
     except ValueError as e:
         raise _fail(str(e)) from e
 

@@ -63,6 +63,9 @@ class DecodeState(NamedTuple):
     cache: KVCache | tuple  # per layer [B * H, S, Dh]; () on the recomputing path
     step: jax.Array  # [] int32: index of the next new token (0-based)
     done: jax.Array  # [B] bool: the row has emitted eos_id
+    # [B] int32: the first step whose logits held a NaN or inf for the row (-1: none yet).
+    # Read on the host once per call or chunk (`Generator`), never per token.
+    nonfinite_at: jax.Array
 
 
 def bucket_length(n: int, minimum: int, cap: int | None = None) -> int:
@@ -109,9 +112,12 @@ def _write_next(
     state: DecodeState, logits: jax.Array, knobs: Knobs, sampling: SamplingConfig,
     prompt_slots: int, active: jax.Array | bool = True,
 ) -> DecodeState:
-    """Choose token `state.step` for every row from logits `[B, V]`, apply EOS, store it; an
-    inactive step (`active` False) leaves the tokens, the count and `done` as they are."""
+    """Choose token `state.step` for every row from logits `[B, V]`, apply EOS, store it, and
+    note the step for a row still running whose logits are not finite (argmax of NaN is no
+    token); an inactive step (`active` False) leaves the state as it was."""
     j = state.step
+    bad = ~jnp.isfinite(logits).all(axis=-1) & ~state.done & active  # [B]
+    nonfinite_at = jnp.where(bad & (state.nonfinite_at < 0), j, state.nonfinite_at)
     nxt = choose_next(logits, jax.random.fold_in(knobs.key, j), knobs.temperature, knobs.top_p,
                       sampling)  # [B]
     nxt = jnp.where(state.done, knobs.eos_id, nxt)
@@ -121,7 +127,8 @@ def _write_next(
         nxt = jnp.where(active, nxt, lax.dynamic_slice_in_dim(state.tokens, at, 1, axis=1)[:, 0])
     tokens = lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, at))
     return state._replace(tokens=tokens, step=j + jnp.asarray(active, jnp.int32),
-                          done=state.done | (active & (nxt == knobs.eos_id)))
+                          done=state.done | (active & (nxt == knobs.eos_id)),
+                          nonfinite_at=nonfinite_at)
 
 
 def _split_rows(tree: Any, mesh: Mesh | None) -> Any:
@@ -141,8 +148,10 @@ def _start(model: GPTModel, params: Any, prompt: jax.Array, start: jax.Array, ne
     cfg = model.cfg
     fill = jnp.maximum(knobs.eos_id, 0)  # an all-done early exit leaves eos_id behind
     tokens = jnp.concatenate([prompt, jnp.full((b, new_slots), fill, jnp.int32)], axis=1)
-    state = DecodeState(tokens, start, (), jnp.int32(0), jnp.zeros((b,), bool))
-    state = state._replace(**_split_rows(dict(tokens=tokens, start=start, done=state.done), mesh))
+    state = DecodeState(tokens, start, (), jnp.int32(0), jnp.zeros((b,), bool),
+                        jnp.full((b,), -1, jnp.int32))
+    state = state._replace(**_split_rows(dict(tokens=tokens, start=start, done=state.done,
+                                              nonfinite_at=state.nonfinite_at), mesh))
     if not use_cache:
         return state
     slots = cache_slots(cfg, p, new_slots)
@@ -217,14 +226,15 @@ _STATIC = ("model", "new_slots", "sampling", "use_cache", "mesh")
 def generate_tokens(params: Any, prompt: jax.Array, start: jax.Array, n_new: jax.Array,
                     knobs: Knobs, *, model: GPTModel, new_slots: int, sampling: SamplingConfig,
                     use_cache: bool, mesh: Mesh | None = None,
-                    chunk_steps: int = DECODE_CHUNK) -> jax.Array:
-    """The whole generation as one program: the token buffer `[B, P + new_slots]` after
-    prefilling `prompt` `[B, P]` (rows starting at `start` `[B]`) and `n_new` new tokens,
-    the cached steps `chunk_steps` at a time (0: one per check)."""
+                    chunk_steps: int = DECODE_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """The whole generation as one program: `(tokens, nonfinite_at)`, the token buffer
+    `[B, P + new_slots]` after prefilling `prompt` `[B, P]` (rows starting at `start` `[B]`)
+    and `n_new` new tokens, and each row's first step with non-finite logits `[B]` (-1: none;
+    see `DecodeState`); the cached steps `chunk_steps` at a time (0: one per check)."""
     TRACE_COUNTS["generate"] += 1
     state = _start(model, params, prompt, start, new_slots, knobs, sampling, use_cache, mesh)
     state = _decode(model, params, state, n_new, knobs, sampling, prompt.shape[1], chunk_steps)
-    return state.tokens
+    return state.tokens, state.nonfinite_at
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

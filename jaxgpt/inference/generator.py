@@ -27,7 +27,12 @@ from jax.sharding import Mesh
 from jaxgpt import sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.inference import decode
-from jaxgpt.inference.checks import check_count, check_new_tokens, check_token_ids
+from jaxgpt.inference.checks import (
+    check_count,
+    check_generation_memory,
+    check_new_tokens,
+    check_token_ids,
+)
 from jaxgpt.inference.decode import Knobs, ProgramShape, make_knobs, program_shape
 from jaxgpt.inference.sampling import GenerationConfig, SamplingConfig, generation_config
 from jaxgpt.nn.attention import MultiHeadAttention
@@ -101,8 +106,10 @@ def _check_key(key: Any, config: GenerationConfig) -> None:
 
 
 def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, config: GenerationConfig,
-                key: Any, hooks: Any = ()) -> _Call:
-    """Every argument checked, before anything is traced; the batch laid out for the loop."""
+                key: Any, hooks: Any = (), dtype: Any = jnp.float32,
+                devices: Sequence[jax.Device] | None = None) -> _Call:
+    """Every argument checked, before anything is traced; the batch laid out for the loop.
+    `dtype` and `devices` are the generator's, which the memory the rows take depends on."""
     table, hook_args = free_hooks(cfg, hooks)
     rows, is_list = _check_prompts(prompts, cfg)
     n = check_count(max_new_tokens, "max_new_tokens")
@@ -114,6 +121,8 @@ def _check_call(cfg: GPTConfig, prompts: Any, max_new_tokens: Any, config: Gener
         return _Call(rows, is_list, n, config, None, None, sampling, knobs, table, hook_args)
     shape = program_shape(cfg, max(len(r) for r in rows), n)
     check_new_tokens(n, len(rows), shape.prompt_slots, shape.new_slots)  # before any tracing
+    check_generation_memory(cfg, len(rows), shape, dtype=dtype, sampling=sampling,
+                            use_cache=config.use_cache, devices=devices)
     batch = _batch(rows, cfg, shape.prompt_slots)
     return _Call(rows, is_list, n, config, batch, shape, sampling, knobs, table, hook_args)
 
@@ -248,16 +257,19 @@ class Generator:
                  hooks: Any = (), **settings: Any) -> jax.Array | list[list[int]]:
         """`jaxgpt.generate` with these params (see there)."""
         config = generation_config(config, settings)
-        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks)
+        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks, self.dtype,
+                           self.devices)
         if call.batch is None or call.shape is None:  # no new tokens
             return _finish(call, np.zeros((len(call.rows), 0), np.int32))
         model, params = self._hooked(call)
         prompt, start, mesh = self._place(call.batch)
-        tokens = decode.generate_tokens(
+        tokens, nonfinite_at = decode.generate_tokens(
             params, prompt, start, jnp.int32(call.n), call.knobs, model=model,
             new_slots=call.shape.new_slots, sampling=call.sampling,
             use_cache=config.use_cache, mesh=mesh, chunk_steps=self.chunk_steps,
         )
+        wait_until_ready(nonfinite_at)  # the one read of the flags, at the end
+        check_finite(np.asarray(nonfinite_at)[:len(call.rows)], call.n)
         p = prompt.shape[1]
         return _finish(call, tokens[:len(call.rows), p:p + call.n])
 
@@ -267,7 +279,8 @@ class Generator:
                **settings: Any) -> Iterator[np.ndarray]:
         """`jaxgpt.generate_stream` with these params (see there)."""
         config = generation_config(config, settings)
-        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks)
+        call = _check_call(self.cfg, prompts, max_new_tokens, config, key, hooks, self.dtype,
+                           self.devices)
         chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
         return self._chunks(call, chunk_size)
 
@@ -289,12 +302,36 @@ class Generator:
                                              model=model, sampling=call.sampling,
                                              prompt_slots=p, chunk_steps=steps)
             wait_until_ready(state.step)
-            made, done = jax.device_get((state.step, state.done))
-            made = int(made)
+            made, done, nonfinite_at = jax.device_get((state.step, state.done,
+                                                       state.nonfinite_at))
+            made, bad = int(made), nonfinite_at[:b]
             if done[:b].all():  # the rest is eos_id: show it all at once
                 made = n
-            yield np.asarray(state.tokens[:b, p + shown:p + made])
+            if (bad >= 0).any():  # the tokens before the first bad step, then the error
+                made = int(bad[bad >= 0].min())
+            if made > shown:
+                yield np.asarray(state.tokens[:b, p + shown:p + made])
+            check_finite(bad, n)
             shown = made
+
+
+def check_finite(nonfinite_at: np.ndarray, n: int) -> None:
+    """FloatingPointError naming the first step and its rows if any row's logits stopped being
+    finite (`nonfinite_at` `[B]`: each row's first such step, -1 for none; `n` new tokens).
+
+    FloatingPointError, as numpy and `jax_debug_nans` raise for a NaN a computation made:
+    the arguments were valid, the numbers were not, and a caller's `except ValueError` for a
+    bad argument should not take it for one."""
+    seen = nonfinite_at >= 0
+    if not seen.any():
+        return
+    step = int(nonfinite_at[seen].min())
+    rows = np.flatnonzero(nonfinite_at == step).tolist()
+    names = ", ".join(map(str, rows[:8])) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+    raise FloatingPointError(
+        f"the logits stopped being finite (NaN or inf) at new token {step + 1} of {n}, in row"
+        f"{'s' if len(rows) > 1 else ''} {names} of {len(nonfinite_at)}: a hook or the weights "
+        f"made them so, and a token chosen from them would mean nothing")
 
 
 def wait_until_ready(x: jax.Array) -> None:
@@ -349,6 +386,10 @@ def generate(
     Returns:
       For an array: int32 `[B, T + max_new_tokens]`, rows padded with eos_id after their EOS.
       For a list: a list of B lists, prompt + new tokens, each cut after its first eos_id.
+
+    Raises ValueError before anything is traced for a bad argument, or for more rows than
+    half the device's memory holds (`checks.generation_memory`), and FloatingPointError once
+    the logits of a row still running stop being finite (`check_finite`).
     """
     config = generation_config(config, settings)  # checked before the weights are prepared
     gen = Generator(params, cfg, dtype=dtype, model=model)
