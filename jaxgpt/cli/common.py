@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,80 @@ def enable_compile_cache(args: argparse.Namespace) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     # Cache every program: the default keeps only those compiling for >= 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _write_entries_whole(path)
     return path
+
+
+def _write_entries_whole(path: str) -> None:
+    """Make JAX's file cache at `path` write each entry to a temporary name and rename it.
+
+    JAX writes an entry in place: a write cut off (a file-size limit, a full disk, a kill)
+    leaves a truncated entry that every later run fails to read and warns about, and JAX
+    never replaces it (an existing entry is kept). A renamed entry is whole or absent. JAX
+    builds its cache object on the first compile through `compilation_cache.get_file_cache`;
+    that one function is wrapped, and the entries' paths made `_WholeWrites`. A failed write
+    is one jaxgpt line (not JAX's warning per program): the program is simply not cached.
+    """
+    from jax._src import compilation_cache
+
+    if "://" in path:  # a remote store (gs://...): JAX's own writes, as they are
+        return
+    get_file_cache = compilation_cache.get_file_cache
+    if getattr(get_file_cache, "jaxgpt_whole", False):
+        return
+
+    def whole(cache_path: str) -> Any:
+        found = get_file_cache(cache_path)
+        base = getattr(found[0], "_base_cache", found[0]) if found else None  # a checking cache
+        if base is not None and hasattr(base, "path"):
+            base.path = _WholeWrites(base.path)
+        return found
+
+    whole.jaxgpt_whole = True  # type: ignore[attr-defined]
+    compilation_cache.get_file_cache = whole
+
+
+class _WholeWrites:
+    """The cache's directory (a `pathlib` or `etils.epath` path, as JAX chose), whose entries'
+    `write_bytes` write a temporary sibling and rename it into place; a failed write removes
+    the temporary and is said once, on stderr, instead of raising into JAX's warning."""
+
+    said = False
+
+    def __init__(self, path: Any, entry: bool = False) -> None:
+        self._path, self._entry = path, entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path, name)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self._path)
+
+    def __truediv__(self, name: str) -> Any:
+        return _WholeWrites(self._path / name, entry=True)
+
+    def write_bytes(self, data: bytes) -> int:
+        path = os.fspath(self._path)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-"
+                                                   f"{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                written = f.write(data)
+            os.replace(tmp, path)
+            return written
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not _WholeWrites.said:
+                _WholeWrites.said = True
+                log(f"jaxgpt: warning: cannot write to the compile cache "
+                    f"{os.path.dirname(path)} ({e.strerror or e}); the programs not written "
+                    f"there compile again next time")
+            return 0
+        except BaseException:  # Ctrl-C: nothing half-written is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 class CompileClock:
