@@ -5,12 +5,17 @@ The tiny checkpoints and the subprocess environment are tests/test_reliability.p
 vocabulary, so the command line can tokenize for them).
 """
 
+import gc
 import subprocess
 import sys
+import warnings
 
 import pytest
 import test_reliability
-from test_reliability import _env
+from test_reliability import SMALL, _env
+
+from jaxgpt.io import checkpoint
+from jaxgpt.nn import init_params
 
 small_ckpt = test_reliability.small_ckpt
 
@@ -45,3 +50,99 @@ def test_a_compile_cache_write_cut_off_by_a_file_size_limit_leaves_nothing_to_wa
     assert second.returncode == 0, second.stderr
     assert "Error reading" not in second.stderr and "Warning" not in second.stderr, second.stderr
     assert second.stdout == first.stdout
+
+
+# A full disk during an orbax save: one short line naming the checkpoint, and nothing that the
+# failed writes leave pending printed or warned about later (row 17).
+
+# tensorstore's messages for ENOSPC, as a save into a full tmpfs raised them (the temporary
+# directory's name shortened): about a file of orbax's, about an array.
+_ENOSPC_FILE = (
+    'RESOURCE_EXHAUSTED: Error writing local file "{tmp}/params.orbax-checkpoint-tmp/_sharding":'
+    ' Failed writing: "{tmp}/params.orbax-checkpoint-tmp/_sharding.__lock": Failed to write 2029'
+    " bytes to file 8: No space left on device [os_error_code='28']")
+_ENOSPC_ARRAY = (
+    'RESOURCE_EXHAUSTED: Error writing "out_head.kernel/0.0" in OCDBT database at local file '
+    '"{tmp}/params.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "{tmp}/params.orbax-'
+    'checkpoint-tmp/ocdbt.process_0/d/d380d4b2b431303f4c3be2279ad45a4e": Failed to write 450 '
+    "bytes to file 14: No space left on device [tensorstore_spec='{{\"driver\":\"zarr\"}}'] "
+    "[os_error_code='28']")
+
+
+def _failing_write(message):
+    """A coroutine failing as orbax's writes do on a full disk, in the iteration of its event
+    loop that also schedules more writes: the loop stops with them never started (orbax's
+    `_run_sync_via_new_loop` then closes it)."""
+    import asyncio
+
+    async def write_fragment():
+        await asyncio.sleep(0)
+
+    async def save():
+        loop = asyncio.get_running_loop()
+        # Runs in the next iteration, beside run_until_complete's stop: these never start.
+        loop.call_soon(lambda: [loop.create_task(write_fragment()) for _ in range(3)])
+        raise ValueError(message)
+
+    return save()
+
+
+def _orbax_fails(monkeypatch, message):
+    """Make orbax's save fail at the tensorstore boundary, through orbax's own event loop."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src import asyncio_utils
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", lambda self, directory, item: (
+        asyncio_utils.run_sync(_failing_write(message.format(tmp=directory.parent)))))
+
+
+@pytest.mark.parametrize("message", [_ENOSPC_FILE, _ENOSPC_ARRAY], ids=["file", "array"])
+def test_a_full_disk_during_an_orbax_save_is_one_short_line_naming_the_checkpoint(
+        tmp_path, monkeypatch, message):
+    assert len(message.format(tmp=tmp_path / ".ckpt.tmp-1234-abcdef12")) > 300
+    _orbax_fails(monkeypatch, message)
+    path = tmp_path / "ckpt"
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save(path, init_params(SMALL, 0), SMALL)
+    line = str(e.value)
+    assert line.startswith(f"cannot write the checkpoint {path}: ") and "\n" not in line
+    assert line.endswith(": No space left on device (errno 28)") and len(line) < 200, line
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_failed_orbax_save_leaves_no_never_awaited_coroutine_behind(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    _orbax_fails(monkeypatch, _ENOSPC_ARRAY)
+    params = init_params(SMALL, 0)
+    # Control: the same failure through orbax alone warns, whenever the garbage collector
+    # reaches the writes left unstarted.
+    with pytest.warns(RuntimeWarning, match="write_fragment' was never awaited"):
+        with pytest.raises(ValueError, match="No space left on device"):
+            ocp.StandardCheckpointer().save(tmp_path / "control", params)
+        gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+            checkpoint.save(tmp_path / "ckpt", params, SMALL)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+
+
+@pytest.mark.slow
+def test_a_save_into_a_full_filesystem_is_one_line(tmp_path, small_ckpt):
+    full = tmp_path / "full"
+    full.mkdir()
+    # A 1 MiB tmpfs in a private mount namespace: a real ENOSPC, without root's mount table.
+    mount = f"mount -t tmpfs -o size=1m none {full}"
+    if subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode:
+        pytest.skip("user namespaces (unshare -rm) cannot mount a tmpfs here")
+    out = full / "ckpt"
+    res = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'{mount} && exec "$@"', "sh", sys.executable, "-m",
+         "jaxgpt", "convert", str(small_ckpt), str(out), "--to", "orbax"],
+        capture_output=True, text=True, timeout=300, env=_env(tmp_path))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"jaxgpt convert: cannot write the checkpoint {out}: ")
+    assert res.stderr.endswith(": No space left on device (errno 28)\n"), res.stderr
+    assert len(res.stderr.splitlines()) == 1 and len(res.stderr) < 200, res.stderr

@@ -59,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
             out = hf.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
         else:
             out = checkpoint.save(dst, params, cfg, overwrite=args.overwrite)
-    except (OSError, checkpoint.CheckpointError) as e:  # a full disk: nothing left at DST
+    except checkpoint.CheckpointError as e:  # names DST itself; nothing is left there
+        raise SystemExit(f"jaxgpt convert: {e}") from e
+    except OSError as e:  # a full disk: nothing left at DST
         raise SystemExit(f"jaxgpt convert: cannot write {dst}: {e}") from e
     log(f"jaxgpt: {FORMAT_NAMES[src_fmt]} {args.src} -> {FORMAT_NAMES[to]} {out}")
     print(out)
