@@ -14,6 +14,7 @@ import pytest
 import test_reliability
 from test_reliability import SMALL, _env
 
+from jaxgpt.cli import main
 from jaxgpt.io import checkpoint
 from jaxgpt.nn import init_params
 
@@ -146,3 +147,74 @@ def test_a_save_into_a_full_filesystem_is_one_line(tmp_path, small_ckpt):
     assert res.stderr.startswith(f"jaxgpt convert: cannot write the checkpoint {out}: ")
     assert res.stderr.endswith(": No space left on device (errno 28)\n"), res.stderr
     assert len(res.stderr.splitlines()) == 1 and len(res.stderr) < 200, res.stderr
+
+
+# `generate`, `lens`, `patch` and `attention` given a training run's directory: the newest
+# checkpoint that restores, as `train --resume` takes it.
+
+_COMMANDS = {
+    "generate": ["generate", "--max-new-tokens", "3", "--no-compile-cache"],
+    "lens": ["lens", "--prompt", "When Mary and John went"],
+    "patch": ["patch", "--clean", "When Mary and John went", "--corrupt",
+              "When John and Mary went", "--answer", " Mary", "--wrong", " John"],
+    "attention": ["attention", "--prompt", "When Mary and John went"],
+}
+
+
+def _run_dir(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        checkpoint.save(run / "checkpoints" / f"step_{step:08d}", init_params(SMALL, step),
+                        SMALL)
+    return run, run / "checkpoints"
+
+
+def _command(name, weights, out):
+    """`name`'s command line with the weights `weights`, its picture (if any) at `out`."""
+    return [*_COMMANDS[name], "--checkpoint", str(weights),
+            *([] if name == "generate" else ["--out", str(out)])]
+
+
+@pytest.mark.parametrize("name", list(_COMMANDS))
+def test_a_run_directory_with_damaged_newest_checkpoints_uses_the_newest_that_restores(
+        tmp_path, capsys, name):
+    run, ckpts = _run_dir(tmp_path)
+    for step in (6, 4):
+        test_reliability._damage(ckpts / f"step_{step:08d}")
+    assert main(_command(name, ckpts / "step_00000002", tmp_path / "direct.png")) == 0
+    direct = capsys.readouterr().out
+    assert main(_command(name, run, tmp_path / "from-run.png")) == 0
+    out, err = capsys.readouterr()
+    warned = [line for line in err.splitlines() if "passed over" in line]
+    assert len(warned) == 1, err
+    assert warned[0].startswith(f"jaxgpt: warning: {run} is a training run; passed over its "
+                                f"newest checkpoints step_00000006, step_00000004 (cannot read "
+                                f"the checkpoint {ckpts / 'step_00000006'}: ")
+    assert warned[0].endswith(f"); using {ckpts / 'step_00000002'}")
+    if name == "generate":  # the text of step 2's weights
+        assert out == direct
+    else:  # the picture of step 2's weights
+        assert (tmp_path / "from-run.png").read_bytes() == (tmp_path / "direct.png").read_bytes()
+
+
+@pytest.mark.parametrize("name", list(_COMMANDS))
+def test_a_run_directory_whose_checkpoints_all_fail_is_one_error_line(tmp_path, name):
+    run, ckpts = _run_dir(tmp_path)
+    for step in (6, 4, 2):
+        test_reliability._damage(ckpts / f"step_{step:08d}")
+    with pytest.raises(SystemExit) as stop:
+        main(_command(name, run, tmp_path / "p.png"))
+    message = str(stop.value)
+    assert message.startswith(f"jaxgpt: no checkpoint in {ckpts} restores (3 tried); the "
+                              f"newest: cannot read the checkpoint {ckpts / 'step_00000006'}: ")
+    assert "\n" not in message and not (tmp_path / "p.png").exists()
+
+
+def test_a_run_directory_with_a_lost_config_passes_over_that_checkpoint(tmp_path, capsys):
+    run, ckpts = _run_dir(tmp_path)
+    (ckpts / "step_00000006" / "config.json").unlink()
+    assert main(_command("generate", run, None)) == 0
+    err = capsys.readouterr().err
+    assert (f"passed over its newest checkpoint step_00000006 ({ckpts / 'step_00000006'}/"
+            f"config.json is missing: the checkpoint is incomplete); using "
+            f"{ckpts / 'step_00000004'}") in err, err

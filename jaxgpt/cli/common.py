@@ -119,19 +119,33 @@ def written_whole(out: Path) -> Iterator[Path]:
         yield tmp
 
 
-def resolve_run_dir(path: str) -> str:
-    """The newest checkpoint of a training run's directory (`jaxgpt train --out`), said on
-    stderr; any other path as it is."""
+def run_checkpoints(path: str) -> list[Path]:
+    """The complete checkpoints of a training run's directory (`jaxgpt train --out`), newest
+    first; none for any other path (a checkpoint itself included)."""
     from jaxgpt.io.formats import detect
     from jaxgpt.training.run_dir import list_checkpoints
 
     if not Path(path).is_dir() or detect(path) is not None:
-        return path
-    found = list_checkpoints(Path(path) / "checkpoints")
-    if not found:
-        return path
-    log(f"jaxgpt: {path} is a training run; using its newest checkpoint {found[-1]}")
-    return str(found[-1])
+        return []
+    return list_checkpoints(Path(path) / "checkpoints")[::-1]
+
+
+def _read_run(run: str, candidates: list[Path]) -> tuple[GPTConfig, Any]:
+    """`(cfg, params)` of the newest of a training run's checkpoints that restores, said on
+    stderr: the one used, and in a warning the damaged ones passed over. SystemExit if none."""
+    from jaxgpt.io import checkpoint
+
+    try:
+        used, (cfg, params), skipped = checkpoint.restore_newest(candidates, checkpoint.restore)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"jaxgpt: {e}") from e
+    if not skipped:
+        log(f"jaxgpt: {run} is a training run; using its newest checkpoint {used}")
+    else:
+        names = ", ".join(path.name for path, _ in skipped)
+        log(f"jaxgpt: warning: {run} is a training run; passed over its newest checkpoint"
+            f"{'s' if len(skipped) > 1 else ''} {names} ({skipped[0][1]}); using {used}")
+    return cfg, params
 
 
 def checkpoint_format(path: str) -> str:
@@ -157,6 +171,9 @@ def read_checkpoint(path: str) -> tuple[GPTConfig, Any, str]:
     """`(cfg, params, format)` from a checkpoint directory of either format."""
     from jaxgpt.io import checkpoint, hf
 
+    candidates = run_checkpoints(path)
+    if candidates:
+        return (*_read_run(path, candidates), "orbax")
     fmt = checkpoint_format(path)
     try:
         cfg, params = checkpoint.restore(path) if fmt == "orbax" else hf.load_pretrained(path)
@@ -192,6 +209,16 @@ def peek_config(args: argparse.Namespace) -> GPTConfig:
 
     if not getattr(args, "checkpoint", None):
         return GPTConfig.from_preset(args.preset)
+    candidates = run_checkpoints(args.checkpoint)
+    if candidates:  # one run, one model: the newest config.json that reads
+        errors = []
+        for path in candidates:
+            try:
+                return checkpoint.load_config(path)
+            except checkpoint.CheckpointError as e:
+                errors.append(str(e))
+        raise SystemExit(f"jaxgpt: no checkpoint in {candidates[0].parent} restores "
+                         f"({len(candidates)} tried); the newest: {errors[0]}")
     fmt = checkpoint_format(args.checkpoint)
     try:
         if fmt == "orbax":
@@ -291,8 +318,8 @@ def _write_entries_whole(path: str) -> None:
     if getattr(get_file_cache, "jaxgpt_whole", False):
         return
 
-    def whole(cache_path: str) -> Any:
-        found = get_file_cache(cache_path)
+    def whole(path: str) -> tuple[Any, str] | None:  # JAX's name and type for it
+        found = get_file_cache(path)
         base = getattr(found[0], "_base_cache", found[0]) if found else None  # a checking cache
         if base is not None and hasattr(base, "path"):
             base.path = _WholeWrites(base.path)

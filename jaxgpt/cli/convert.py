@@ -10,7 +10,7 @@ from jaxgpt.cli.common import (
     checkpoint_format,
     log,
     read_checkpoint,
-    resolve_run_dir,
+    run_checkpoints,
 )
 from jaxgpt.io.formats import FORMAT_NAMES
 
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxgpt.io import checkpoint, files, hf
 
-    args.src = resolve_run_dir(args.src)
-    src_fmt = checkpoint_format(args.src)
+    src_fmt = "orbax" if run_checkpoints(args.src) else checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)
     src, target = Path(args.src).resolve(), dst.resolve()

@@ -35,9 +35,9 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -47,6 +47,8 @@ from jaxgpt.io.files import check_destination, commit, remove_stale_temporaries
 from jaxgpt.io.formats import FORMAT, MARKER, VERSION, is_checkpoint
 from jaxgpt.io.params import flatten
 from jaxgpt.nn.model import param_shapes
+
+_T = TypeVar("_T")
 
 
 class CheckpointError(ValueError):
@@ -415,3 +417,35 @@ def restore_extra(path: str | os.PathLike, target: Any, part: str = "extra") -> 
 
     with _reported("read the checkpoint", path), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path / part, jax.tree_util.tree_map(one, target))
+
+
+def _agreed(ok: bool) -> bool:
+    """True when every process says `ok` (a collective with several processes)."""
+    if not _multi_process():
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
+def restore_newest(candidates: Sequence[Path], restore_one: Callable[[Path], _T]
+                   ) -> tuple[Path, _T, list[tuple[Path, str]]]:
+    """`(path, restore_one(path), skipped)` for the first of `candidates` (newest first: a
+    training run's checkpoints) that restores; `skipped` holds each newer one passed over, with
+    the CheckpointError that `restore_one` raised for it (a damaged or missing file).
+
+    CheckpointError if none restores; any other error of `restore_one` is raised as it is.
+    With several processes it is collective: a checkpoint is used only if every process
+    restored it.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            value, error = restore_one(path), None
+        except CheckpointError as e:
+            error = str(e)
+        if _agreed(error is None):
+            return path, value, skipped
+        skipped.append((path, error or f"{path}: another process could not read it"))
+    raise CheckpointError(f"no checkpoint in {candidates[0].parent} restores "
+                          f"({len(candidates)} tried); the newest: {skipped[0][1]}")
