@@ -13,7 +13,6 @@ from jaxgpt.cli.common import (
     log,
     peek_config,
     prompt_tokens,
-    resolve_run_dir,
 )
 
 
@@ -36,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxgpt.tokenizer import get_tokenizer
 
     out = check_output_file(args.out, "--out", "attention", IMAGE_SUFFIXES)
-    if args.checkpoint:
-        args.checkpoint = resolve_run_dir(args.checkpoint)
     tokenizer = get_tokenizer()
     idx = prompt_tokens(args.prompt, peek_config(args), "--prompt", "attention")[None]  # [1, T]
     cfg, params, desc = load_model(args)

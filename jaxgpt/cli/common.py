@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,19 +119,33 @@ def written_whole(out: Path) -> Iterator[Path]:
         yield tmp
 
 
-def resolve_run_dir(path: str) -> str:
-    """The newest checkpoint of a training run's directory (`jaxgpt train --out`), said on
-    stderr; any other path as it is."""
+def run_checkpoints(path: str) -> list[Path]:
+    """The complete checkpoints of a training run's directory (`jaxgpt train --out`), newest
+    first; none for any other path (a checkpoint itself included)."""
     from jaxgpt.io.formats import detect
     from jaxgpt.training.run_dir import list_checkpoints
 
     if not Path(path).is_dir() or detect(path) is not None:
-        return path
-    found = list_checkpoints(Path(path) / "checkpoints")
-    if not found:
-        return path
-    log(f"jaxgpt: {path} is a training run; using its newest checkpoint {found[-1]}")
-    return str(found[-1])
+        return []
+    return list_checkpoints(Path(path) / "checkpoints")[::-1]
+
+
+def _read_run(run: str, candidates: list[Path]) -> tuple[GPTConfig, Any]:
+    """`(cfg, params)` of the newest of a training run's checkpoints that restores, said on
+    stderr: the one used, and in a warning the damaged ones passed over. SystemExit if none."""
+    from jaxgpt.io import checkpoint
+
+    try:
+        used, (cfg, params), skipped = checkpoint.restore_newest(candidates, checkpoint.restore)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"jaxgpt: {e}") from e
+    if not skipped:
+        log(f"jaxgpt: {run} is a training run; using its newest checkpoint {used}")
+    else:
+        names = ", ".join(path.name for path, _ in skipped)
+        log(f"jaxgpt: warning: {run} is a training run; passed over its newest checkpoint"
+            f"{'s' if len(skipped) > 1 else ''} {names} ({skipped[0][1]}); using {used}")
+    return cfg, params
 
 
 def checkpoint_format(path: str) -> str:
@@ -156,6 +171,9 @@ def read_checkpoint(path: str) -> tuple[GPTConfig, Any, str]:
     """`(cfg, params, format)` from a checkpoint directory of either format."""
     from jaxgpt.io import checkpoint, hf
 
+    candidates = run_checkpoints(path)
+    if candidates:
+        return (*_read_run(path, candidates), "orbax")
     fmt = checkpoint_format(path)
     try:
         cfg, params = checkpoint.restore(path) if fmt == "orbax" else hf.load_pretrained(path)
@@ -191,6 +209,16 @@ def peek_config(args: argparse.Namespace) -> GPTConfig:
 
     if not getattr(args, "checkpoint", None):
         return GPTConfig.from_preset(args.preset)
+    candidates = run_checkpoints(args.checkpoint)
+    if candidates:  # one run, one model: the newest config.json that reads
+        errors = []
+        for path in candidates:
+            try:
+                return checkpoint.load_config(path)
+            except checkpoint.CheckpointError as e:
+                errors.append(str(e))
+        raise SystemExit(f"jaxgpt: no checkpoint in {candidates[0].parent} restores "
+                         f"({len(candidates)} tried); the newest: {errors[0]}")
     fmt = checkpoint_format(args.checkpoint)
     try:
         if fmt == "orbax":
@@ -268,7 +296,80 @@ def enable_compile_cache(args: argparse.Namespace) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     # Cache every program: the default keeps only those compiling for >= 1 s.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _write_entries_whole(path)
     return path
+
+
+def _write_entries_whole(path: str) -> None:
+    """Make JAX's file cache at `path` write each entry to a temporary name and rename it.
+
+    JAX writes an entry in place: a write cut off (a file-size limit, a full disk, a kill)
+    leaves a truncated entry that every later run fails to read and warns about, and JAX
+    never replaces it (an existing entry is kept). A renamed entry is whole or absent. JAX
+    builds its cache object on the first compile through `compilation_cache.get_file_cache`;
+    that one function is wrapped, and the entries' paths made `_WholeWrites`. A failed write
+    is one jaxgpt line (not JAX's warning per program): the program is simply not cached.
+    """
+    from jax._src import compilation_cache
+
+    if "://" in path:  # a remote store (gs://...): JAX's own writes, as they are
+        return
+    get_file_cache = compilation_cache.get_file_cache
+    if getattr(get_file_cache, "jaxgpt_whole", False):
+        return
+
+    def whole(path: str) -> tuple[Any, str] | None:  # JAX's name and type for it
+        found = get_file_cache(path)
+        base = getattr(found[0], "_base_cache", found[0]) if found else None  # a checking cache
+        if base is not None and hasattr(base, "path"):
+            base.path = _WholeWrites(base.path)
+        return found
+
+    whole.jaxgpt_whole = True  # type: ignore[attr-defined]
+    compilation_cache.get_file_cache = whole
+
+
+class _WholeWrites:
+    """The cache's directory (a `pathlib` or `etils.epath` path, as JAX chose), whose entries'
+    `write_bytes` write a temporary sibling and rename it into place; a failed write removes
+    the temporary and is said once, on stderr, instead of raising into JAX's warning."""
+
+    said = False
+
+    def __init__(self, path: Any, entry: bool = False) -> None:
+        self._path, self._entry = path, entry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._path, name)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self._path)
+
+    def __truediv__(self, name: str) -> Any:
+        return _WholeWrites(self._path / name, entry=True)
+
+    def write_bytes(self, data: bytes) -> int:
+        path = os.fspath(self._path)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-"
+                                                   f"{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                written = f.write(data)
+            os.replace(tmp, path)
+            return written
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not _WholeWrites.said:
+                _WholeWrites.said = True
+                log(f"jaxgpt: warning: cannot write to the compile cache "
+                    f"{os.path.dirname(path)} ({e.strerror or e}); the programs not written "
+                    f"there compile again next time")
+            return 0
+        except BaseException:  # Ctrl-C: nothing half-written is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 class CompileClock:

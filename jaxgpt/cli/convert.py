@@ -10,7 +10,7 @@ from jaxgpt.cli.common import (
     checkpoint_format,
     log,
     read_checkpoint,
-    resolve_run_dir,
+    run_checkpoints,
 )
 from jaxgpt.io.formats import FORMAT_NAMES
 
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxgpt.io import checkpoint, files, hf
 
-    args.src = resolve_run_dir(args.src)
-    src_fmt = checkpoint_format(args.src)
+    src_fmt = "orbax" if run_checkpoints(args.src) else checkpoint_format(args.src)
     to = args.to or ("orbax" if src_fmt == "hf" else "hf")
     dst = Path(args.dst)
     src, target = Path(args.src).resolve(), dst.resolve()
@@ -59,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
             out = hf.save_pretrained(params, cfg, dst, overwrite=args.overwrite)
         else:
             out = checkpoint.save(dst, params, cfg, overwrite=args.overwrite)
-    except (OSError, checkpoint.CheckpointError) as e:  # a full disk: nothing left at DST
+    except checkpoint.CheckpointError as e:  # names DST itself; nothing is left there
+        raise SystemExit(f"jaxgpt convert: {e}") from e
+    except OSError as e:  # a full disk: nothing left at DST
         raise SystemExit(f"jaxgpt convert: cannot write {dst}: {e}") from e
     log(f"jaxgpt: {FORMAT_NAMES[src_fmt]} {args.src} -> {FORMAT_NAMES[to]} {out}")
     print(out)

@@ -19,7 +19,6 @@ from jaxgpt.cli.common import (
     load_model,
     log,
     peek_config,
-    resolve_run_dir,
 )
 from jaxgpt.cli.interrupts import claim_the_line, raising
 from jaxgpt.config import GPTConfig
@@ -94,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 
     _check_flags(args)
-    if args.checkpoint:
-        args.checkpoint = resolve_run_dir(args.checkpoint)
     t_start = time.perf_counter()
     cfg = peek_config(args)  # config.json only: the flags are checked before the weights load
     config = _generation_config(args, cfg)

@@ -15,7 +15,6 @@ from jaxgpt.cli.common import (
     flag_error,
     log,
     read_checkpoint,
-    resolve_run_dir,
 )
 from jaxgpt.config import PRESETS, GPTConfig
 from jaxgpt.io.formats import FORMAT_NAMES
@@ -223,7 +222,6 @@ def _train_model_config(args: argparse.Namespace) -> tuple[GPTConfig, Any, str]:
     from jaxgpt.training.config import DEMO_CONFIG
 
     if args.init_from:
-        args.init_from = resolve_run_dir(args.init_from)
         cfg, params, fmt = read_checkpoint(args.init_from)
         return cfg, params, f"fine-tuning the {FORMAT_NAMES[fmt]} {args.init_from}"
     if args.config:

@@ -34,9 +34,10 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -47,14 +48,17 @@ from jaxgpt.io.formats import FORMAT, MARKER, VERSION, is_checkpoint
 from jaxgpt.io.params import flatten
 from jaxgpt.nn.model import param_shapes
 
+_T = TypeVar("_T")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read (damaged, incomplete, arrays that do not fit its config)
     or written (disk full, no permission): the message names it and the cause in one line."""
 
 
-# tensorstore's messages name the array and, for the OS's errors, the errno.
+# tensorstore's messages name the array or the file and, for the OS's errors, the errno.
 _TS_ARRAY = re.compile(r'Error (reading|writing) "([^"/]+)[^"]*" in \w+ database at [^:]*: (.*)')
+_TS_FILE = re.compile(r'Error (reading|writing) local file "(?:[^"]*/)?([^"/]+)"')
 _TS_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
@@ -65,13 +69,16 @@ def failure_cause(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror} (errno {e.errno})" + (f": {e.filename}" if e.filename else "")
+    code = _TS_ERRNO.search(text)
+    errno = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else None
     m = _TS_ARRAY.search(text)
-    if m is None:
+    if m is not None:
+        verb, array, rest = m.groups()
+        return f"{verb} array {array}: {errno or rest}"
+    f = _TS_FILE.search(text)
+    if errno is None:
         return text
-    verb, array, rest = m.groups()
-    code = _TS_ERRNO.search(rest)
-    detail = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else rest
-    return f"{verb} array {array}: {detail}"
+    return f"{f.group(1)} file {f.group(2)}: {errno}" if f else errno
 
 
 def _is_orbax_leftover(unraisable: Any) -> bool:
@@ -109,6 +116,40 @@ def _quiet_excepthook(previous: Any) -> Any:
     return hook
 
 
+# What asyncio logs when a task or future of a closed event loop is finalized unfinished or
+# with its exception unread.
+_ASYNCIO_LEFTOVERS = ("Task was destroyed but it is pending!", "exception was never retrieved")
+
+
+# How many orbax calls `_reported` is running (in any thread).
+_in_orbax = 0
+
+
+class _QuietOrbaxLeftovers(logging.Filter):
+    """Drops asyncio's records about leftovers while orbax runs, and about orbax's tasks (their
+    coroutine's file is in orbax) whenever they are finalized."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (any(s in text for s in _ASYNCIO_LEFTOVERS)
+                    and (_in_orbax > 0 or f"{os.sep}orbax{os.sep}" in text))
+
+
+@contextlib.contextmanager
+def _leftovers_quiet() -> Iterator[None]:
+    """While orbax runs, a coroutine dropped unstarted is one of its writes left by a failure
+    (its event loop closed with them pending): no "was never awaited" warning for it."""
+    global _in_orbax
+    _in_orbax += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                                    category=RuntimeWarning)
+            yield
+    finally:
+        _in_orbax -= 1
+
+
 def _quiet_hooks() -> None:
     """Keep off stderr what a failed orbax call leaves behind: its pending coroutines and
     tensorstore's callbacks fail later (at garbage collection, in tensorstore's threads, at
@@ -117,6 +158,36 @@ def _quiet_hooks() -> None:
         sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     if not getattr(sys.excepthook, "jaxgpt_quiet", False):
         sys.excepthook = _quiet_excepthook(sys.excepthook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietOrbaxLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_QuietOrbaxLeftovers())
+
+
+def _settle_leftovers() -> None:
+    """Settle the futures of the event loops a failed orbax call closed: they can never run.
+
+    Orbax runs its writes in an event loop it closes when one fails, with other writes'
+    tasks still pending, some never started. Left alone, each is finalized whenever the
+    garbage collector reaches it (often much later: the exception being handled refers to
+    them) and says so: "coroutine ... was never awaited" (a RuntimeWarning), "Future exception
+    was never retrieved" (asyncio's log). Here the unstarted coroutines are closed and the
+    exceptions read; nothing of a loop still open is touched.
+    """
+    import asyncio
+    import inspect
+
+    for obj in gc.get_objects():
+        # type(), not isinstance: some objects warn when their __class__ is read
+        if not issubclass(type(obj), asyncio.Future) or not obj.get_loop().is_closed():
+            continue
+        if obj.done():
+            if not obj.cancelled():
+                obj.exception()  # read: asyncio logs no "exception was never retrieved"
+        elif isinstance(obj, asyncio.Task):
+            coro = obj.get_coro()
+            if inspect.iscoroutine(coro) and (inspect.getcoroutinestate(coro)
+                                              == inspect.CORO_CREATED):
+                coro.close()  # closed, not "never awaited"
 
 
 @contextlib.contextmanager
@@ -128,12 +199,15 @@ def _reported(action: str, path: Path) -> Iterator[None]:
     absl.setLevel(logging.CRITICAL)
     _quiet_hooks()
     try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as e:
-        gc.collect()  # what the failure left pending fails now, quietly, not at exit
-        raise CheckpointError(f"cannot {action} {path}: {failure_cause(e)}") from e
+        with _leftovers_quiet():
+            try:
+                yield
+            except CheckpointError:
+                raise
+            except Exception as e:
+                _settle_leftovers()
+                gc.collect()  # what the failure left pending fails now, quietly, not at exit
+                raise CheckpointError(f"cannot {action} {path}: {failure_cause(e)}") from e
     finally:
         absl.setLevel(level)
 
@@ -343,3 +417,35 @@ def restore_extra(path: str | os.PathLike, target: Any, part: str = "extra") -> 
 
     with _reported("read the checkpoint", path), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path / part, jax.tree_util.tree_map(one, target))
+
+
+def _agreed(ok: bool) -> bool:
+    """True when every process says `ok` (a collective with several processes)."""
+    if not _multi_process():
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
+def restore_newest(candidates: Sequence[Path], restore_one: Callable[[Path], _T]
+                   ) -> tuple[Path, _T, list[tuple[Path, str]]]:
+    """`(path, restore_one(path), skipped)` for the first of `candidates` (newest first: a
+    training run's checkpoints) that restores; `skipped` holds each newer one passed over, with
+    the CheckpointError that `restore_one` raised for it (a damaged or missing file).
+
+    CheckpointError if none restores; any other error of `restore_one` is raised as it is.
+    With several processes it is collective: a checkpoint is used only if every process
+    restored it.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            value, error = restore_one(path), None
+        except CheckpointError as e:
+            error = str(e)
+        if _agreed(error is None):
+            return path, value, skipped
+        skipped.append((path, error or f"{path}: another process could not read it"))
+    raise CheckpointError(f"no checkpoint in {candidates[0].parent} restores "
+                          f"({len(candidates)} tried); the newest: {skipped[0][1]}")

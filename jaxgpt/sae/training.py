@@ -357,15 +357,11 @@ def _restore_newest(candidates: list[Path], like: SAETrainState
                     ) -> tuple[Path, SAETrainState, StorePosition]:
     """The newest of `candidates` that restores; a damaged one is passed over with a
     ResumeWarning naming it, CheckpointError if none restores."""
-    failures = []
-    for path in candidates:
-        try:
-            return (path, *restore_checkpoint(path, like))
-        except checkpoint.CheckpointError as e:
-            failures.append(str(e))
-            warnings.warn(f"{e}; trying the checkpoint before it", ResumeWarning, stacklevel=5)
-    raise checkpoint.CheckpointError(f"no checkpoint in {candidates[0].parent} restores "
-                                     f"({len(candidates)} tried); the newest: {failures[0]}")
+    path, (state, position), skipped = checkpoint.restore_newest(
+        candidates, lambda p: restore_checkpoint(p, like))
+    for _, error in skipped:
+        warnings.warn(f"{error}; trying the checkpoint before it", ResumeWarning, stacklevel=5)
+    return path, state, position
 
 
 def _prepare(out: Path | None, cfg: GPTConfig, sae_cfgs: list[SAEConfig], tc: SAETrainConfig,

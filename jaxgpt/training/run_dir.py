@@ -257,15 +257,6 @@ def _check_resumable(path: Path, cfg: GPTConfig, tc: TrainConfig) -> list[str]:
     return changes
 
 
-def _agreed(ok: bool) -> bool:
-    """True when every process says `ok` (a collective with several processes)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.min(multihost_utils.process_allgather(np.array(ok, np.int32))))
-
-
 def resume_newest(
     candidates: list[Path], cfg: GPTConfig, tc: TrainConfig, state: TrainState,
     loader: BatchLoader,
@@ -276,20 +267,10 @@ def resume_newest(
     it; CheckpointError if none restores. A changed model or data setting is a ValueError, as
     in `resume_changes`: an older checkpoint of the same run would not fit either.
     """
-    warnings: list[str] = []
-    failures: list[str] = []
-    for path in candidates:
-        try:
-            changes = _check_resumable(path, cfg, tc)
-            restored, tokens_seen = restore_train_checkpoint(path, state, loader)
-            error = None
-        except checkpoint.CheckpointError as e:
-            error = str(e)
-        if _agreed(error is None):
-            return path, restored, tokens_seen, warnings + changes
-        failures.append(error or f"{path}: another process could not read it")
-        warnings.append(f"{failures[-1]}; trying the checkpoint before it")
-    raise checkpoint.CheckpointError(
-        f"no checkpoint in {candidates[0].parent} restores ({len(candidates)} tried); the "
-        f"newest: {failures[0]}"
-    )
+    def one(path: Path) -> tuple[list[str], TrainState, int]:
+        changes = _check_resumable(path, cfg, tc)
+        return (changes, *restore_train_checkpoint(path, state, loader))
+
+    path, (changes, restored, tokens_seen), skipped = checkpoint.restore_newest(candidates, one)
+    warnings = [f"{error}; trying the checkpoint before it" for _, error in skipped]
+    return path, restored, tokens_seen, warnings + changes
