@@ -71,3 +71,12 @@ def token_ids_to_text(ids: npt.ArrayLike, tokenizer: tiktoken.Encoding | None = 
     elif flat.ndim != 1:
         raise ValueError(f"token_ids_to_text takes ids of shape [T] or [1, T]; got {flat.shape}")
     return tokenizer.decode([int(i) for i in flat])
+
+
+def token_strings(ids: npt.ArrayLike, tokenizer: tiktoken.Encoding | None = None) -> list[str]:
+    """Each token of `ids` (`[T]`) as text of its own, for labels. GPT-2 splits most emoji
+    and CJK characters across tokens, and a token's part of a character is written as its
+    bytes (`\\xf0\\x9f\\x98`) where decoding the token alone gives U+FFFD, which says nothing."""
+    tokenizer = tokenizer or get_tokenizer()
+    return [tokenizer.decode_single_token_bytes(int(i)).decode("utf-8", "backslashreplace")
+            for i in np.asarray(ids).reshape(-1)]

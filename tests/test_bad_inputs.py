@@ -1,5 +1,5 @@
 """Bad inputs that still got a traceback, a raw JAX error, silence or a late refusal (issue 31's
-table, rows 1, 4, 6, 8-13): each is one line, with the right exit code, before the work where
+table, rows 1, 4, 6-13): each is one line, with the right exit code, before the work where
 it can be.
 
 The tiny checkpoints, the read-only directory and the subprocess runner are
@@ -170,6 +170,24 @@ def test_a_closed_stdout_ends_generate_quietly_with_141(tmp_path, small_ckpt, fl
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == cli.BROKEN_PIPE, err
     assert "Broken pipe" not in err and "Errno 32" not in err and "Exception" not in err, err
+
+
+# 7: emoji and CJK text in a research command's picture: escaped, not a warning per glyph.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [
+    ["lens", "--prompt", "Hi 😀 中国 のテキスト"],
+    ["attention", "--prompt", "Hi 😀 中国 のテキスト"],
+    ["patch", "--clean", "😀 中国 Mary went", "--corrupt", "😀 中国 John went", "--answer",
+     " home", "--wrong", " John"]], ids=["lens", "attention", "patch"])
+def test_emoji_and_cjk_in_a_picture_give_no_glyph_warnings(tmp_path, small_ckpt, argv):
+    out = tmp_path / "out.png"
+    res = subprocess.run([sys.executable, "-m", "jaxgpt", *argv, "--checkpoint", str(small_ckpt),
+                          "--out", str(out)], capture_output=True, text=True, timeout=300,
+                         env=_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes()[:8] == PNG
+    assert "Glyph" not in res.stderr and "Warning" not in res.stderr, res.stderr
 
 
 # 8: an unusable compile cache directory is one jaxgpt warning, and no cache.

@@ -32,10 +32,9 @@ def add(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaxgpt.interp.cache import attention_weights
     from jaxgpt.interp.plots import plot_attention
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import token_strings
 
     out = check_output_file(args.out, "--out", "attention", IMAGE_SUFFIXES)
-    tokenizer = get_tokenizer()
     idx = prompt_tokens(args.prompt, peek_config(args), "--prompt", "attention")[None]  # [1, T]
     cfg, params, desc = load_model(args)
     checks = [("--layer", args.layer, cfg.n_layers, "layers")]
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                              f"has {count} {what}), got {value}")
     log(f"jaxgpt: {desc}")
     weights = attention_weights(params, cfg, idx)[args.layer][0]  # [H, T, T]
-    tokens = [tokenizer.decode([int(t)]) for t in idx[0]]
+    tokens = token_strings(idx[0])
     from jaxgpt.cli.common import written_whole  # the picture whole or not at all
 
     with written_whole(out) as tmp:

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxgpt.interp.cache import run_with_cache
     from jaxgpt.interp.plots import plot_logit_lens
     from jaxgpt.interp.residual import logit_lens
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import get_tokenizer, token_strings
 
     out = check_png(args.out, "lens")
     tokenizer = get_tokenizer()
@@ -42,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
     probs = jax.nn.softmax(logits[:, 0], axis=-1)  # [L + 1, T, V]
     top = np.asarray(probs.argmax(-1))  # [L + 1, T]
     best = np.take_along_axis(np.asarray(probs), top[..., None], axis=-1)[..., 0]
-    words = [[tokenizer.decode([int(t)]) for t in row] for row in top]
+    words = [token_strings(row, tokenizer) for row in top]
     from jaxgpt.cli.common import written_whole  # the picture whole or not at all
 
     with written_whole(out) as tmp:
         plot_logit_lens([words[r] for r in rows], best[rows.start:rows.stop],
-                        [labels[r] for r in rows], [tokenizer.decode([int(t)]) for t in ids],
+                        [labels[r] for r in rows], token_strings(ids, tokenizer),
                         tmp, title=f"logit lens: {args.prompt!r}")
     path = out
     log(f"jaxgpt: wrote {path} ({len(rows)} rows x {len(ids)} positions)")

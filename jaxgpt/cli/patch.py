@@ -102,7 +102,7 @@ def one_token(text: str, flag: str, tokenizer: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
 
-    from jaxgpt.tokenizer import get_tokenizer
+    from jaxgpt.tokenizer import get_tokenizer, token_strings
 
     out = check_png(args.out, "patch")
     tokenizer = get_tokenizer()
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"jaxgpt: {desc}")
     values, base = sweep(args, cfg, params, clean, corrupt, answer, wrong)
     kind, columns_are = KINDS[args.kind]
-    columns = ([tokenizer.decode([int(t)]) for t in clean] if columns_are == "position"
+    columns = (token_strings(clean, tokenizer) if columns_are == "position"
                else [str(h) for h in range(cfg.n_heads)])
     what = "fraction of the logit difference restored" if args.normalize else \
         f"logit({args.answer!r}) - logit({args.wrong!r})"
