@@ -1,6 +1,8 @@
 """Quantized decoding (`jaxgpt.nn.quant`): int8 params, the error bounds of both modes, every
 generation path and decoding layout with `quantize=`, and the int8 product in the CPU's HLO."""
 
+import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +11,15 @@ import pytest
 from conftest import TINY
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.nn import GPTModel, init_params, param_shapes
+from jaxgpt.inference import Generator, decode, generate, generate_stream, generator
+from jaxgpt.inference.decode import TRACE_COUNTS
+from jaxgpt.inference.sampling import sampling_config
+from jaxgpt.interp import interventions
+from jaxgpt.nn import GPTModel, MultiHeadAttention, init_params, param_shapes
 from jaxgpt.nn.layers import Linear
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.nn.model import nbytes, quantized_shapes
-from jaxgpt.nn.quant import MODES, QMAX, matmul, quantize, quantize_params
+from jaxgpt.nn.quant import MODES, QMAX, is_quantized, matmul, quantize, quantize_params
 
 # How far a quantized model's logits may be from fp32's, as a fraction of the largest fp32
 # logit, on GPT-2-initialised random weights. Derived, per matmul: a weight's rounding error is
@@ -193,3 +199,221 @@ def test_every_decoding_layout_takes_quantized_params(rng, tiny, mode, name):
     np.testing.assert_allclose(cached_logits(model, prepared, tokens, 4, 12), want, atol=atol)
     np.testing.assert_allclose(cached_logits(model, prepared, tokens[:1], 1, 12), want[:1],
                                atol=atol)
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+
+def _full_forward_check(cfg, qp, mode, prompts, rows_out, eos_id=None):
+    """Every new token of `rows_out` (prompt + new, list API) against the argmax of the
+    quantized model's uncached full forward over the tokens before it, wherever that forward's
+    top-2 margin exceeds what the two paths may differ by; the share of tokens checked."""
+    model = _quantized_model(cfg, mode)
+    checked = total = 0
+    for prompt, row in zip(prompts, rows_out, strict=True):
+        for k in range(len(prompt), len(row)):
+            logits = np.asarray(model.apply({"params": qp}, jnp.asarray([row[:k]])))[0, -1]
+            top2 = np.sort(logits)[-2:]
+            # int8: float32 rounding only. w8a8: the same int8 weights and per-token scales, so
+            # the paths differ only where float32 rounding moves an activation across a rounding
+            # boundary, one step of one activation each: less than all of a row's rounding,
+            # which LOGITS_REL_ERROR bounds.
+            tol = (FLOAT_ORDER_ATOL if mode == "int8"
+                   else LOGITS_REL_ERROR[mode] * np.abs(logits).max())
+            total += 1
+            if top2[1] - top2[0] > tol:
+                checked += 1
+                assert row[k] == int(np.argmax(logits)), (mode, prompt, k, row)
+            if eos_id is not None and row[k] == eos_id:
+                assert k == len(row) - 1  # cut after the first EOS
+    return checked / total
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_greedy_tokens_are_the_uncached_full_forwards(tiny, mode):
+    """Ragged prompts through the cache: each token is the full forward's argmax of its own
+    prefix (the same int8 params, no cache, one row alone, no padding)."""
+    cfg, params = tiny
+    qp = quantize_params(params, cfg)
+    gen = Generator(params, cfg, quantize=mode)
+    prompts = [[5, 17, 3], [42], [7, 7, 8, 9, 60]]
+    out = gen.generate(prompts, 9)
+    assert [len(r) for r in out] == [12, 10, 14]
+    assert _full_forward_check(cfg, qp, mode, prompts, out) > 0.4  # 0.59 of w8a8's here
+    # EOS: the first row's 4th new token as eos_id; rows stop after their first one.
+    eos = out[0][len(prompts[0]) + 3]
+    cut = gen.generate(prompts, 9, eos_id=eos)
+    assert cut[0] == out[0][:len(prompts[0]) + 4]
+    _full_forward_check(cfg, qp, mode, prompts, cut, eos_id=eos)
+    # Streaming: the chunks are generate's new tokens, the same program in pieces.
+    chunks = list(gen.stream(prompts, 9, chunk_size=4))
+    new = np.concatenate(chunks, axis=1)
+    assert [list(r) for r in new] == [r[len(p):] for p, r in zip(prompts, out, strict=True)]
+    # And no cache at all (the window recomputed every step) gives the same tokens too.
+    assert gen.generate(prompts, 9, use_cache=False) == out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_sampling_is_reproducible_and_the_same_with_or_without_the_cache(tiny, mode):
+    cfg, params = tiny
+    gen = Generator(params, cfg, quantize=mode)
+    prompts = np.asarray([[5, 17, 3], [1, 2, 3]])
+    kw = dict(key=jax.random.key(3), temperature=1.0, top_k=20)
+    a = np.asarray(gen.generate(prompts, 10, **kw))
+    assert np.array_equal(a, gen.generate(prompts, 10, **kw))
+    assert np.array_equal(a, gen.generate(prompts, 10, use_cache=False, **kw))
+    assert not np.array_equal(a, gen.generate(prompts, 10, **{**kw, "key": jax.random.key(4)}))
+    # The function forms quantize as the Generator does.
+    assert np.array_equal(a, generate(params, cfg, prompts, 10, quantize=mode, **kw))
+    streamed = np.concatenate(list(generate_stream(params, cfg, prompts, 10, quantize=mode,
+                                                   chunk_size=3, **kw)), axis=1)
+    assert np.array_equal(streamed, a[:, 3:])
+
+
+def test_hooks_see_float_activations_and_steer_under_quantize(tiny):
+    cfg, params = tiny
+    seen = {}
+
+    def record(x, name):
+        seen[name] = x.dtype
+        return x
+
+    names = ["hook_embed", "blocks.0.attn.hook_q", "blocks.0.attn.hook_z",
+             "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post",
+             "ln_final.hook_normalized"]
+    prompts = [[5, 17, 3]]
+    for mode in MODES:
+        gen = Generator(params, cfg, quantize=mode)
+        seen.clear()
+        gen.generate(prompts, 4, hooks=[(n, record) for n in names])
+        assert seen == dict.fromkeys(names, jnp.float32), (mode, seen)
+        plain = gen.generate(prompts, 8)
+        v = 40.0 * jax.random.normal(jax.random.key(0), (cfg.emb_dim,))
+        steered = gen.generate(prompts, 8, hooks=[("blocks.1.hook_resid_post",
+                                                   interventions.add(v))])
+        assert steered != plain  # the vector reaches the int8 layers after it
+        # The steering of the float model, where a push this size decides the tokens.
+        assert steered == generate(params, cfg, prompts, 8, hooks=[(
+            "blocks.1.hook_resid_post", interventions.add(v))])
+
+
+def test_the_generator_holds_int8_matrices_only(tiny):
+    """After quantizing, no float matrix is referenced: every 2-D array the generator holds,
+    but `pos_emb` (float by design), is int8; the caller's float arrays can be freed."""
+    cfg, _ = tiny
+    params = init_params(cfg, 4)
+    watch = weakref.ref(params["trf_blocks_0"]["ff"]["layers_0"]["kernel"])
+    gen = Generator(params, cfg, quantize="w8a8")
+    del params
+    gen.generate([[1, 2, 3]], 3)
+    assert watch() is None
+    held = jax.tree_util.tree_flatten_with_path(vars(gen))[0]
+    matrices = [(jax.tree_util.keystr(path), x.dtype) for path, x in held
+                if isinstance(x, jax.Array) and x.ndim == 2]
+    assert matrices and all(dt == jnp.int8 for path, dt in matrices if "pos_emb" not in path), \
+        matrices
+    assert is_quantized(gen.weights(1)[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("mode", [None, *MODES])
+def test_each_backend_keeps_one_matrix_form_over_batch_sizes(backend, mode):
+    """A Generator prepares its params once and drops the book form: that holds while the
+    layout of every batch size holds its matrices alike."""
+    forms = {Layout.for_batch(b, backend, mode).matrix_form() for b in range(1, 65)}
+    assert len(forms) == 1 and next(iter(forms)).quant == mode
+    assert Layout.for_batch(1, backend, "w8a8").pad_one_row == (backend == "cpu")
+
+
+class _OwnAttention(MultiHeadAttention):
+    def attend(self, x, deterministic=True, mask=None, cache=None, slot=None):
+        return super().attend(x, deterministic, mask, cache, slot)
+
+
+def test_a_bad_mode_or_a_model_that_cannot_take_it_is_refused_before_tracing(tiny):
+    cfg, params = tiny
+    before = dict(TRACE_COUNTS)
+    with pytest.raises(ValueError, match=r"^quantize must be one of 'int8', 'w8a8' or None, "
+                                         r"got 'int4'$"):
+        generate(params, cfg, [[1, 2]], 3, quantize="int4")
+    variant = GPTModel(cfg, attention_cls=_OwnAttention)
+    with pytest.raises(ValueError, match=r"^quantize='w8a8' needs the book's Linear layers, "
+                                         r"and _OwnAttention replaces __call__ or attend"):
+        Generator(params, cfg, model=variant, quantize="w8a8")
+    with pytest.raises(ValueError, match=r"^params hold int8 matrices \(quantized\)"):
+        Generator(quantize_params(params, cfg), cfg)
+    assert dict(TRACE_COUNTS) == before
+    # Params quantized beforehand are taken as they are.
+    qp = quantize_params(params, cfg)
+    assert Generator(qp, cfg, quantize="int8").generate([[1, 2]], 3) == \
+        Generator(params, cfg, quantize="int8").generate([[1, 2]], 3)
+
+
+# --- the compiled CPU step ------------------------------------------------------------------------
+
+
+def _dots(params, cfg, mode, batch, pad_one_row=None):
+    """`{(result, lhs, rhs) element types}` of every dot in the compiled generation program."""
+    shape = decode.program_shape(cfg, 5, 4)
+    rows = generator._batch([np.arange(5, dtype=np.int32)] * batch, cfg, shape.prompt_slots)
+    model, weights = Generator(params, cfg, quantize=mode).weights(batch)
+    if pad_one_row is not None:
+        model = model.clone(layout=model.layout._replace(pad_one_row=pad_one_row))
+    hlo = decode.generate_tokens.lower(
+        weights, jnp.asarray(rows.prompt), jnp.asarray(rows.start), jnp.int32(4),
+        decode.make_knobs(None, 0.0, None, None, True), model=model,
+        new_slots=shape.new_slots, sampling=sampling_config(0.0, None, None), use_cache=True,
+    ).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))  # HLO names are module-unique
+    found = re.findall(r"= (\w+)\[[^\]]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    return {(out, types[a], types[b]) for out, a, b in found}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_cpu_w8a8_step_multiplies_int8_by_int8_into_int32(tiny, batch):
+    """Every product with the weights is s8 x s8 -> s32, also at one row (padded to two,
+    which XLA:CPU keeps int8). Positive controls: the float program has no such dot, and a
+    one-row product left unpadded multiplies an s32 conversion of the weight."""
+    cfg, params = tiny
+    assert _dots(params, cfg, None, batch) == {("f32", "f32", "f32")}
+    dots = _dots(params, cfg, "w8a8", batch)
+    assert ("s32", "s8", "s8") in dots
+    assert {d for d in dots if d[0] != "f32"} == {("s32", "s8", "s8")}  # the rest: attention
+    if batch == 1:
+        unpadded = _dots(params, cfg, "w8a8", 1, pad_one_row=False)
+        assert any(d[0] == "s32" and "s32" in d[1:] for d in unpadded), unpadded
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_quantize_flag_decodes_with_int8_weights(tmp_path, capsys, mode):
+    """`jaxgpt generate --quantize MODE` on a small random checkpoint prints the tokens of
+    `generate(..., quantize=MODE)` and says the weights' size."""
+    from jaxgpt.cli import main
+    from jaxgpt.io import checkpoint
+    from jaxgpt.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+
+    cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1,
+                    drop_rate=0.0, qkv_bias=False)
+    params = init_params(cfg, 0)
+    path = checkpoint.save(tmp_path / "ckpt", params, cfg)
+    assert main(["generate", "--checkpoint", str(path), "--max-new-tokens", "6",
+                 "--no-compile-cache", "--quantize", mode]) == 0
+    out, err = capsys.readouterr()
+    tok = get_tokenizer()
+    prompt = [int(t) for t in text_to_token_ids("Hello, I am", tok)[0]]
+    want = generate(params, cfg, [prompt], 6, quantize=mode)[0]
+    assert out == token_ids_to_text(want, tok) + "\n"
+    mib = nbytes(quantized_shapes(cfg)) / 2**20
+    assert f"jaxgpt: int8 weights ({mode}), {mib:.1f} MiB (float32: " in err
+
+
+def test_generate_quantize_flag_refuses_an_unknown_mode(capsys):
+    from jaxgpt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--quantize", "int4"])
+    assert e.value.code == 2
+    assert "--quantize: invalid choice: 'int4' (choose from" in capsys.readouterr().err
