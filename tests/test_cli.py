@@ -197,13 +197,13 @@ def test_generate_num_samples_prints_k_differing_samples_of_one_batch(small_chec
     from jaxgpt.inference import generator as generation
 
     batches = []
-    real = generation.generate_stream
+    real = generation.Generator.stream
 
-    def spy(params, cfg, prompts, *args, **kwargs):
+    def spy(self, prompts, *args, **kwargs):
         batches.append(len(prompts))
-        return real(params, cfg, prompts, *args, **kwargs)
+        return real(self, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(generation, "generate_stream", spy)
+    monkeypatch.setattr(generation.Generator, "stream", spy)
     args = ["generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "6",
             "--no-compile-cache", "--num-samples", "3"]
     assert main([*args, "--temperature", "1.0", "--seed", "1"]) == 0

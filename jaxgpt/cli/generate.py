@@ -25,6 +25,8 @@ from jaxgpt.config import GPTConfig
 
 
 def add(sub: Any) -> None:
+    from jaxgpt.nn.quant import MODES
+
     p = sub.add_parser("generate", help="generate text from a prompt (greedy, or sampled)")
     p.add_argument("--prompt", default="Hello, I am", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -42,9 +44,14 @@ def add(sub: Any) -> None:
                         "visible devices); they differ only when sampling (default 1)")
     p.add_argument("--eos", action="store_true", dest="eos_id",
                    help="stop once the model emits <|endoftext|> (id 50256; it is printed)")
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="decode with int8 weights, quantized once after loading: int8 (products "
+                        "in float) or w8a8 (activations int8 per token too, int32 accumulation); "
+                        "default: float32 weights")
     add_model_args(p)
     add_cache_args(p)
-    # The flags that set GenerationConfig's fields have the fields' names as their dests.
+    # The flags that set GenerationConfig's fields (and `generate`'s quantize) have the
+    # fields' names as their dests.
     p.set_defaults(func=run, flags=field_flags(p))
 
 
@@ -115,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                     f"vocabulary [0, {cfg.vocab_size}): this model does not use GPT-2's "
                     f"tokenizer")
     past = _warn_past_context(args, cfg, params, len(prompt))
+    gen = _generator(args, cfg, params)
+    del params  # with --quantize, the generator holds the int8 weights only
     key = jax.random.key(args.seed) if config.temperature > 0 else None
     progress = (_TokenProgress(args.max_new_tokens)
                 if past > 0 and args.max_new_tokens and args.num_samples == 1 else None)
@@ -122,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     with raising():  # Ctrl-C as a KeyboardInterrupt: the text so far is printed
         try:
             with clock:
-                n_new, interrupted = _print_generation(args, params, cfg, prompt, config, key,
+                n_new, interrupted = _print_generation(args, gen, prompt, config, key,
                                                        progress)
         except (ValueError, FloatingPointError) as e:  # a bad value, or NaN logits
             raise _fail(str(e)) from e
@@ -198,6 +207,22 @@ def _check_buffer(args: argparse.Namespace, cfg: GPTConfig, prompt_len: int,
         raise _fail(str(e)) from e
 
 
+def _generator(args: argparse.Namespace, cfg: GPTConfig, params: Any) -> Any:
+    """The `Generator` of the loaded weights, quantized as --quantize says (logged)."""
+    from jaxgpt.inference.generator import Generator
+    from jaxgpt.nn.model import nbytes, param_shapes, quantized_shapes
+
+    try:
+        gen = Generator(params, cfg, quantize=args.quantize)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    if args.quantize:
+        mib = 1024 * 1024
+        log(f"jaxgpt: int8 weights ({args.quantize}), {nbytes(quantized_shapes(cfg)) / mib:.1f} "
+            f"MiB (float32: {nbytes(param_shapes(cfg)) / mib:.1f} MiB)")
+    return gen
+
+
 def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
                        prompt_len: int) -> int:
     """How many new tokens lie past `context_length`; a warning with their cost if any."""
@@ -215,21 +240,20 @@ def _warn_past_context(args: argparse.Namespace, cfg: GPTConfig, params: Any,
     return past
 
 
-def _print_generation(args: argparse.Namespace, params: Any, cfg: GPTConfig,
-                      prompt: list[int], config: Any, key: Any,
-                      progress: _TokenProgress | None) -> tuple[int, bool]:
+def _print_generation(args: argparse.Namespace, gen: Any, prompt: list[int], config: Any,
+                      key: Any, progress: _TokenProgress | None) -> tuple[int, bool]:
     """Generate the --num-samples rows in chunks, the text printed as it grows (--stream) or
     at the end; `(new tokens, interrupted)`. Ctrl-C stops it at once (the chunk in flight is
     dropped) and what was generated before is printed."""
-    from jaxgpt.inference.generator import cut_after_eos, generate_stream
+    from jaxgpt.inference.generator import cut_after_eos
     from jaxgpt.tokenizer import get_tokenizer, token_ids_to_text
 
     tokenizer = get_tokenizer()
     eos, k = config.eos_id, args.num_samples
     new: list[list[int]] = [[] for _ in range(k)]
     shown, interrupted = "", False
-    chunks = generate_stream(params, cfg, [prompt] * k, args.max_new_tokens, config,
-                             chunk_size=8 if args.stream else 32, key=key)
+    chunks = gen.stream([prompt] * k, args.max_new_tokens, config,
+                        chunk_size=8 if args.stream else 32, key=key)
     try:
         for chunk in chunks:
             for row, tokens in zip(new, np.asarray(chunk).tolist(), strict=True):

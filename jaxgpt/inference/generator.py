@@ -40,6 +40,7 @@ from jaxgpt.nn.hooks import HookTable, free_hooks, with_hook_args
 from jaxgpt.nn.layers import FeedForward
 from jaxgpt.nn.layout import Layout, prepare
 from jaxgpt.nn.model import GPTModel, model_for
+from jaxgpt.nn.quant import check_mode, is_quantized, quantize_params
 
 
 class _Batch(NamedTuple):
@@ -171,7 +172,12 @@ class Generator:
       chunk_steps: cached steps run between two checks for EOS (`decode.DECODE_CHUNK`; 0:
         one step per check). The tokens are the same for every value.
       layout: the `Layout` to decode with at every batch size, instead of the one chosen for
-        the backend and batch (`Layout.for_batch`).
+        the backend and batch (`Layout.for_batch`); its `quant` is set from `quantize`.
+      quantize: None (float weights), "int8" (int8 weights, products in `dtype`) or "w8a8"
+        (int8 weights and per-token int8 activations, int32 accumulation); see `nn.quant`.
+        The params are quantized here, once, and the generator keeps no reference to the
+        float ones; params that are quantized already (int8 matrices) are kept as they are.
+        Hooks still see float activations.
 
     `generate` and `stream` take `hooks=[(name, fn), ...]` too (`jaxgpt.nn.hooks`): they run
     in the prefill and in every step, cached or not. A cached step computes one new token, so
@@ -183,13 +189,14 @@ class Generator:
 
     def __init__(self, params: Any, cfg: GPTConfig, *, dtype: Any = jnp.float32,
                  model: GPTModel | None = None, devices: Sequence[jax.Device] | None = None,
-                 chunk_steps: int = decode.DECODE_CHUNK, layout: Layout | None = None):
+                 chunk_steps: int = decode.DECODE_CHUNK, layout: Layout | None = None,
+                 quantize: str | None = None):
         model = model_for(cfg, model)
+        self.quantize = check_mode(quantize)
         self.chunk_steps = check_count(chunk_steps, "chunk_steps")
         if layout is not None and not isinstance(layout, Layout):
             raise ValueError(f"layout must be a jaxgpt.nn.layout.Layout or None, got {layout!r}")
         self.layout = layout
-        self.params = params
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
         self.devices = list(jax.local_devices() if devices is None else devices)
@@ -200,7 +207,16 @@ class Generator:
         # (or attend) may not, so it gets its params as they are (cast to dtype).
         self._layouts = all(_keeps_layout(cls, base) for cls, base in (
             (model.attention_cls, MultiHeadAttention), (model.feed_forward_cls, FeedForward)))
-        self._prepared: dict[tuple, Any] = {}
+        _check_quantize(self.quantize, model, self._layouts, params)
+        if self.quantize is not None and not is_quantized(params):
+            params = quantize_params(params, cfg)
+        # The params in the book's form until `weights` first prepares them; then None, since a
+        # generator decodes with one matrix form at every batch size (`_form`), and keeping them
+        # would hold a second copy of every matrix.
+        self._book: Any = params
+        self._form = self._layout(1).matrix_form()
+        self._prepared: dict[Mesh | None, Any] = {}
+        self._matrices: Any = None
 
     def mesh(self, batch: int) -> Mesh | None:
         """The mesh a batch of `batch` rows is split over (None: one device)."""
@@ -212,21 +228,30 @@ class Generator:
         first use and kept; on several devices, replicated over `mesh(batch)`."""
         mesh = self.mesh(batch)
         rows = -(-batch // mesh.size) if mesh is not None else batch  # per device
-        if not self._layouts:
-            layout = Layout()
-        elif self.layout is not None:
-            layout = self.layout
-        else:  # a fixed rule per backend, nothing measured (docs/performance.md)
-            layout = Layout.for_batch(rows)
-        if (layout, mesh) not in self._prepared:
+        layout = self._layout(rows)
+        if layout.matrix_form() != self._form:
+            raise RuntimeError(f"the decoding layout for {rows} rows, {layout}, holds its "
+                               f"matrices unlike the one for 1 row, {self._form}: "
+                               f"Layout.for_batch must keep one matrix form per backend")
+        if self._matrices is None:
             # Eagerly, not under jit: arrays it leaves alone are passed on as they are (a jit
             # would copy them), and XLA:CPU runs the transposes slower inside the generation
             # jit than on their own.
-            params = prepare(self.params, self.cfg, self.dtype, layout)
-            if mesh is not None:
-                params = jax.device_put(params, sharding.replicated(mesh))
-            self._prepared[layout, mesh] = params
-        return self.model.clone(layout=layout), self._prepared[layout, mesh]
+            self._matrices = prepare(self._book, self.cfg, self.dtype, self._form)
+            self._book = None
+        if mesh not in self._prepared:
+            self._prepared[mesh] = (self._matrices if mesh is None else
+                                    jax.device_put(self._matrices, sharding.replicated(mesh)))
+        return self.model.clone(layout=layout), self._prepared[mesh]
+
+    def _layout(self, rows: int) -> Layout:
+        """The layout to decode `rows` rows (per device) with."""
+        if not self._layouts:
+            return Layout()
+        if self.layout is not None:
+            return self.layout.with_quant(self.quantize)
+        # A fixed rule per backend, nothing measured (docs/performance.md).
+        return Layout.for_batch(rows, quant=self.quantize)
 
     def _hooked(self, call: _Call) -> tuple[GPTModel, Any]:
         """`weights` for the call's batch, with the call's hooks added (their arrays in the
@@ -334,6 +359,19 @@ def check_finite(nonfinite_at: np.ndarray, n: int) -> None:
         f"made them so, and a token chosen from them would mean nothing")
 
 
+def _check_quantize(quantize: str | None, model: GPTModel, layouts: bool, params: Any) -> None:
+    """ValueError, in one line, where `quantize` cannot apply to `model` or `params`."""
+    if quantize is not None and not layouts:
+        parts = [cls.__name__ for cls in (model.attention_cls, model.feed_forward_cls)
+                 if cls not in (MultiHeadAttention, FeedForward)]
+        raise ValueError(f"quantize={quantize!r} needs the book's Linear layers, and "
+                         f"{' and '.join(parts)} replaces __call__ or attend (its matrices would "
+                         f"be read unscaled); use quantize=None with this model")
+    if quantize is None and is_quantized(params):
+        raise ValueError("params hold int8 matrices (quantized): pass quantize='int8' or "
+                         "'w8a8'")
+
+
 def wait_until_ready(x: jax.Array) -> None:
     """Block until `x` is computed, in short sleeps rather than one blocking wait, so that
     Ctrl-C (KeyboardInterrupt) is raised within milliseconds instead of after the chunk."""
@@ -354,6 +392,7 @@ def generate(
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
     hooks: Any = (),
+    quantize: str | None = None,
     **settings: Any,
 ) -> jax.Array | list[list[int]]:
     """Generate up to `max_new_tokens` tokens per prompt, as one jit-compiled call.
@@ -380,6 +419,7 @@ def generate(
       hooks: `(name, fn)` pairs run at the model's hook points in every step, e.g.
         activation steering, `[("blocks.6.hook_resid_post", interp.interventions.add(v))]`
         (see `Generator` and `jaxgpt.nn.hooks`).
+      quantize: None, "int8" or "w8a8": decode with int8 weights (see `Generator`).
       **settings: `GenerationConfig`'s fields as keywords instead of `config`, e.g.
         `temperature=0.8, top_k=50` (not both; an unknown keyword is a TypeError).
 
@@ -392,7 +432,7 @@ def generate(
     the logits of a row still running stop being finite (`check_finite`).
     """
     config = generation_config(config, settings)  # checked before the weights are prepared
-    gen = Generator(params, cfg, dtype=dtype, model=model)
+    gen = Generator(params, cfg, dtype=dtype, model=model, quantize=quantize)
     return gen.generate(prompts, max_new_tokens, config, key=key, hooks=hooks)
 
 
@@ -408,6 +448,7 @@ def generate_stream(
     dtype: Any = jnp.float32,
     model: GPTModel | None = None,
     hooks: Any = (),
+    quantize: str | None = None,
     **settings: Any,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the new tokens as they are made: int32 `[B, k]` chunks, k <= chunk_size.
@@ -420,6 +461,6 @@ def generate_stream(
     yielded before are the tokens so far).
     """
     config = generation_config(config, settings)
-    gen = Generator(params, cfg, dtype=dtype, model=model)
+    gen = Generator(params, cfg, dtype=dtype, model=model, quantize=quantize)
     return gen.stream(prompts, max_new_tokens, config, chunk_size=chunk_size, key=key,
                       hooks=hooks)

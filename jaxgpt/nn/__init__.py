@@ -7,6 +7,8 @@
   `apply_method` (a method applied, typed as the method), parameter initialisation and counts.
 - `cache`: the `KVCache` that cached decoding passes through the model.
 - `layout`: decode-time weight layouts (`Layout`, `prepare`), a parameter transform.
+- `quant`: int8 matrices with float scales (`quantize_params`), and the products that read
+  them (`matmul`, `QuantEmbed`): quantized decoding, a parameter transform too.
 
 Never imports torch, training, inference or the command line.
 """
@@ -24,9 +26,12 @@ from jaxgpt.nn.model import (
     count_params,
     init_params,
     model_for,
+    nbytes,
     param_shapes,
+    quantized_shapes,
     size_mb,
 )
+from jaxgpt.nn.quant import quantize_params
 
 __all__ = [
     "GELU",
@@ -49,7 +54,10 @@ __all__ = [
     "init_params",
     "layer_norm",
     "model_for",
+    "nbytes",
     "param_shapes",
     "prepare",
+    "quantize_params",
+    "quantized_shapes",
     "size_mb",
 ]

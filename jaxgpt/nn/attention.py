@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.nn.hooks import HookTable, hook_point
-from jaxgpt.nn.layers import Dtype, Linear
+from jaxgpt.nn.layers import Dtype, Linear, make_linear
 from jaxgpt.nn.layout import Layout
 
 # A finite floor for masked scores instead of -inf: the same softmax, and no NaN for a row
@@ -136,7 +136,7 @@ class MultiHeadAttention(nn.Module):
         x2 = x.reshape(b * t, -1)  # [B*T, D_in]: 2-D matmuls (see FeedForward)
 
         def linear(features: int, name: str, bias: bool, rows: bool) -> Linear:
-            return Linear(features, bias, rows, self.dtype, name=name)
+            return make_linear(features, bias, rows, self.dtype, self.layout, name)
 
         if self.layout.fused_qkv:  # one [D_in, 3D] matmul, built by layout.prepare
             qkv = linear(3 * self.d_out, "W_qkv", self.qkv_bias, self.layout.qkv)(x2)

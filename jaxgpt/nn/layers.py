@@ -21,6 +21,7 @@ from jax import lax
 from jaxgpt.config import GPTConfig
 from jaxgpt.nn.hooks import HookTable, hook_point
 from jaxgpt.nn.layout import Layout
+from jaxgpt.nn.quant import matmul as quantized_matmul
 
 Dtype = Any
 # GPT-2's initialisation (normal, std 0.02; zero biases). The book keeps PyTorch's defaults;
@@ -113,26 +114,47 @@ class Linear(nn.Module):
     decode-time layout that XLA:CPU multiplies faster for a few rows (see `nn.layout.Layout`;
     `nn.layout.prepare` builds such params). Inputs and weights are cast to `dtype`.
     `columns` (int `[C]`), if given, computes only those output features: `[..., C]`.
+    With `quant` ("int8" or "w8a8"), `kernel` is int8 with a float32 `kernel_scale` `[out]`
+    (`nn.quant.quantize_params`), multiplied by `nn.quant.matmul`; the output is float.
     """
 
     features: int
     use_bias: bool = True
     rows: bool = False
     dtype: Dtype = jnp.float32
+    quant: str | None = None
+    pad_one_row: bool = False  # see `nn.quant.matmul`
 
     @nn.compact
     def __call__(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
         d_in = x.shape[-1]
         shape = (self.features, d_in) if self.rows else (d_in, self.features)
-        kernel = self.param("kernel", INIT, shape, jnp.float32)
-        if columns is not None:
-            kernel = kernel[columns] if self.rows else kernel[:, columns]
-        contract = ((x.ndim - 1,), (1 if self.rows else 0,))
-        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.quant is not None:
+            q = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+            scale = self.param("kernel_scale", nn.initializers.ones, (self.features,),
+                               jnp.float32)
+            y = quantized_matmul(x, q, scale, self.quant, rows=self.rows,
+                                 pad_one_row=self.pad_one_row, dtype=self.dtype,
+                                 columns=columns)
+        else:
+            kernel = self.param("kernel", INIT, shape, jnp.float32)
+            if columns is not None:
+                kernel = kernel[columns] if self.rows else kernel[:, columns]
+            contract = ((x.ndim - 1,), (1 if self.rows else 0,))
+            y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                (contract, ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + (bias if columns is None else bias[columns]).astype(self.dtype)
         return y
+
+
+def make_linear(features: int, use_bias: bool, rows: bool, dtype: Dtype, layout: Layout,
+           name: str | None = None) -> Linear:
+    """A `Linear` of the model's matrices, reading them as `layout` holds them (quantized or
+    not): the one place the model's parts build one."""
+    return Linear(features, use_bias, rows, dtype, quant=layout.quant,
+                  pad_one_row=layout.pad_one_row, name=name)
 
 
 class FeedForward(nn.Module):
@@ -160,9 +182,10 @@ class FeedForward(nn.Module):
         lead = x.shape[:-1]
         # Matmuls on [B*T, D] rather than [B, T, D]: XLA:CPU then needs no transposing copies
         # in the backward pass.
-        x = Linear(4 * d, rows=self.layout.fc, dtype=self.dtype, name="layers_0")(x.reshape(-1, d))
+        x = make_linear(4 * d, True, self.layout.fc, self.dtype, self.layout, "layers_0")(
+            x.reshape(-1, d))
         x = self.hook("hook_pre", x, lead)
         x = self.hook("hook_post", GELU()(x), lead)  # [B*T, 4D]
-        x = Linear(d, rows=self.layout.proj, dtype=self.dtype, name="layers_2")(x)
+        x = make_linear(d, True, self.layout.proj, self.dtype, self.layout, "layers_2")(x)
         return x.reshape(*lead, d)  # [B, T, D]
 

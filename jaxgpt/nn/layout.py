@@ -36,9 +36,26 @@ class Layout(NamedTuple):
     proj: bool = False
     head: bool = False  # with tied embeddings the head is tok_emb, rows already: ignored
     one_pass_norm: bool = False  # a LayerNorm of one row: both statistics in one pass
+    # int8 matrices (`nn.quant`, params from `quantize_params`): None, "int8" or "w8a8".
+    quant: str | None = None
+    # w8a8 multiplies a single row as two (`quant.matmul`): set by `with_quant`, on the CPU.
+    pad_one_row: bool = False
+
+    def with_quant(self, quant: str | None, backend: str | None = None) -> Layout:
+        """This layout reading `quant` params on `backend` (default: JAX's): the one place
+        that sets `quant` and `pad_one_row` (XLA:CPU multiplies one int8 row through an int32
+        copy of the whole weight, two rows as int8)."""
+        backend = jax.default_backend() if backend is None else backend
+        return self._replace(quant=quant, pad_one_row=quant == "w8a8" and backend == "cpu")
+
+    def matrix_form(self) -> Layout:
+        """The fields that shape the params (`prepare`'s output): those that only change how
+        the model computes (`one_pass_norm`, `pad_one_row`) reset."""
+        return self._replace(one_pass_norm=False, pad_one_row=False)
 
     @classmethod
-    def for_batch(cls, batch: int, backend: str | None = None) -> Layout:
+    def for_batch(cls, batch: int, backend: str | None = None,
+                  quant: str | None = None) -> Layout:
         """The decoding layout for `batch` rows on `backend` (default: JAX's): a fixed rule
         per backend, from the figures in docs/performance.md ("Decoding choices").
 
@@ -48,14 +65,17 @@ class Layout(NamedTuple):
         take one kernel. Of more rows, or on TPU, one pass adds kernels. On TPU the book's
         `[in, out]` (XLA:TPU re-lays a row's matrices out whichever form it gets). On the CPU
         every matrix as rows, at every batch: measured at 1 and 8 rows, 16-30% faster a step
-        than `[in, out]` and within 1-4% of the best per-matrix choice.
+        than `[in, out]` and within 1-4% of the best per-matrix choice. `quant`: see
+        `with_quant`.
         """
         backend = jax.default_backend() if backend is None else backend
         if backend in ("gpu", "cuda", "rocm"):
-            return cls(True, True, True, True, True, True, one_pass_norm=True)
-        if backend == "cpu":  # all rows: docs/performance.md, "CPU matrix layouts"
-            return cls(True, True, True, True, True, True)
-        return cls(fused_qkv=True)
+            layout = cls(True, True, True, True, True, True, one_pass_norm=True)
+        elif backend == "cpu":  # all rows: docs/performance.md, "CPU matrix layouts"
+            layout = cls(True, True, True, True, True, True)
+        else:
+            layout = cls(fused_qkv=True)
+        return layout.with_quant(quant, backend)
 
 
 def prepare(params: Any, cfg: GPTConfig, dtype: Any = jnp.float32,
@@ -64,19 +84,25 @@ def prepare(params: Any, cfg: GPTConfig, dtype: Any = jnp.float32,
 
     Matrices, biases and embeddings are cast to `dtype` (LayerNorm parameters stay float32),
     Q/K/V are fused when `layout.fused_qkv`, and the matrices `layout` names are transposed to
-    `[out, in]`. Arrays it need not change are passed on as they are, so run it eagerly (under
-    jit each would be copied). Parameters of a variant's own (not the book's names) are left
-    as they are. `layout` defaults to the book's form.
+    `[out, in]`. Quantized params (`nn.quant.quantize_params`) keep their int8 matrices and
+    float32 scales as they are (fusing concatenates the scales too: per output channel, the
+    scales of a concatenation of outputs are the concatenated scales). Arrays it need not
+    change are passed on as they are, so run it eagerly (under jit each would be copied).
+    Parameters of a variant's own (not the book's names) are left as they are. `layout`
+    defaults to the book's form.
     """
     layout = Layout() if layout is None else layout
     dtype = jnp.dtype(dtype)
 
     def cast(x: jax.Array) -> jax.Array:
         x = jnp.asarray(x)
-        return x if x.dtype == dtype else x.astype(dtype)
+        return x if x.dtype == dtype or x.dtype == jnp.int8 else x.astype(dtype)
+
+    def cast_all(p: dict) -> dict:  # a quantized matrix's scales stay float32
+        return {k: v if k.endswith("_scale") else cast(v) for k, v in p.items()}
 
     def linear(p: dict, rows: bool) -> dict:
-        out = {k: cast(v) for k, v in p.items()}
+        out = cast_all(p)
         if rows:
             out["kernel"] = out["kernel"].T
         return out
@@ -86,9 +112,10 @@ def prepare(params: Any, cfg: GPTConfig, dtype: Any = jnp.float32,
         names = ("W_query", "W_key", "W_value")
         if layout.fused_qkv:
             parts = [att.pop(n) for n in names]
-            fused = {"kernel": jnp.concatenate([cast(m["kernel"]) for m in parts], axis=1)}
-            if "bias" in parts[0]:
-                fused["bias"] = jnp.concatenate([cast(m["bias"]) for m in parts])
+            fused = {"kernel": jnp.concatenate([m["kernel"] for m in parts], axis=1)}
+            for name in ("kernel_scale", "bias"):
+                if name in parts[0]:
+                    fused[name] = jnp.concatenate([m[name] for m in parts])
             att["W_qkv"] = linear(fused, layout.qkv)
         else:
             att.update({n: linear(att[n], layout.qkv) for n in names if n in att})
@@ -102,7 +129,7 @@ def prepare(params: Any, cfg: GPTConfig, dtype: Any = jnp.float32,
     for i in range(cfg.n_layers):
         out[f"trf_blocks_{i}"] = block(params[f"trf_blocks_{i}"])
     for name in ("tok_emb", "pos_emb"):
-        out[name] = {"embedding": cast(params[name]["embedding"])}
+        out[name] = cast_all(params[name])
     if not cfg.tie_embeddings:
         out["out_head"] = linear(params["out_head"], layout.head)
     return out

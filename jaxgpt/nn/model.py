@@ -24,8 +24,9 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.nn.attention import AttentionMask, LayerOutput, MultiHeadAttention
 from jaxgpt.nn.cache import KVCache
 from jaxgpt.nn.hooks import HookTable, hook_point
-from jaxgpt.nn.layers import INIT, Dtype, FeedForward, LayerNorm, Linear, make_norm
+from jaxgpt.nn.layers import INIT, Dtype, FeedForward, LayerNorm, make_linear, make_norm
 from jaxgpt.nn.layout import Layout
+from jaxgpt.nn.quant import QuantEmbed, quantize_params
 
 M = TypeVar("M", bound=nn.Module)
 P = ParamSpec("P")
@@ -160,7 +161,8 @@ class GPTModel(nn.Module):
         work), or "block" (True: keep only each block's input).
       layout: how the matrices are held (`nn.layout.Layout`); the default is the book's names
         and Flax's `[in, out]`. Generation sets it on a clone, with params from
-        `nn.layout.prepare`.
+        `nn.layout.prepare`. With `layout.quant`, the matrices and `tok_emb` are int8 with
+        float scales (`nn.quant.quantize_params`); every activation stays float.
       attention_cls, feed_forward_cls, norm_cls: the block's parts (default
         `MultiHeadAttention`, `FeedForward`, `LayerNorm`). A variant subclasses one, e.g.
         overrides `MultiHeadAttention.score_bias`, and every path uses it. The block calls
@@ -195,7 +197,10 @@ class GPTModel(nn.Module):
             return nn.Embed(num, cfg.emb_dim, embedding_init=INIT, dtype=self.dtype,
                             param_dtype=jnp.float32)
 
-        self.tok_emb = embed(cfg.vocab_size)
+        layout = self.layout
+        self.tok_emb: nn.Embed | QuantEmbed = embed(cfg.vocab_size) if layout.quant is None else (
+            QuantEmbed(cfg.vocab_size, cfg.emb_dim, layout.quant, layout.pad_one_row,
+                       dtype=self.dtype))
         self.pos_emb = embed(cfg.context_length)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         block = block_class(self.remat)
@@ -208,8 +213,7 @@ class GPTModel(nn.Module):
         self.final_norm = make_norm(self.norm_cls, cfg.emb_dim, self.dtype, self.layout,
                                     hooks=self.hooks.under("ln_final"))
         if not cfg.tie_embeddings:
-            self.out_head = Linear(cfg.vocab_size, use_bias=False, rows=self.layout.head,
-                                   dtype=self.dtype)
+            self.out_head = make_linear(cfg.vocab_size, False, layout.head, self.dtype, layout)
 
     def __call__(
         self,
@@ -306,6 +310,8 @@ class GPTModel(nn.Module):
         (int `[C]`), the logits of those tokens only, `[..., C]`."""
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
+            if isinstance(self.tok_emb, QuantEmbed):
+                return self.tok_emb.attend(x, columns).astype(jnp.float32)
             if columns is not None:
                 return (x @ self.tok_emb.embedding[columns].T.astype(self.dtype)).astype(
                     jnp.float32)
@@ -370,9 +376,21 @@ def param_shapes(cfg: GPTConfig) -> dict:
     return jax.eval_shape(GPTModel(cfg).init, jax.random.PRNGKey(0), dummy)["params"]
 
 
+def quantized_shapes(cfg: GPTConfig) -> dict:
+    """`nn.quant.quantize_params`'s output for `cfg` as `jax.ShapeDtypeStruct`s (int8
+    matrices, float32 scales), with no memory allocated."""
+    return jax.eval_shape(functools.partial(quantize_params, cfg=cfg), param_shapes(cfg))
+
+
 def count_params(params: Any) -> int:
     """Total number of parameters (works on arrays or `ShapeDtypeStruct`s)."""
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def nbytes(params: Any) -> int:
+    """Bytes the params take, each leaf at its own width (arrays or `ShapeDtypeStruct`s)."""
+    return int(sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+                   for leaf in jax.tree_util.tree_leaves(params)))
 
 
 def size_mb(params: Any, bytes_per_param: int = 4) -> float:
