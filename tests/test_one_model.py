@@ -208,14 +208,11 @@ def test_cli_attention_draws_the_heatmap(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypatch):
+def test_generator_prepares_the_weights_once_and_drops_the_books_copy(tiny, rng, monkeypatch):
     cfg, params = tiny
     calls = []
     real = generator.prepare
     monkeypatch.setattr(generator, "prepare", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    # One layout for 1 row, another for several (as the rule may give per batch class).
-    monkeypatch.setattr(generator.Layout, "for_batch", classmethod(
-        lambda cls, rows, backend=None: Layout(fused_qkv=True, proj=rows == 1)))
     gen = Generator(params, cfg)
     prompt = rng.integers(0, cfg.vocab_size, (1, 5))
     first = np.asarray(gen.generate(prompt, 6))
@@ -223,13 +220,22 @@ def test_generator_prepares_the_weights_once_per_batch_class(tiny, rng, monkeypa
         np.testing.assert_array_equal(gen.generate(prompt, 6), first)
     chunks = list(gen.stream(prompt, 6, chunk_size=4))
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), first[:, 5:])
-    assert len(calls) == 1
-    three = rng.integers(0, cfg.vocab_size, (3, 5))
-    gen.generate(three, 6)
-    gen.generate(three, 6)
-    assert len(calls) == 2 and calls[0] != calls[1]  # one layout for 1 row, one for several
+    gen.generate(rng.integers(0, cfg.vocab_size, (3, 5)), 6)  # another batch class
+    assert len(calls) == 1 and gen._book is None  # one decode-ready copy, no book-form one
     monkeypatch.setattr(generator, "prepare", real)
     np.testing.assert_array_equal(generate(params, cfg, prompt, 6), first)
+
+
+def test_a_rule_giving_several_rows_another_matrix_form_is_refused(tiny, rng, monkeypatch):
+    # The generator keeps one decode-ready copy (the book-form one is dropped), so a layout
+    # rule that held matrices differently for several rows could not be served from it.
+    cfg, params = tiny
+    monkeypatch.setattr(generator.Layout, "for_batch", classmethod(
+        lambda cls, rows, backend=None, quant=None: Layout(fused_qkv=True, proj=rows == 1)))
+    gen = Generator(params, cfg)
+    gen.generate(rng.integers(0, cfg.vocab_size, (1, 5)), 2)
+    with pytest.raises(RuntimeError, match="one matrix form per backend"):
+        gen.generate(rng.integers(0, cfg.vocab_size, (3, 5)), 2)
 
 
 def test_a_part_that_replaces_where_it_reads_its_matrices_gets_the_books_layout():

@@ -155,7 +155,7 @@ class Generator:
 
     `prepare`-ing the weights (Q/K/V fused, cast to `dtype`, and the layout the backend
     multiplies fastest at the batch size, `Layout.for_batch`) costs a pass over all of them;
-    a `Generator` pays it once per layout and keeps the result, where `jaxgpt.generate` pays
+    a `Generator` pays it once and keeps the result, where `jaxgpt.generate` pays
     it on every call.
     Methods take the arguments of `generate` and `generate_stream` after `cfg`.
 
