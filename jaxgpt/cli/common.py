@@ -211,14 +211,10 @@ def peek_config(args: argparse.Namespace) -> GPTConfig:
         return GPTConfig.from_preset(args.preset)
     candidates = run_checkpoints(args.checkpoint)
     if candidates:  # one run, one model: the newest config.json that reads
-        errors = []
-        for path in candidates:
-            try:
-                return checkpoint.load_config(path)
-            except checkpoint.CheckpointError as e:
-                errors.append(str(e))
-        raise SystemExit(f"jaxgpt: no checkpoint in {candidates[0].parent} restores "
-                         f"({len(candidates)} tried); the newest: {errors[0]}")
+        try:
+            return checkpoint.restore_newest(candidates, checkpoint.load_config)[1]
+        except checkpoint.CheckpointError as e:
+            raise SystemExit(f"jaxgpt: {e}") from e
     fmt = checkpoint_format(args.checkpoint)
     try:
         if fmt == "orbax":
