@@ -150,7 +150,7 @@ class Linear(nn.Module):
 
 
 def make_linear(features: int, use_bias: bool, rows: bool, dtype: Dtype, layout: Layout,
-           name: str | None = None) -> Linear:
+                name: str | None = None) -> Linear:
     """A `Linear` of the model's matrices, reading them as `layout` holds them (quantized or
     not): the one place the model's parts build one."""
     return Linear(features, use_bias, rows, dtype, quant=layout.quant,
